@@ -1,0 +1,106 @@
+"""Decode-once array store: uint8 ``.npy`` files per split and image size, memory-mappable.
+
+Layout under ``gs://<bucket>/arrays/<split key>/<size>/``: ``{train,val,test}_x.npy``
+(N x size x size x 3, uint8), ``{train,val,test}_y.npy`` (int32 class indices), ``meta.json`` and
+``_COMPLETE`` (written last). Reading needs numpy only, no TensorFlow.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+from tqdm import tqdm
+
+from bloodcell import sources, storage
+
+SUBSETS = ("train", "val", "test")
+COMPLETE = "_COMPLETE"
+
+
+def build(assignment: dict, dataset_uri: str, targets: dict[int, str]) -> dict[int, str]:
+    """Write the arrays for every ``size -> uri`` in ``targets`` that is not stored yet."""
+    missing = {size: uri for size, uri in targets.items() if not storage.exists(storage.join(uri, COMPLETE))}
+    for size in sorted(set(targets) - set(missing)):
+        print(f"cache hit: {size}px arrays in {targets[size]}")
+    if not missing:
+        return targets
+    classes = assignment["classes"]
+    local_images = _download_images(assignment, dataset_uri)
+    sizes = sorted(missing)
+    with tempfile.TemporaryDirectory(prefix="bloodcell-arrays-") as tmp, \
+            ProcessPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+        for subset in SUBSETS:
+            items = assignment[subset]
+            outputs = {
+                size: np.lib.format.open_memmap(
+                    Path(tmp, f"{size}_{subset}_x.npy"), mode="w+", dtype=np.uint8,
+                    shape=(len(items), size, size, 3),
+                )
+                for size in sizes
+            }
+            paths = [str(local_images / item["path"]) for item in items]
+            decoded = pool.map(decode_resized, paths, [sizes] * len(paths), chunksize=32)
+            for index, images in enumerate(tqdm(decoded, total=len(paths), unit=" img", mininterval=2,
+                                                desc=f"arrays {subset} {'/'.join(map(str, sizes))}px")):
+                for size, image in zip(sizes, images):
+                    outputs[size][index] = image
+            labels = np.array([classes.index(item["label"]) for item in items], dtype=np.int32)
+            for size, x in outputs.items():
+                x.flush()
+                del x
+                np.save(Path(tmp, f"{size}_{subset}_y.npy"), labels)
+        for size, uri in missing.items():
+            for subset in SUBSETS:
+                storage.upload_file(Path(tmp, f"{size}_{subset}_x.npy"), storage.join(uri, f"{subset}_x.npy"))
+                storage.upload_file(Path(tmp, f"{size}_{subset}_y.npy"), storage.join(uri, f"{subset}_y.npy"))
+            meta = {"classes": classes, "size": size, "counts": {s: len(assignment[s]) for s in SUBSETS}}
+            storage.write_json(meta, storage.join(uri, "meta.json"))
+            storage.upload_bytes(b"", storage.join(uri, COMPLETE))
+            print(f"stored {size}px arrays in {uri}")
+    return targets
+
+
+def decode_resized(path: str, sizes: list[int]) -> list[np.ndarray]:
+    """Decode ``path`` once and resize it to each square size (RGB, uint8)."""
+    with Image.open(path) as img:
+        img.draft("RGB", (max(sizes), max(sizes)))  # JPEG: decode at a reduced scale when possible
+        rgb = img.convert("RGB")
+    return [np.asarray(rgb.resize((s, s), Image.Resampling.BILINEAR)) for s in sizes]
+
+
+def _download_images(assignment: dict, dataset_uri: str) -> Path:
+    """Local copies of the split's images (cached by dataset hash)."""
+    local = sources.cache_dir() / "images" / dataset_uri.rstrip("/").rsplit("/", 1)[-1]
+    items = [item for subset in SUBSETS for item in assignment[subset]]
+    pairs = [
+        (storage.join(dataset_uri, "images", item["path"]), local / item["path"])
+        for item in items if not _matches(local / item["path"], item["bytes"])
+    ]
+    for start in tqdm(range(0, len(pairs), 512), desc="download images", unit=" batch", disable=not pairs):
+        storage.download_many(pairs[start:start + 512])
+    return local
+
+
+def _matches(path: Path, size: int) -> bool:
+    return path.exists() and path.stat().st_size == size
+
+
+def load(arrays_uri: str, subset: str) -> tuple[np.ndarray, np.ndarray]:
+    """``(x, y)`` of one subset: x memory-mapped uint8 (N, H, W, 3), y int32 class indices."""
+    cache = sources.cache_dir() / "arrays"
+    x = np.load(storage.cached_download(storage.join(arrays_uri, f"{subset}_x.npy"), cache), mmap_mode="r")
+    y = np.load(storage.cached_download(storage.join(arrays_uri, f"{subset}_y.npy"), cache))
+    return x, y
+
+
+def meta(arrays_uri: str) -> dict:
+    if not storage.exists(storage.join(arrays_uri, COMPLETE)):
+        from bloodcell.errors import DataError
+
+        raise DataError(f"no complete arrays at {arrays_uri}; run `bloodcell split` first.")
+    return storage.read_json(storage.join(arrays_uri, "meta.json"))

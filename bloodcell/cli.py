@@ -1,0 +1,111 @@
+"""``bloodcell <step>``: every pipeline step as a plain command, runnable without kfp.
+
+Object storage and MLflow come from the environment (``STORAGE_EMULATOR_HOST`` for a local
+emulator, ``MLFLOW_TRACKING_URI``), exactly as in the pipeline's containers. Each step prints
+its result as JSON on the last line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from bloodcell import config
+from bloodcell.errors import BloodcellError
+
+
+def _common(parser: argparse.ArgumentParser, run: bool = True, profile: bool = True) -> None:
+    parser.add_argument("--bucket", default=config.DEFAULT_BUCKET)
+    if run:
+        parser.add_argument("--run-id", required=True, help="pipeline run id (groups the run's outputs)")
+    if profile:
+        parser.add_argument("--profile", default="laptop", choices=list(config.PROFILES))
+        parser.add_argument("--set", action="append", metavar="KEY=VALUE", default=[],
+                            help="override a profile setting, e.g. --set cnn1.epochs=5")
+
+
+def _overrides(args: argparse.Namespace) -> str:
+    return json.dumps(config.parse_assignments(args.set))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="bloodcell", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    steps = parser.add_subparsers(dest="step", required=True)
+
+    p = steps.add_parser("ingest", help="check and store a dataset source")
+    p.add_argument("source", nargs="?", default=config.MENDELEY_URL,
+                   help="folder, zip, http(s) URL or gs:// URI (default: the official PBC zip)")
+    _common(p)
+    p.add_argument("--experiment", default=config.DEFAULT_EXPERIMENT)
+    p.add_argument("--vgg16-weights", default="none")
+    p.set_defaults(handler=lambda a: _steps().ingest(a.source, a.bucket, a.run_id, a.profile, _overrides(a),
+                                                    a.experiment, a.vgg16_weights))
+
+    p = steps.add_parser("split", help="split an ingested dataset and build its arrays")
+    p.add_argument("dataset_uri", help="gs://<bucket>/datasets/<hash> (printed by ingest)")
+    _common(p, run=False)
+    p.set_defaults(handler=lambda a: _steps().split(a.dataset_uri, a.bucket, a.profile, _overrides(a)))
+
+    p = steps.add_parser("train", help="train one model")
+    p.add_argument("model", choices=list(config.MODEL_NAMES))
+    p.add_argument("split_uri", help="gs://<bucket>/splits/<key> (printed by split)")
+    _common(p)
+    p.add_argument("--experiment", default=config.DEFAULT_EXPERIMENT)
+    p.add_argument("--parent-run-id", default="", help="MLflow parent run (default: this run id's)")
+    p.add_argument("--vgg16-weights", default="none")
+    p.set_defaults(handler=lambda a: _steps().train(a.model, a.split_uri, a.bucket, a.run_id, a.profile,
+                                                   _overrides(a), a.experiment, a.parent_run_id, a.vgg16_weights))
+
+    p = steps.add_parser("evaluate", help="evaluate a run's models on the test split")
+    _common(p, profile=False)
+    p.add_argument("--models", nargs="+", default=list(config.MODEL_NAMES))
+    p.set_defaults(handler=lambda a: _steps().evaluate(a.bucket, a.run_id, a.models))
+
+    p = steps.add_parser("report", help="build a run's comparison report")
+    p.add_argument("split_uri")
+    _common(p, profile=False)
+    p.add_argument("--profile", default="laptop")
+    p.add_argument("--experiment", default=config.DEFAULT_EXPERIMENT)
+    p.add_argument("--parent-run-id", default="")
+    p.add_argument("--models", nargs="+", default=list(config.MODEL_NAMES))
+    p.set_defaults(handler=lambda a: _steps().report(a.bucket, a.run_id, a.split_uri, a.profile, a.experiment,
+                                                    a.parent_run_id, a.models))
+
+    p = steps.add_parser("predict", help="classify image files or folders with a trained model")
+    p.add_argument("paths", nargs="+")
+    p.add_argument("--model", required=True, help="models:/..., gs://.../model.keras or a local .keras file")
+    p.add_argument("--labels-from-folders", action="store_true",
+                   help="treat each image's folder name as its true class; print accuracy and macro F1")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(handler=_predict)
+    return parser
+
+
+def _steps():
+    from bloodcell import steps
+
+    return steps
+
+
+def _predict(args: argparse.Namespace) -> dict | None:
+    from bloodcell import predict
+
+    return predict.main(args.model, args.paths, args.labels_from_folders, args.json)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        result = args.handler(args)
+    except (BloodcellError, config.ConfigError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if result is not None:
+        print(json.dumps(result, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

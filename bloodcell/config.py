@@ -1,0 +1,222 @@
+"""Typed configuration: run profiles (smoke, laptop, gpu) and command-line overrides.
+
+Every tunable number of the workflow lives here. Steps receive a profile name plus a JSON
+object of overrides (``{"cnn1.epochs": 5}``) and call :func:`resolve`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import typing
+from dataclasses import dataclass
+
+MENDELEY_URL = (
+    "https://data.mendeley.com/public-files/datasets/snkd93bnjr/files/"
+    "2fc38728-2ae7-4a62-a857-032af82334c3/file_downloaded"
+)
+MENDELEY_ZIP_BYTES = 281_366_219
+MODEL_NAMES = ("cnn1", "cnn2", "vgg16")
+DEFAULT_IMAGE = os.environ.get("BLOODCELL_IMAGE", "ghcr.io/bloodcell/bloodcell:0.1.0")
+DEFAULT_BUCKET = os.environ.get("BLOODCELL_BUCKET", "bloodcell")
+DEFAULT_EXPERIMENT = os.environ.get("BLOODCELL_EXPERIMENT", "bloodcell")
+
+
+class ConfigError(ValueError):
+    """A profile name or override that cannot be applied."""
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """How one model is trained."""
+
+    image_size: int
+    epochs: int
+    batch_size: int = 64
+    learning_rate: float = 1e-3
+    augment: bool = True
+    early_stopping_patience: int = 5
+    class_weights: bool = False
+    # vgg16 only: epochs of the second phase (top block unfrozen) and its learning rate.
+    fine_tune_epochs: int = 0
+    fine_tune_learning_rate: float = 1e-5
+
+
+@dataclass(frozen=True)
+class Profile:
+    """A complete run configuration."""
+
+    name: str
+    cnn1: ModelConfig
+    cnn2: ModelConfig
+    vgg16: ModelConfig
+    max_images_per_class: int = 0  # 0 keeps every image
+    split_ratio: tuple[float, float, float] = (0.7, 0.15, 0.15)
+    seed: int = 777
+    precision: str = "auto"  # auto | float32 | mixed_bfloat16 | mixed_float16
+
+    def model(self, name: str) -> ModelConfig:
+        if name not in MODEL_NAMES:
+            raise ConfigError(f"unknown model {name!r}; known models: {', '.join(MODEL_NAMES)}")
+        return getattr(self, name)
+
+    def image_sizes(self) -> list[int]:
+        """Distinct input sizes the models of this profile need, ascending."""
+        return sorted({self.model(name).image_size for name in MODEL_NAMES})
+
+    def to_dict(self) -> dict[str, typing.Any]:
+        return dataclasses.asdict(self)
+
+    def flat_params(self) -> dict[str, str]:
+        """``section.key -> value`` strings, for MLflow params."""
+        flat: dict[str, str] = {}
+        for key, value in self.to_dict().items():
+            if isinstance(value, dict):
+                flat.update({f"{key}.{k}": str(v) for k, v in value.items()})
+            else:
+                flat[key] = str(value)
+        return flat
+
+
+PROFILES: dict[str, Profile] = {
+    # Seconds per model: for tests and trying the plumbing.
+    "smoke": Profile(
+        name="smoke",
+        max_images_per_class=24,
+        cnn1=ModelConfig(image_size=48, epochs=1, batch_size=32),
+        cnn2=ModelConfig(image_size=96, epochs=1, batch_size=32),
+        vgg16=ModelConfig(image_size=32, epochs=1, batch_size=32, fine_tune_epochs=1),
+    ),
+    # The full data at reduced resolution, sized for a 2-core CPU (about 30 minutes).
+    "laptop": Profile(
+        name="laptop",
+        cnn1=ModelConfig(image_size=64, epochs=24, batch_size=64, early_stopping_patience=6),
+        cnn2=ModelConfig(image_size=96, epochs=10, batch_size=64, early_stopping_patience=4),
+        vgg16=ModelConfig(
+            image_size=64, epochs=8, batch_size=64, learning_rate=1e-3,
+            fine_tune_epochs=4, fine_tune_learning_rate=1e-4,
+        ),
+    ),
+    # A cluster run on GPU nodes: the original resolutions and more epochs.
+    "gpu": Profile(
+        name="gpu",
+        cnn1=ModelConfig(image_size=128, epochs=60, batch_size=128, early_stopping_patience=10),
+        cnn2=ModelConfig(image_size=128, epochs=40, batch_size=128, early_stopping_patience=8),
+        vgg16=ModelConfig(
+            image_size=224, epochs=15, batch_size=64,
+            fine_tune_epochs=15, fine_tune_learning_rate=1e-5,
+        ),
+    ),
+}
+
+
+@dataclass(frozen=True)
+class ClusterSettings:
+    """How compiled pipeline tasks are placed on a Kubernetes cluster (from ``BLOODCELL_*`` env)."""
+
+    image: str = DEFAULT_IMAGE
+    gpu_resource: str = "nvidia.com/gpu"
+    gpu_node_selector: str = "cloud.google.com/gke-accelerator=nvidia-l4"  # key=value, "" for none
+    gpu_toleration_key: str = "nvidia.com/gpu"
+    env_config_map: str = "bloodcell-env"
+    trainer_cpu: str = "4"
+    trainer_memory: str = "24Gi"
+    data_cpu: str = "2"
+    data_memory: str = "8Gi"
+    retries: int = 3
+
+    @classmethod
+    def from_env(cls) -> "ClusterSettings":
+        defaults = cls()
+        values = {}
+        for f in dataclasses.fields(cls):
+            raw = os.environ.get(f"BLOODCELL_{f.name.upper()}")
+            values[f.name] = getattr(defaults, f.name) if raw is None else type(getattr(defaults, f.name))(raw)
+        return cls(**values)
+
+
+def resolve(profile: str, overrides: str | dict[str, typing.Any] | None = None) -> Profile:
+    """The named profile with ``overrides`` (a dict or JSON object of dotted keys) applied."""
+    if profile not in PROFILES:
+        raise ConfigError(f"unknown profile {profile!r}; choose one of: {', '.join(PROFILES)}")
+    if isinstance(overrides, str):
+        try:
+            overrides = json.loads(overrides or "{}")
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"overrides are not a JSON object: {exc}") from None
+    result = PROFILES[profile]
+    for key, value in (overrides or {}).items():
+        result = _override(result, key, value)
+    return result
+
+
+def parse_assignments(assignments: list[str]) -> dict[str, str]:
+    """``["cnn1.epochs=5"]`` -> ``{"cnn1.epochs": "5"}`` (values are coerced by :func:`resolve`)."""
+    parsed: dict[str, str] = {}
+    for item in assignments:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--set expects KEY=VALUE (e.g. cnn1.epochs=5), got {item!r}")
+        parsed[key.strip()] = value.strip()
+    return parsed
+
+
+def _override(obj: typing.Any, dotted_key: str, value: typing.Any, prefix: str = "") -> typing.Any:
+    head, _, rest = dotted_key.partition(".")
+    full_key = prefix + dotted_key
+    hints = typing.get_type_hints(type(obj))
+    if head not in hints or head == "name":
+        raise ConfigError(
+            f"unknown setting {full_key!r}; settings are: {', '.join(sorted(_setting_names(obj, prefix)))}"
+        )
+    current = getattr(obj, head)
+    if rest:
+        if not dataclasses.is_dataclass(current):
+            raise ConfigError(f"setting {prefix + head!r} has no sub-setting {rest!r}")
+        new_value = _override(current, rest, value, f"{prefix}{head}.")
+    else:
+        if dataclasses.is_dataclass(current):
+            raise ConfigError(f"{full_key!r} is a group; set one of its fields, e.g. {full_key}.epochs")
+        new_value = _coerce(value, hints[head], full_key)
+    return dataclasses.replace(obj, **{head: new_value})
+
+
+def _setting_names(obj: typing.Any, prefix: str = "") -> list[str]:
+    names = []
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if dataclasses.is_dataclass(value):
+            names += _setting_names(value, f"{prefix}{f.name}.")
+        elif f.name != "name":
+            names.append(prefix + f.name)
+    return names
+
+
+def _coerce(value: typing.Any, hint: typing.Any, key: str) -> typing.Any:
+    try:
+        if hint is bool:
+            if isinstance(value, bool):
+                return value
+            text = str(value).lower()
+            if text not in {"true", "false", "1", "0", "yes", "no"}:
+                raise ValueError(value)
+            return text in {"true", "1", "yes"}
+        if typing.get_origin(hint) is tuple:
+            parts = value if isinstance(value, (list, tuple)) else str(value).split(",")
+            ratio = tuple(float(p) for p in parts)
+            if len(ratio) != 3 or abs(sum(ratio) - 1) > 1e-6 or min(ratio) <= 0:
+                raise ValueError(value)
+            return ratio
+        return hint(value)
+    except (TypeError, ValueError):
+        expected = "three positive fractions summing to 1, e.g. 0.7,0.15,0.15" if typing.get_origin(
+            hint) is tuple else getattr(hint, "__name__", str(hint))
+        raise ConfigError(f"setting {key!r}: cannot use {value!r}; expected {expected}") from None
+
+
+__all__ = [
+    "ClusterSettings", "ConfigError", "DEFAULT_BUCKET", "DEFAULT_EXPERIMENT", "DEFAULT_IMAGE", "MENDELEY_URL",
+    "MENDELEY_ZIP_BYTES", "MODEL_NAMES", "ModelConfig", "PROFILES", "Profile",
+    "parse_assignments", "resolve",
+]

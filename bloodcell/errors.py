@@ -1,0 +1,13 @@
+"""Errors that carry a message a user can act on (what, where, how to fix)."""
+
+
+class BloodcellError(Exception):
+    """A failure explained for the user; the CLI prints it without a traceback."""
+
+
+class DataError(BloodcellError):
+    """The input data cannot be used as given."""
+
+
+class StorageError(BloodcellError):
+    """Object storage refused or lost a request."""

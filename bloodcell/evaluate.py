@@ -1,0 +1,95 @@
+"""Evaluate trained models on the test split with scikit-learn metrics.
+
+Per model: ``<run_uri>/metrics/<model>.json`` (metrics, confusion matrix, per-class report) and
+``<run_uri>/metrics/<model>_predictions.npz`` (true labels and probabilities, for the report).
+"""
+
+from __future__ import annotations
+
+import io
+import tempfile
+import time
+from pathlib import Path
+
+import keras
+import mlflow
+import numpy as np
+from sklearn import metrics as skm
+
+from bloodcell import arrays, models, storage  # noqa: F401 - models registers custom layers
+
+INFERENCE_BATCH = 128
+
+
+def evaluate(model_dirs: list[str], run_uri: str) -> dict[str, dict]:
+    """Evaluate each ``<run_uri>/models/<name>`` on its test arrays; return metrics by model name."""
+    results = {}
+    for model_dir in model_dirs:
+        info = storage.read_json(storage.join(model_dir, "train.json"))
+        result = evaluate_one(model_dir, info)
+        name = info["model"]
+        storage.write_json(result, storage.join(run_uri, "metrics", f"{name}.json"))
+        results[name] = result
+        print(f"{name}: test accuracy {result['accuracy']:.4f}, macro F1 {result['macro_f1']:.4f}")
+        _log_to_mlflow(info["mlflow_run_id"], result)
+    return results
+
+
+def evaluate_one(model_dir: str, info: dict) -> dict:
+    x_test, y_test = arrays.load(info["arrays_uri"], "test")
+    with tempfile.TemporaryDirectory() as tmp:
+        path = storage.download_file(info["model_uri"], Path(tmp, "model.keras"))
+        size_bytes = path.stat().st_size
+        model = keras.models.load_model(path)
+    model.predict(x_test[:INFERENCE_BATCH], batch_size=INFERENCE_BATCH, verbose=0)  # warm-up
+    started = time.perf_counter()
+    probabilities = model.predict(x_test, batch_size=INFERENCE_BATCH, verbose=0).astype(np.float32)
+    seconds = time.perf_counter() - started
+    result = classification_metrics(y_test, probabilities, info["classes"])
+    result.update({
+        "model": info["model"], "params": int(info["params"]), "train_seconds": float(info["train_seconds"]),
+        "epochs": int(info["epochs"]), "image_size": int(info["image_size"]),
+        "inference_images_per_second": len(x_test) / seconds if seconds else 0.0,
+        "model_size_bytes": size_bytes, "model_uri": info["model_uri"],
+        "mlflow_run_id": info["mlflow_run_id"], "mlflow_model_uri": info["mlflow_model_uri"],
+    })
+    buffer = io.BytesIO()
+    np.savez_compressed(buffer, y_true=y_test, probabilities=probabilities)
+    result["predictions_uri"] = storage.upload_bytes(
+        buffer.getvalue(), storage.join(model_dir, "test_predictions.npz"))
+    return result
+
+
+def classification_metrics(y_true: np.ndarray, probabilities: np.ndarray, classes: list[str]) -> dict:
+    """Accuracy, macro/weighted P/R/F1, per-class report, confusion matrix and one-vs-rest ROC AUC."""
+    labels = list(range(len(classes)))
+    y_pred = probabilities.argmax(axis=1)
+    macro = skm.precision_recall_fscore_support(y_true, y_pred, labels=labels, average="macro", zero_division=0)
+    weighted = skm.precision_recall_fscore_support(y_true, y_pred, labels=labels, average="weighted",
+                                                   zero_division=0)
+    report = skm.classification_report(y_true, y_pred, labels=labels, target_names=classes,
+                                       output_dict=True, zero_division=0)
+    try:
+        auc = float(skm.roc_auc_score(y_true, probabilities, multi_class="ovr", labels=labels))
+    except ValueError:  # a class absent from y_true
+        auc = float("nan")
+    return {
+        "classes": classes,
+        "n_test": int(len(y_true)),
+        "accuracy": float(skm.accuracy_score(y_true, y_pred)),
+        "macro_precision": float(macro[0]), "macro_recall": float(macro[1]), "macro_f1": float(macro[2]),
+        "weighted_precision": float(weighted[0]), "weighted_recall": float(weighted[1]),
+        "weighted_f1": float(weighted[2]),
+        "roc_auc_ovr": auc,
+        "per_class": {c: {k: float(v) for k, v in report[c].items()} for c in classes},
+        "confusion_matrix": skm.confusion_matrix(y_true, y_pred, labels=labels).tolist(),
+    }
+
+
+def _log_to_mlflow(run_id: str, result: dict) -> None:
+    with mlflow.start_run(run_id=run_id):
+        keys = ("accuracy", "macro_f1", "macro_precision", "macro_recall", "weighted_f1", "roc_auc_ovr",
+                "inference_images_per_second", "model_size_bytes")
+        mlflow.log_metrics({f"test_{k}": float(result[k]) for k in keys if np.isfinite(result[k])})
+        mlflow.log_dict({k: result[k] for k in ("classes", "confusion_matrix", "per_class")},
+                        "evaluation/test_metrics.json")

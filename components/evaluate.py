@@ -1,0 +1,23 @@
+"""The evaluate step as a kfp component."""
+
+from kfp import dsl
+from kfp.dsl import ClassificationMetrics, Input, Metrics, Model, Output
+
+from bloodcell.config import DEFAULT_IMAGE
+
+
+@dsl.component(base_image=DEFAULT_IMAGE, install_kfp_package=False)
+def evaluate(
+    bucket: str, run_id: str, cnn1: Input[Model], cnn2: Input[Model], vgg16: Input[Model],
+    metrics: Output[Metrics], cnn1_confusion: Output[ClassificationMetrics],
+    cnn2_confusion: Output[ClassificationMetrics], vgg16_confusion: Output[ClassificationMetrics],
+):
+    """Test-split metrics for the three models (kfp Metrics, confusion matrices, bucket JSON, MLflow)."""
+    from bloodcell import steps
+
+    results = steps.evaluate(bucket, run_id, ["cnn1", "cnn2", "vgg16"])
+    confusion = {"cnn1": cnn1_confusion, "cnn2": cnn2_confusion, "vgg16": vgg16_confusion}
+    for name, result in results.items():
+        for key in ("accuracy", "macro_f1", "weighted_f1", "roc_auc_ovr"):
+            metrics.log_metric(f"{name}.{key}", result[key])
+        confusion[name].log_confusion_matrix(result["classes"], result["confusion_matrix"])

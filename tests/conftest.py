@@ -1,0 +1,68 @@
+"""Shared fixtures: the real PBC images in ../shared, and real local services on free ports."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = (ROOT / ".." / "shared" / "datasets" / "PBC_dataset_normal_DIB").resolve()
+UNDECODABLE = "neutrophil/.DS_169665.jpg"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    if not SHARED_DATA.is_dir():
+        pytest.fail(f"the shared PBC images are missing: expected {SHARED_DATA}")
+    return SHARED_DATA
+
+
+def make_sample(shared: Path, target: Path, per_class: int) -> Path:
+    """Copy the first ``per_class`` images of each class (sorted) plus the real undecodable file."""
+    for class_dir in sorted(d for d in shared.iterdir() if d.is_dir()):
+        out = target / class_dir.name
+        out.mkdir(parents=True)
+        for image in sorted(p for p in class_dir.iterdir() if not p.name.startswith("."))[:per_class]:
+            shutil.copy(image, out / image.name)
+    shutil.copy(shared / UNDECODABLE, target / UNDECODABLE)
+    return target
+
+
+@pytest.fixture(scope="session")
+def sample_dataset(shared_data: Path, tmp_path_factory) -> Path:
+    """A stratified sample of the shared data: 30 images per class and the undecodable file."""
+    return make_sample(shared_data, tmp_path_factory.mktemp("sample") / "PBC_dataset_normal_DIB", 30)
+
+
+@pytest.fixture(scope="session")
+def services(tmp_path_factory):
+    """A real fake-gcs-server and MLflow server for this test session."""
+    from bloodcell.services import LocalServices
+
+    state = tmp_path_factory.mktemp("state")
+    local = LocalServices(state, "bloodcell-test", free_port(), free_port())
+    env = local.start()
+    saved = {k: os.environ.get(k) for k in [*env, "BLOODCELL_CACHE"]}
+    os.environ.update(env)
+    os.environ["BLOODCELL_CACHE"] = str(tmp_path_factory.mktemp("cache"))
+    from bloodcell import storage
+
+    storage.client.cache_clear()
+    yield {"state": state, "bucket": "bloodcell-test", "env": env, "services": local}
+    local.stop()
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+    storage.client.cache_clear()

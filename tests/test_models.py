@@ -1,0 +1,66 @@
+"""Every registered model builds for any class count and supported size, trains and round-trips."""
+
+from pathlib import Path
+
+import keras
+import numpy as np
+import pytest
+
+from bloodcell import models
+from bloodcell.errors import BloodcellError
+
+
+@pytest.mark.parametrize("name, size", [("cnn1", 46), ("cnn1", 64), ("cnn2", 94), ("cnn2", 128),
+                                        ("vgg16", 32), ("vgg16", 48)])
+@pytest.mark.parametrize("n_classes", [2, 8])
+def test_builds_for_any_class_count_and_size(name, size, n_classes):
+    model = models.build_model(name, n_classes, size)
+    assert model.input_shape == (None, size, size, 3)
+    assert model.output_shape == (None, n_classes)
+
+
+def test_cnn1_keeps_the_original_parameter_count():
+    assert models.build_model("cnn1", 8, 128).count_params() == 205_656
+
+
+@pytest.mark.parametrize("name, too_small", [("cnn1", 45), ("cnn2", 93), ("vgg16", 31)])
+def test_below_minimum_size_is_a_clear_error(name, too_small):
+    minimum = models.REGISTRY[name].min_size
+    with pytest.raises(BloodcellError, match=rf"{name} needs images of at least {minimum}x{minimum} pixels"):
+        models.build_model(name, 8, too_small)
+
+
+def test_unknown_model():
+    with pytest.raises(BloodcellError, match="unknown model 'resnet'; registered models: cnn1, cnn2, vgg16"):
+        models.build_model("resnet", 8, 64)
+
+
+@pytest.mark.parametrize("name, size", [("cnn1", 48), ("cnn2", 96), ("vgg16", 32)])
+def test_trains_one_step_and_round_trips(name, size, tmp_path: Path):
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 256, (8, size, size, 3), dtype=np.uint8)
+    y = rng.integers(0, 3, 8)
+    model = models.build_model(name, 3, size)
+    model.compile(optimizer="adam", loss="sparse_categorical_crossentropy", metrics=["accuracy"])
+    history = model.fit(x, y, epochs=1, batch_size=8, verbose=0)
+    assert np.isfinite(history.history["loss"][0])
+    model.save(tmp_path / "model.keras")
+    loaded = keras.models.load_model(tmp_path / "model.keras")
+    np.testing.assert_allclose(model.predict(x, verbose=0), loaded.predict(x, verbose=0), rtol=1e-5, atol=1e-6)
+
+
+def test_augmentation_is_a_right_angle_symmetry():
+    image = np.arange(4 * 4 * 3, dtype="float32").reshape(1, 4, 4, 3)
+    out = keras.ops.convert_to_numpy(models.augmentation(seed=1)(np.repeat(image, 16, axis=0), training=True))
+    symmetries = [np.rot90(image[0], k) for k in range(4)] + [np.rot90(image[0].transpose(1, 0, 2), k)
+                                                               for k in range(4)]
+    assert all(any(np.array_equal(o, s) for s in symmetries) for o in out)
+    assert len({o.tobytes() for o in out}) > 1
+    np.testing.assert_array_equal(models.augmentation()(image, training=False), image)
+
+
+def test_vgg16_weights_check_is_fast_and_names_the_options(tmp_path, monkeypatch):
+    monkeypatch.setenv("KERAS_HOME", str(tmp_path))
+    models.check_vgg16_weights("none")
+    with pytest.raises(BloodcellError, match=r"does not exist. Offline options: --vgg16-weights none"):
+        models.check_vgg16_weights(str(tmp_path / "missing.h5"))

@@ -1,0 +1,125 @@
+"""The whole pipeline, smoke profile, on shared images, against real local services."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT, SHARED_DATA, UNDECODABLE, free_port
+
+pytestmark = pytest.mark.integration
+TASKS = ["ingest", "split", "train-cnn1", "train-cnn2", "train-vgg16", "evaluate", "report"]
+SUMMARY_KEYS = {"run_id", "profile", "mlflow_tracking_uri", "mlflow_experiment", "mlflow_parent_run_id", "bucket",
+                "report_uri", "models"}
+
+
+def plain(text: str) -> str:
+    return re.sub(r"\x1b\[[0-9;]*m", "", text)
+
+
+@pytest.fixture(scope="module")
+def smoke_run(sample_dataset, tmp_path_factory):
+    state = tmp_path_factory.mktemp("pipeline-state")
+    summary_path = state / "summary.json"
+    env = {**os.environ, "BLOODCELL_CACHE": str(state / "cache"), "PYTHONUNBUFFERED": "1"}
+    env.pop("STORAGE_EMULATOR_HOST", None)
+    env.pop("MLFLOW_TRACKING_URI", None)
+    command = [sys.executable, "pipeline.py", "run", "--profile", "smoke", "--data", str(sample_dataset),
+               "--vgg16-weights", "none", "--state-dir", str(state), "--gcs-port", str(free_port()),
+               "--mlflow-port", str(free_port()), "--summary", str(summary_path)]
+    process = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    log = plain(process.stdout + process.stderr)
+    (state / "run.log").write_text(log)
+    summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
+    yield {"process": process, "log": log, "summary": summary, "state": state, "env": env}
+    subprocess.run([sys.executable, "pipeline.py", "stop", "--state-dir", str(state)], cwd=ROOT, env=env,
+                   capture_output=True, timeout=120)
+
+
+@pytest.fixture()
+def clients(smoke_run, monkeypatch):
+    summary = smoke_run["summary"]
+    services = json.loads((smoke_run["state"] / "services.json").read_text())
+    gcs = next(s["url"] for s in services if s["name"] == "gcs")
+    monkeypatch.setenv("STORAGE_EMULATOR_HOST", gcs)
+    from google.cloud import storage
+    from mlflow.tracking import MlflowClient
+
+    return storage.Client(project="test"), MlflowClient(summary["mlflow_tracking_uri"])
+
+
+def test_all_seven_tasks_succeed(smoke_run):
+    assert smoke_run["process"].returncode == 0, smoke_run["log"][-5000:]
+    for task in TASKS:
+        assert f"Task '{task}' finished with status SUCCESS" in smoke_run["log"]
+    assert "Pipeline 'bloodcell' finished with status SUCCESS" in smoke_run["log"]
+    assert f"quarantined {UNDECODABLE}: hidden file" in smoke_run["log"]
+
+
+def test_summary_has_the_promised_keys(smoke_run):
+    summary = smoke_run["summary"]
+    assert SUMMARY_KEYS <= set(summary)
+    assert summary["profile"] == "smoke"
+    assert set(summary["models"]) == {"cnn1", "cnn2", "vgg16"}
+    for model in summary["models"].values():
+        assert {"test_accuracy", "macro_f1", "model_uri", "mlflow_run_id"} <= set(model)
+        assert 0 <= model["test_accuracy"] <= 1 and model["model_uri"].startswith("models:/m-")
+
+
+def test_models_and_report_are_in_the_bucket(smoke_run, clients):
+    gcs, _ = clients
+    summary = smoke_run["summary"]
+    names = {b.name for b in gcs.list_blobs(summary["bucket"], prefix=f"runs/{summary['run_id']}/")}
+    for model in ("cnn1", "cnn2", "vgg16"):
+        assert f"runs/{summary['run_id']}/models/{model}/model.keras" in names
+        assert f"runs/{summary['run_id']}/metrics/{model}.json" in names
+    report = gcs.bucket(summary["bucket"]).blob(summary["report_uri"].split("/", 3)[3]).download_as_text()
+    table = report.split("<h2 id='comparison'>", 1)[1].split("</table>", 1)[0]
+    assert all(f"<td>{m}" in table for m in ("cnn1", "cnn2", "vgg16"))
+    assert report.count("data:image/png;base64,") >= 5
+
+
+def test_mlflow_parent_run_has_three_nested_runs_with_test_accuracy(smoke_run, clients):
+    _, mlflow_client = clients
+    summary = smoke_run["summary"]
+    parent = mlflow_client.get_run(summary["mlflow_parent_run_id"])
+    assert parent.data.tags["bloodcell.pipeline_run_id"] == summary["run_id"]
+    assert parent.info.status == "FINISHED"
+    children = mlflow_client.search_runs(
+        [parent.info.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    assert sorted(r.data.tags["bloodcell.model"] for r in children) == ["cnn1", "cnn2", "vgg16"]
+    for child in children:
+        assert "test_accuracy" in child.data.metrics
+        assert "accuracy" in child.data.metrics and "val_loss" in child.data.metrics
+        assert child.data.params["image_size"]
+
+
+def test_predict_loads_a_logged_model(smoke_run):
+    summary = smoke_run["summary"]
+    env = {**smoke_run["env"], "MLFLOW_TRACKING_URI": summary["mlflow_tracking_uri"]}
+    images = [str(SHARED_DATA / "basophil" / name) for name in sorted(os.listdir(SHARED_DATA / "basophil"))[:3]]
+    command = [sys.executable, "-m", "bloodcell.cli", "predict", "--model", summary["models"]["cnn1"]["model_uri"],
+               "--json", *images, str(SHARED_DATA / UNDECODABLE)]
+    process = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert process.returncode == 0, process.stderr[-3000:]
+    result = json.loads(process.stdout.strip().splitlines()[-1])
+    assert len(result["predictions"]) == 3
+    assert result["unreadable"][0]["path"].endswith(UNDECODABLE)
+    assert all(p["class"] in {"basophil", "eosinophil", "erythroblast", "ig", "lymphocyte", "monocyte",
+                              "neutrophil", "platelet"} for p in result["predictions"])
+
+
+def test_stop_ends_only_the_services_it_started(smoke_run):
+    services = json.loads((smoke_run["state"] / "services.json").read_text())
+    process = subprocess.run([sys.executable, "pipeline.py", "stop", "--state-dir", str(smoke_run["state"])],
+                             cwd=ROOT, env=smoke_run["env"], capture_output=True, text=True, timeout=120)
+    assert process.returncode == 0
+    for service in services:
+        assert f"{service['name']} (pid {service['pid']})" in process.stdout
+        assert not os.path.exists(f"/proc/{service['pid']}") or "zombie" in open(
+            f"/proc/{service['pid']}/status").read().lower()
