@@ -62,22 +62,17 @@ def make_pipeline(for_cluster: bool = True):
         vgg16_weights: str = "imagenet",
     ):
         common = {"bucket": bucket, "profile": profile, "overrides": overrides}
-        ingest_task = ingest(source=source, run_id=run_id, experiment=experiment, vgg16_weights=vgg16_weights,
-                             **common)
-        ingest_task.set_caching_options(False)  # it opens this run's MLflow parent run; its data cache is ours
-        split_task = split(dataset_uri=ingest_task.outputs["dataset_uri"], **common)
+        ingest_task = ingest(source=source, bucket=bucket, vgg16_weights=vgg16_weights)
+        split_task = split(dataset_uri=ingest_task.outputs["Output"], **common)
         trained = {}
         for name, component in TRAINERS.items():
             extra = {"vgg16_weights": vgg16_weights} if name == "vgg16" else {}
             trained[name] = component(
-                split_uri=split_task.outputs["Output"], run_id=run_id, experiment=experiment,
-                parent_run_id=ingest_task.outputs["mlflow_parent_run_id"], **common, **extra,
+                split_uri=split_task.outputs["Output"], run_id=run_id, experiment=experiment, **common, **extra,
             )
         evaluate_task = evaluate(bucket=bucket, run_id=run_id, **{n: t.outputs["model"] for n, t in trained.items()})
-        report_task = report(
-            bucket=bucket, run_id=run_id, split_uri=split_task.outputs["Output"], profile=profile, experiment=experiment,
-            parent_run_id=ingest_task.outputs["mlflow_parent_run_id"], metrics=evaluate_task.outputs["metrics"],
-        )
+        report_task = report(run_id=run_id, split_uri=split_task.outputs["Output"], experiment=experiment,
+                             metrics=evaluate_task.outputs["metrics"], **common)
         if for_cluster:
             place_on_cluster(ingest_task, split_task, evaluate_task, report_task, trainers=list(trained.values()))
 

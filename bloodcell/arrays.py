@@ -36,23 +36,17 @@ def build(assignment: dict, dataset_uri: str, targets: dict[int, str]) -> dict[i
             ProcessPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
         for subset in SUBSETS:
             items = assignment[subset]
-            outputs = {
-                size: np.lib.format.open_memmap(
-                    Path(tmp, f"{size}_{subset}_x.npy"), mode="w+", dtype=np.uint8,
-                    shape=(len(items), size, size, 3),
-                )
-                for size in sizes
-            }
+            writers = {size: NpyWriter(Path(tmp, f"{size}_{subset}_x.npy"), (len(items), size, size, 3))
+                       for size in sizes}
             paths = [str(local_images / item["path"]) for item in items]
             decoded = pool.map(decode_resized, paths, [sizes] * len(paths), chunksize=32)
-            for index, images in enumerate(tqdm(decoded, total=len(paths), unit=" img", mininterval=2,
-                                                desc=f"arrays {subset} {'/'.join(map(str, sizes))}px")):
+            for images in tqdm(decoded, total=len(paths), unit=" img", mininterval=2,
+                               desc=f"arrays {subset} {'/'.join(map(str, sizes))}px"):
                 for size, image in zip(sizes, images):
-                    outputs[size][index] = image
+                    writers[size].write(image)
             labels = np.array([classes.index(item["label"]) for item in items], dtype=np.int32)
-            for size, x in outputs.items():
-                x.flush()
-                del x
+            for size, writer in writers.items():
+                writer.close()
                 np.save(Path(tmp, f"{size}_{subset}_y.npy"), labels)
         for size, uri in missing.items():
             for subset in SUBSETS:
@@ -63,6 +57,27 @@ def build(assignment: dict, dataset_uri: str, targets: dict[int, str]) -> dict[i
             storage.upload_bytes(b"", storage.join(uri, COMPLETE))
             print(f"stored {size}px arrays in {uri}")
     return targets
+
+
+class NpyWriter:
+    """Write a uint8 ``.npy`` file row by row, so memory stays flat however large the array."""
+
+    def __init__(self, path: Path, shape: tuple[int, ...]):
+        self.file = open(path, "wb")
+        self.shape = shape
+        self.rows = 0
+        np.lib.format.write_array_header_1_0(
+            self.file, {"descr": np.lib.format.dtype_to_descr(np.dtype(np.uint8)), "fortran_order": False,
+                        "shape": shape})
+
+    def write(self, row: np.ndarray) -> None:
+        self.file.write(np.ascontiguousarray(row, dtype=np.uint8).tobytes())
+        self.rows += 1
+
+    def close(self) -> None:
+        self.file.close()
+        if self.rows != self.shape[0]:
+            raise RuntimeError(f"{self.file.name}: wrote {self.rows} rows, expected {self.shape[0]}")
 
 
 def decode_resized(path: str, sizes: list[int]) -> list[np.ndarray]:

@@ -37,11 +37,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = steps.add_parser("ingest", help="check and store a dataset source")
     p.add_argument("source", nargs="?", default=config.MENDELEY_URL,
                    help="folder, zip, http(s) URL or gs:// URI (default: the official PBC zip)")
-    _common(p)
-    p.add_argument("--experiment", default=config.DEFAULT_EXPERIMENT)
-    p.add_argument("--vgg16-weights", default="none")
-    p.set_defaults(handler=lambda a: _steps().ingest(a.source, a.bucket, a.run_id, a.profile, _overrides(a),
-                                                    a.experiment, a.vgg16_weights))
+    _common(p, run=False, profile=False)
+    p.add_argument("--vgg16-weights", default="none", help="also check these VGG16 weights can be had")
+    p.set_defaults(handler=lambda a: _steps().ingest(a.source, a.bucket, a.vgg16_weights))
 
     p = steps.add_parser("split", help="split an ingested dataset and build its arrays")
     p.add_argument("dataset_uri", help="gs://<bucket>/datasets/<hash> (printed by ingest)")
@@ -65,13 +63,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = steps.add_parser("report", help="build a run's comparison report")
     p.add_argument("split_uri")
-    _common(p, profile=False)
-    p.add_argument("--profile", default="laptop")
+    _common(p)
     p.add_argument("--experiment", default=config.DEFAULT_EXPERIMENT)
-    p.add_argument("--parent-run-id", default="")
+    p.add_argument("--parent-run-id", default="", help="MLflow parent run (default: this run id's)")
     p.add_argument("--models", nargs="+", default=list(config.MODEL_NAMES))
     p.set_defaults(handler=lambda a: _steps().report(a.bucket, a.run_id, a.split_uri, a.profile, a.experiment,
-                                                    a.parent_run_id, a.models))
+                                                    a.parent_run_id, _overrides(a), a.models))
 
     p = steps.add_parser("predict", help="classify image files or folders with a trained model")
     p.add_argument("paths", nargs="+")

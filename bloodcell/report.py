@@ -69,6 +69,8 @@ def build_report(run_uri: str, split_uri: str, model_names: list[str], summary: 
             mlflow.log_text(page, "report/report.html")
             mlflow.log_text(markdown, "report/report.md")
             mlflow.log_metrics({f"{n}_test_accuracy": r["accuracy"] for n, r in results.items()})
+            mlflow.log_metrics({"images": len(manifest["images"]), "quarantined": len(manifest["quarantined"]),
+                                "duplicates": len(manifest["duplicates"])})
             mlflow.set_tag("best_model", best)
         tracking.finish(summary["mlflow_parent_run_id"])
     return Report(html_uri, markdown_uri, summary, page, markdown)

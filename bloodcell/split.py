@@ -33,8 +33,8 @@ class SplitResult:
     array_uris: dict[int, str]
 
 
-def split(dataset_uri: str, bucket: str, profile: Profile) -> SplitResult:
-    """Split the dataset at ``dataset_uri`` and build its arrays for every size ``profile`` needs."""
+def split(dataset_uri: str, bucket: str, profile: Profile, sizes: list[int] | None = None) -> SplitResult:
+    """Split the dataset at ``dataset_uri`` and build its arrays for ``sizes`` (default: the profile's)."""
     manifest = storage.read_json(storage.join(dataset_uri, "manifest.json"))
     key = split_key(manifest["dataset_hash"], profile)
     split_uri = f"gs://{bucket}/splits/{key}"
@@ -52,7 +52,7 @@ def split(dataset_uri: str, bucket: str, profile: Profile) -> SplitResult:
     counts = counts_of(assignment)
     _print_counts(counts)
     array_uris = arrays.build(
-        assignment, dataset_uri, {size: arrays_uri(split_uri, size) for size in profile.image_sizes()}
+        assignment, dataset_uri, {size: arrays_uri(split_uri, size) for size in (profile.image_sizes() if sizes is None else sizes)}
     )
     return SplitResult(split_uri, counts, array_uris)
 

@@ -18,27 +18,14 @@ def run_uri(bucket: str, run_id: str) -> str:
     return f"gs://{bucket}/runs/{run_id}"
 
 
-def ingest(source: str, bucket: str, run_id: str, profile: str = "laptop", overrides: str = "{}",
-           experiment: str = config.DEFAULT_EXPERIMENT, vgg16_weights: str = "imagenet") -> dict:
-    """Check the VGG16 weights are obtainable, ingest ``source``, open the MLflow parent run."""
+def ingest(source: str, bucket: str, vgg16_weights: str = "imagenet") -> dict:
+    """Check the VGG16 weights can be had (fail in seconds, before training), then ingest ``source``."""
     from bloodcell import ingest as ingest_lib
-    from bloodcell import models, tracking
+    from bloodcell import models
 
-    settings = config.resolve(profile, overrides)
-    models.check_vgg16_weights(vgg16_weights)  # fail in seconds, before any training
+    models.check_vgg16_weights(vgg16_weights)
     storage.ensure_bucket(bucket)
-    result = ingest_lib.ingest(source, bucket)
-    parent = tracking.parent_run(experiment, run_id, tags={
-        "profile": settings.name, "dataset_hash": result.dataset_hash, "source": source,
-        "bucket": bucket, "vgg16_weights": vgg16_weights,
-    })
-    import mlflow
-
-    with mlflow.start_run(run_id=parent):
-        tracking.log_params({**settings.flat_params(), "overrides": overrides or "{}"})
-        mlflow.log_metrics({"images": result.images, "quarantined": result.quarantined,
-                            "duplicates": result.duplicates})
-    return {**asdict(result), "mlflow_parent_run_id": parent}
+    return asdict(ingest_lib.ingest(source, bucket))
 
 
 def split(dataset_uri: str, bucket: str, profile: str = "laptop", overrides: str = "{}") -> dict:
@@ -57,11 +44,28 @@ def train(model: str, split_uri: str, bucket: str, run_id: str, profile: str = "
     from bloodcell import train as train_lib
 
     settings = config.resolve(profile, overrides)
-    parent_run_id = parent_run_id or tracking.parent_run(experiment, run_id)
+    parent_run_id = parent_run_id or open_parent_run(split_uri, bucket, run_id, settings, overrides, experiment)
     arrays_uri = split_lib.arrays_uri(split_uri, settings.model(model).image_size)
     result = train_lib.train(model, arrays_uri, run_uri(bucket, run_id), settings, experiment, run_id,
                              parent_run_id, vgg16_weights)
     return asdict(result)
+
+
+def open_parent_run(split_uri: str, bucket: str, run_id: str, settings: config.Profile, overrides: str,
+                    experiment: str) -> str:
+    """The MLflow parent run of ``run_id`` (created on first call), tagged and with the profile's params."""
+    import mlflow
+
+    from bloodcell import tracking
+
+    dataset_uri = storage.read_json(storage.join(split_uri, "split.json"))["dataset_uri"]
+    parent = tracking.parent_run(experiment, run_id, run_uri(bucket, run_id), tags={
+        "profile": settings.name, "dataset_hash": dataset_uri.rstrip("/").rsplit("/", 1)[-1],
+        "dataset_uri": dataset_uri, "bucket": bucket,
+    })
+    with mlflow.start_run(run_id=parent):
+        tracking.log_params({**settings.flat_params(), "overrides": overrides or "{}"})
+    return parent
 
 
 def evaluate(bucket: str, run_id: str, models: list[str] | None = None) -> dict:
@@ -73,10 +77,12 @@ def evaluate(bucket: str, run_id: str, models: list[str] | None = None) -> dict:
 
 
 def report(bucket: str, run_id: str, split_uri: str, profile: str = "laptop",
-           experiment: str = config.DEFAULT_EXPERIMENT, parent_run_id: str = "",
+           experiment: str = config.DEFAULT_EXPERIMENT, parent_run_id: str = "", overrides: str = "{}",
            models: list[str] | None = None) -> dict:
     from bloodcell import report as report_lib
 
+    settings = config.resolve(profile, overrides)
+    parent_run_id = parent_run_id or open_parent_run(split_uri, bucket, run_id, settings, overrides, experiment)
     summary = {
         "run_id": run_id, "profile": profile, "bucket": bucket, "run_uri": run_uri(bucket, run_id),
         "mlflow_tracking_uri": os.environ.get("MLFLOW_TRACKING_URI", ""), "mlflow_experiment": experiment,

@@ -68,6 +68,17 @@ def upload_file(path: str | Path, uri: str, content_type: str | None = None) -> 
     return uri
 
 
+def create_if_absent(data: bytes | str, uri: str) -> bool:
+    """Atomically create ``uri`` holding ``data``; False when it already exists (someone else won)."""
+    try:
+        blob(uri).upload_from_string(data, if_generation_match=0, retry=RETRY)
+        return True
+    except gexc.PreconditionFailed:
+        return False
+    except gexc.GoogleAPICallError as exc:
+        raise StorageError(f"object storage request for {uri} failed: {exc}") from exc
+
+
 def upload_bytes(data: bytes | str, uri: str, content_type: str = "application/octet-stream") -> str:
     _call(uri, lambda: blob(uri).upload_from_string(data, content_type=content_type, retry=RETRY))
     return uri

@@ -12,6 +12,8 @@ from typing import Any
 import mlflow
 from mlflow.tracking import MlflowClient
 
+from bloodcell import storage
+
 PIPELINE_RUN_TAG = "bloodcell.pipeline_run_id"
 ROLE_TAG = "bloodcell.role"
 MODEL_TAG = "bloodcell.model"
@@ -21,17 +23,26 @@ def experiment_id(name: str) -> str:
     return mlflow.set_experiment(name).experiment_id
 
 
-def parent_run(experiment: str, pipeline_run_id: str, tags: dict[str, str] | None = None) -> str:
-    """The id of the parent run of ``pipeline_run_id``, created on first use."""
-    found = _find(experiment, pipeline_run_id, role="pipeline")
-    if found:
-        return found
-    run = MlflowClient().create_run(
+def parent_run(experiment: str, pipeline_run_id: str, run_uri: str, tags: dict[str, str] | None = None) -> str:
+    """The id of the parent run of ``pipeline_run_id``, created by whichever step asks first.
+
+    Steps running in parallel each create a candidate run; an atomic create-if-absent of
+    ``<run_uri>/mlflow_parent_run_id`` in the bucket picks one, and the others delete theirs.
+    """
+    claim = storage.join(run_uri, "mlflow_parent_run_id")
+    if storage.exists(claim):
+        return storage.read_bytes(claim).decode()
+    run_id = MlflowClient().create_run(
         experiment_id(experiment), run_name=f"pipeline-{pipeline_run_id}",
         tags={PIPELINE_RUN_TAG: pipeline_run_id, ROLE_TAG: "pipeline", "code_version": code_version(),
               **(tags or {})},
-    )
-    return run.info.run_id
+    ).info.run_id
+    if storage.create_if_absent(run_id, claim):
+        return run_id
+    winner = storage.read_bytes(claim).decode()
+    if winner != run_id:
+        MlflowClient().delete_run(run_id)
+    return winner
 
 
 def model_run(experiment: str, pipeline_run_id: str, parent_run_id: str, model: str) -> str:

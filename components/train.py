@@ -8,11 +8,11 @@ from bloodcell.config import DEFAULT_IMAGE
 
 @dsl.component(base_image=DEFAULT_IMAGE, install_kfp_package=False)
 def train_cnn1(split_uri: str, bucket: str, run_id: str, profile: str, overrides: str, experiment: str,
-               parent_run_id: str, model: Output[Model]):
+               model: Output[Model]):
     """Train cnn1 (the original CNN1 architecture)."""
     from bloodcell import steps
 
-    result = steps.train("cnn1", split_uri, bucket, run_id, profile, overrides, experiment, parent_run_id)
+    result = steps.train("cnn1", split_uri, bucket, run_id, profile, overrides, experiment)
     model.metadata.update(result)
     with open(model.path, "w") as pointer:
         pointer.write(result["model_uri"])
@@ -20,11 +20,11 @@ def train_cnn1(split_uri: str, bucket: str, run_id: str, profile: str, overrides
 
 @dsl.component(base_image=DEFAULT_IMAGE, install_kfp_package=False)
 def train_cnn2(split_uri: str, bucket: str, run_id: str, profile: str, overrides: str, experiment: str,
-               parent_run_id: str, model: Output[Model]):
+               model: Output[Model]):
     """Train cnn2 (the original CNN2 architecture: batch norm, L1)."""
     from bloodcell import steps
 
-    result = steps.train("cnn2", split_uri, bucket, run_id, profile, overrides, experiment, parent_run_id)
+    result = steps.train("cnn2", split_uri, bucket, run_id, profile, overrides, experiment)
     model.metadata.update(result)
     with open(model.path, "w") as pointer:
         pointer.write(result["model_uri"])
@@ -32,12 +32,12 @@ def train_cnn2(split_uri: str, bucket: str, run_id: str, profile: str, overrides
 
 @dsl.component(base_image=DEFAULT_IMAGE, install_kfp_package=False)
 def train_vgg16(split_uri: str, bucket: str, run_id: str, profile: str, overrides: str, experiment: str,
-                parent_run_id: str, vgg16_weights: str, model: Output[Model]):
+                vgg16_weights: str, model: Output[Model]):
     """Train VGG16 transfer learning (frozen base, then fine-tuned top block)."""
     from bloodcell import steps
 
-    result = steps.train("vgg16", split_uri, bucket, run_id, profile, overrides, experiment, parent_run_id,
-                         vgg16_weights)
+    result = steps.train("vgg16", split_uri, bucket, run_id, profile, overrides, experiment,
+                         vgg16_weights=vgg16_weights)
     model.metadata.update(result)
     with open(model.path, "w") as pointer:
         pointer.write(result["model_uri"])

@@ -24,9 +24,7 @@ def test_seven_tasks_and_parallel_gpu_trainers(tmp_path):
     tasks = spec["root"]["dag"]["tasks"]
     assert set(tasks) == TASKS
     for name in TRAINERS:
-        assert tasks[name]["dependentTasks"] == ["ingest", "split"] or set(tasks[name]["dependentTasks"]) <= {
-            "ingest", "split"}
-        assert not set(tasks[name].get("dependentTasks", [])) & TRAINERS
+        assert tasks[name]["dependentTasks"] == ["split"]
         executor = spec["deploymentSpec"]["executors"][tasks[name]["componentRef"]["name"].replace(
             "comp-", "exec-")]
         accelerator = executor["container"]["resources"]["accelerator"]
@@ -39,4 +37,20 @@ def test_seven_tasks_and_parallel_gpu_trainers(tmp_path):
         assert config["tolerations"][0]["key"] == "nvidia.com/gpu"
         assert config["nodeSelector"]["labels"]
     assert all(t.get("retryPolicy", {}).get("maxRetryCount") == 3 for t in tasks.values())
-    assert tasks["ingest"]["cachingOptions"] == {} or not tasks["ingest"]["cachingOptions"].get("enableCache")
+    assert tasks["ingest"]["cachingOptions"]["enableCache"] and tasks["split"]["cachingOptions"]["enableCache"]
+
+
+def test_image_and_placement_come_from_the_environment(tmp_path):
+    import os
+
+    env = {**os.environ, "BLOODCELL_IMAGE": "registry.example/bloodcell:test", "BLOODCELL_GPU_RESOURCE": "",
+           "BLOODCELL_TRAINER_MEMORY": "6Gi"}
+    spec, platform = compile_pipeline(tmp_path, env)
+    executors = spec["deploymentSpec"]["executors"]
+    assert len(executors) == 7
+    assert {e["container"]["image"] for e in executors.values()} == {"registry.example/bloodcell:test"}
+    for name in TRAINERS:
+        resources = executors[f"exec-{name}"]["container"]["resources"]
+        assert "accelerator" not in resources and resources["memoryLimit"] == 6 * 2**30 / 1e9
+    kubernetes = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+    assert all(k["configMapAsEnv"][0]["configMapName"] == "bloodcell-env" for k in kubernetes.values())
