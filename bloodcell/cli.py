@@ -70,6 +70,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(handler=lambda a: _steps().report(a.bucket, a.run_id, a.split_uri, a.profile, a.experiment,
                                                     a.parent_run_id, _overrides(a), a.models))
 
+    p = steps.add_parser("compare", help="table of models across pipeline runs (from MLflow), best first")
+    p.add_argument("--experiment", default=config.DEFAULT_EXPERIMENT)
+    p.add_argument("--last", type=int, default=10, help="how many recent pipeline runs (default 10)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(handler=_compare)
+
     p = steps.add_parser("predict", help="classify image files or folders with a trained model")
     p.add_argument("paths", nargs="+")
     p.add_argument("--model", required=True, help="models:/..., gs://.../model.keras or a local .keras file")
@@ -84,6 +90,16 @@ def _steps():
     from bloodcell import steps
 
     return steps
+
+
+def _compare(args: argparse.Namespace) -> list | None:
+    from bloodcell import tracking
+
+    rows = tracking.compare(args.experiment, args.last)
+    if args.json:
+        return rows
+    print(tracking.format_table(rows))
+    return None
 
 
 def _predict(args: argparse.Namespace) -> dict | None:

@@ -42,6 +42,7 @@ def build_report(run_uri: str, split_uri: str, model_names: list[str], summary: 
     split = storage.read_json(storage.join(split_uri, "split.json"))
     manifest = storage.read_json(storage.join(split["dataset_uri"], "manifest.json"))
     best = max(results, key=lambda n: (results[n]["accuracy"], results[n]["macro_f1"]))
+    registry = _register(results[best], summary)
     plots = {
         "comparison": plot_comparison(results, best),
         "confusion": plot_confusion_matrices(results),
@@ -53,6 +54,7 @@ def build_report(run_uri: str, split_uri: str, model_names: list[str], summary: 
     for name, png in plots.items():
         storage.upload_bytes(png, storage.join(report_uri, "plots", f"{name}.png"), "image/png")
     rows = comparison_rows(results, best)
+    summary = {**summary, "registry": registry}
     page = render_html(rows, plots, counts, manifest, best, summary)
     markdown = render_markdown(rows, counts, manifest, best, summary)
     html_uri = storage.upload_bytes(page, storage.join(report_uri, "report.html"), "text/html")
@@ -74,6 +76,29 @@ def build_report(run_uri: str, split_uri: str, model_names: list[str], summary: 
             mlflow.set_tag("best_model", best)
         tracking.finish(summary["mlflow_parent_run_id"])
     return Report(html_uri, markdown_uri, summary, page, markdown)
+
+
+def _register(best: dict, summary: dict) -> dict:
+    """Register the best model; the registry outcome (or why it failed) goes into the report."""
+    try:
+        return tracking.register_best(best["mlflow_model_uri"], best["model"], best["accuracy"],
+                                      summary.get("run_id", ""))
+    except Exception as exc:  # noqa: BLE001 - the report must still be written
+        return {"error": f"{type(exc).__name__}: {exc}"}
+
+
+def registry_sentence(registry: dict) -> str:
+    if "error" in registry:
+        return f"Registering the best model in MLflow failed: {registry['error']}"
+    text = (f"The best model ({registry['model']}, test accuracy {registry['test_accuracy']:.2%}) is version "
+            f"{registry['version']} of registered model {registry['registered_model']}. ")
+    previous = registry["previous_champion_accuracy"]
+    if registry["promoted"]:
+        return text + ("The alias 'champion' now points to it" + (
+            f" (previous champion: version {registry['previous_champion_version']}, {previous:.2%})."
+            if previous is not None else " (first champion)."))
+    return text + (f"The alias 'champion' stays on version {registry['previous_champion_version']} "
+                   f"({previous:.2%}), which this model does not beat.")
 
 
 def comparison_rows(results: dict[str, dict], best: str) -> list[dict]:
@@ -209,6 +234,7 @@ def render_html(rows: list[dict], plots: dict[str, bytes], counts: dict, manifes
         f"MLflow experiment <code>{html.escape(summary.get('mlflow_experiment', ''))}</code>, parent run "
         f"<code>{html.escape(summary.get('mlflow_parent_run_id', ''))}</code>.</p>",
         "<h2 id='comparison'>Model comparison</h2>", table(list(rows[0]), [list(r.values()) for r in rows]),
+        f"<p id='registry'>{html.escape(registry_sentence(summary.get('registry', {'error': 'not attempted'})))}</p>",
     ]
     for key, title in SECTIONS:
         if key == "comparison":
@@ -247,6 +273,7 @@ def render_markdown(rows: list[dict], counts: dict, manifest: dict, best: str, s
     lines = [f"# Blood cell classifiers: run {summary.get('run_id', '')}", "",
              f"Profile **{summary.get('profile', '')}**; best model **{best}**.", "", "## Model comparison", ""]
     lines += table(list(rows[0]), [list(r.values()) for r in rows])
+    lines += ["", registry_sentence(summary.get("registry", {"error": "not attempted"}))]
     for key, title in SECTIONS:
         lines += ["", f"## {title}", "", f"![{title}](plots/{key}.png)"]
     lines += ["", "## Dataset", ""] + table(*_dataset_table(counts))

@@ -83,3 +83,76 @@ def finish(run_id: str, status: str = "FINISHED") -> None:
 
 def log_params(params: dict[str, Any]) -> None:
     mlflow.log_params({k: str(v)[:500] for k, v in params.items()})
+
+
+REGISTERED_MODEL = "bloodcell-classifier"
+CHAMPION = "champion"
+
+
+def should_promote(candidate_accuracy: float, champion_accuracy: float | None) -> bool:
+    """The champion alias moves only to a model with strictly better test accuracy."""
+    return champion_accuracy is None or candidate_accuracy > champion_accuracy
+
+
+def register_best(model_uri: str, model: str, test_accuracy: float, pipeline_run_id: str) -> dict[str, Any]:
+    """Register ``model_uri`` as a new version of ``bloodcell-classifier``; move ``champion`` if it is better."""
+    from mlflow.exceptions import MlflowException
+
+    client = MlflowClient()
+    try:
+        current = client.get_model_version_by_alias(REGISTERED_MODEL, CHAMPION)
+        champion_accuracy = float(current.tags.get("test_accuracy", "nan"))
+        champion_version = current.version
+    except MlflowException:
+        champion_accuracy, champion_version = None, None
+    version = mlflow.register_model(model_uri, REGISTERED_MODEL).version
+    for key, value in {"test_accuracy": test_accuracy, "model": model, "pipeline_run_id": pipeline_run_id}.items():
+        client.set_model_version_tag(REGISTERED_MODEL, version, key, str(value))
+    promoted = should_promote(test_accuracy, champion_accuracy)
+    if promoted:
+        client.set_registered_model_alias(REGISTERED_MODEL, CHAMPION, version)
+    return {"registered_model": REGISTERED_MODEL, "version": str(version), "promoted": promoted,
+            "previous_champion_version": champion_version, "previous_champion_accuracy": champion_accuracy,
+            "test_accuracy": test_accuracy, "model": model}
+
+
+def compare(experiment: str, last: int = 10) -> list[dict[str, Any]]:
+    """Models of the ``last`` pipeline runs of ``experiment``, best test accuracy first."""
+    exp = mlflow.get_experiment_by_name(experiment)
+    if exp is None:
+        return []
+    client = MlflowClient()
+    parents = client.search_runs([exp.experiment_id], filter_string=f"tags.`{ROLE_TAG}` = 'pipeline'",
+                                 order_by=["attributes.start_time DESC"], max_results=last)
+    rows = []
+    for parent in parents:
+        children = client.search_runs(
+            [exp.experiment_id],
+            filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}' and tags.`{ROLE_TAG}` = 'model'")
+        for child in children:
+            metrics, params = child.data.metrics, child.data.params
+            rows.append({
+                "pipeline_run": parent.data.tags.get(PIPELINE_RUN_TAG, ""), "profile": parent.data.tags.get("profile", ""),
+                "model": child.data.tags.get(MODEL_TAG, child.info.run_name),
+                "test_accuracy": metrics.get("test_accuracy"), "macro_f1": metrics.get("test_macro_f1"),
+                "params": params.get("params"), "image_size": params.get("image_size"),
+                "epochs": params.get("epochs_run"), "train_minutes": (metrics.get("train_seconds") or 0) / 60,
+                "mlflow_run_id": child.info.run_id,
+            })
+    return sorted(rows, key=lambda r: -(r["test_accuracy"] if r["test_accuracy"] is not None else -1))
+
+
+def format_table(rows: list[dict[str, Any]]) -> str:
+    if not rows:
+        return "no pipeline run with evaluated models in this experiment"
+    columns = ["pipeline_run", "profile", "model", "test_accuracy", "macro_f1", "params", "image_size", "epochs",
+               "train_minutes"]
+
+    def cell(value: Any) -> str:
+        if isinstance(value, float):
+            return f"{value:.4f}" if value <= 1 else f"{value:.1f}"
+        return "-" if value is None else str(value)
+
+    table = [columns] + [[cell(r[c]) for c in columns] for r in rows]
+    widths = [max(len(row[i]) for row in table) for i in range(len(columns))]
+    return "\n".join("  ".join(v.ljust(w) for v, w in zip(row, widths)) for row in table)

@@ -1,0 +1,158 @@
+"""Metrics, report rendering, the champion alias and the cross-run comparison."""
+
+from __future__ import annotations
+
+import html.parser
+import uuid
+
+import mlflow
+import numpy as np
+import pytest
+from mlflow.tracking import MlflowClient
+from sklearn import metrics as skm
+
+from bloodcell import evaluate, report, tracking
+
+CLASSES = ["a", "b", "c"]
+
+
+def fixed_predictions():
+    rng = np.random.default_rng(7)
+    y_true = np.repeat([0, 1, 2], 20)
+    logits = rng.normal(size=(60, 3)) + 2.0 * np.eye(3)[y_true]
+    probabilities = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
+    return y_true, probabilities
+
+
+def test_metrics_equal_scikit_learn():
+    y_true, probabilities = fixed_predictions()
+    y_pred = probabilities.argmax(axis=1)
+    result = evaluate.classification_metrics(y_true, probabilities, CLASSES)
+    assert result["accuracy"] == skm.accuracy_score(y_true, y_pred)
+    assert result["macro_f1"] == pytest.approx(skm.f1_score(y_true, y_pred, average="macro"))
+    assert result["weighted_f1"] == pytest.approx(skm.f1_score(y_true, y_pred, average="weighted"))
+    assert result["macro_precision"] == pytest.approx(skm.precision_score(y_true, y_pred, average="macro"))
+    assert result["roc_auc_ovr"] == pytest.approx(skm.roc_auc_score(y_true, probabilities, multi_class="ovr"))
+    assert result["confusion_matrix"] == skm.confusion_matrix(y_true, y_pred).tolist()
+    per_class_recall = skm.recall_score(y_true, y_pred, average=None)
+    assert [result["per_class"][c]["recall"] for c in CLASSES] == pytest.approx(per_class_recall)
+    assert result["per_class"]["a"]["support"] == 20
+
+
+class Collector(html.parser.HTMLParser):
+    def __init__(self):
+        super().__init__()
+        self.ids, self.images, self.open = set(), [], []
+
+    def handle_starttag(self, tag, attrs):
+        attrs = dict(attrs)
+        if "id" in attrs:
+            self.ids.add(attrs["id"])
+        if tag == "img":
+            self.images.append(attrs.get("src", ""))
+        elif tag not in {"meta", "br", "hr", "link"}:
+            self.open.append(tag)
+
+    def handle_endtag(self, tag):
+        assert self.open and self.open[-1] == tag, f"unbalanced </{tag}>"
+        self.open.pop()
+
+
+def synthetic_results():
+    y_true, probabilities = fixed_predictions()
+    results = {}
+    for index, name in enumerate(["cnn1", "cnn2", "vgg16"]):
+        result = evaluate.classification_metrics(y_true, np.roll(probabilities, index, axis=0), CLASSES)
+        result.update({"model": name, "params": 1000 * (index + 1), "train_seconds": 60.0, "epochs": 3,
+                       "image_size": 64, "inference_images_per_second": 500.0, "model_size_bytes": 2**20})
+        results[name] = result
+    return results
+
+
+def test_html_report_has_every_section_with_embedded_images():
+    results = synthetic_results()
+    best = max(results, key=lambda n: results[n]["accuracy"])
+    plots = {"comparison": report.plot_comparison(results, best),
+             "confusion": report.plot_confusion_matrices(results),
+             "per_class_f1": report.plot_per_class_f1(results),
+             "curves": report.plot_training_curves({n: {"loss": [1.0, 0.5], "val_loss": [1.1, 0.7],
+                                                        "accuracy": [0.5, 0.8], "val_accuracy": [0.4, 0.7]}
+                                                    for n in results}),
+             "misclassified": report.plot_comparison(results, best)}
+    counts = {"train": {"a": 14, "b": 14}, "val": {"a": 3, "b": 3}, "test": {"a": 3, "b": 3}}
+    manifest = {"quarantined": [{"path": "b/.DS_1.jpg", "reason": "hidden file"}], "duplicates": []}
+    registry = {"registered_model": "bloodcell-classifier", "version": "2", "promoted": False, "model": best,
+                "test_accuracy": results[best]["accuracy"], "previous_champion_version": "1",
+                "previous_champion_accuracy": 0.99}
+    page = report.render_html(report.comparison_rows(results, best), plots, counts, manifest, best,
+                              {"run_id": "r1", "profile": "smoke", "registry": registry})
+    parser = Collector()
+    parser.feed(page)
+    parser.close()
+    assert not parser.open
+    assert {"comparison", "per_class_f1", "confusion", "curves", "misclassified", "dataset", "registry"} <= parser.ids
+    assert len(parser.images) == 5 and all(src.startswith("data:image/png;base64,") for src in parser.images)
+    assert "b/.DS_1.jpg" in page and "stays on version 1" in page and f"{best} (best)" in page
+    markdown = report.render_markdown(report.comparison_rows(results, best), counts, manifest, best,
+                                      {"run_id": "r1", "profile": "smoke", "registry": registry})
+    assert "| model |" in markdown and "![Confusion matrices](plots/confusion.png)" in markdown
+
+
+def test_champion_alias_logic():
+    assert tracking.should_promote(0.9, None)
+    assert tracking.should_promote(0.91, 0.90)
+    assert not tracking.should_promote(0.90, 0.90)
+    assert not tracking.should_promote(0.80, 0.90)
+
+
+@pytest.fixture()
+def experiment(services):
+    mlflow.set_tracking_uri(services["env"]["MLFLOW_TRACKING_URI"])
+    name = f"test-{uuid.uuid4().hex[:8]}"
+    mlflow.set_experiment(name)
+    return name
+
+
+def log_tiny_model() -> str:
+    import keras
+
+    model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(2, activation="softmax")])
+    with mlflow.start_run():
+        return mlflow.keras.log_model(model, name="model").model_uri
+
+
+def test_champion_moves_only_to_a_better_model(experiment):
+    client = MlflowClient()
+    try:
+        client.delete_registered_model(tracking.REGISTERED_MODEL)
+    except mlflow.exceptions.MlflowException:
+        pass
+    first = tracking.register_best(log_tiny_model(), "cnn1", 0.90, "run-1")
+    assert first["promoted"] and first["previous_champion_accuracy"] is None
+    worse = tracking.register_best(log_tiny_model(), "cnn2", 0.85, "run-2")
+    assert not worse["promoted"]
+    assert client.get_model_version_by_alias(tracking.REGISTERED_MODEL, "champion").version == first["version"]
+    better = tracking.register_best(log_tiny_model(), "vgg16", 0.95, "run-3")
+    assert better["promoted"] and better["previous_champion_accuracy"] == 0.90
+    assert client.get_model_version_by_alias(tracking.REGISTERED_MODEL, "champion").version == better["version"]
+    assert "now points to it" in report.registry_sentence(better)
+
+
+def test_compare_lists_models_across_runs_best_first(experiment):
+    client = MlflowClient()
+    experiment_id = mlflow.get_experiment_by_name(experiment).experiment_id
+    for run, accuracies in (("run-a", {"cnn1": 0.80, "cnn2": 0.93}), ("run-b", {"cnn1": 0.88, "vgg16": 0.97})):
+        parent = client.create_run(experiment_id, tags={tracking.PIPELINE_RUN_TAG: run, tracking.ROLE_TAG: "pipeline",
+                                                       "profile": "smoke"}).info.run_id
+        for model, accuracy in accuracies.items():
+            child = client.create_run(experiment_id, tags={
+                tracking.PIPELINE_RUN_TAG: run, tracking.ROLE_TAG: "model", tracking.MODEL_TAG: model,
+                "mlflow.parentRunId": parent}).info.run_id
+            client.log_metric(child, "test_accuracy", accuracy)
+            client.log_metric(child, "test_macro_f1", accuracy - 0.01)
+    rows = tracking.compare(experiment, last=5)
+    assert [(r["pipeline_run"], r["model"]) for r in rows] == [
+        ("run-b", "vgg16"), ("run-a", "cnn2"), ("run-b", "cnn1"), ("run-a", "cnn1")]
+    assert [r["pipeline_run"] for r in tracking.compare(experiment, last=1)] == ["run-b", "run-b"]
+    table = tracking.format_table(rows)
+    assert table.splitlines()[1].split()[:4] == ["run-b", "smoke", "vgg16", "0.9700"]
