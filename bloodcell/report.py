@@ -18,6 +18,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import mlflow  # noqa: E402
 import numpy as np  # noqa: E402
 import seaborn as sns  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from bloodcell import arrays, storage, tracking  # noqa: E402
 
@@ -108,10 +109,14 @@ def comparison_rows(results: dict[str, dict], best: str) -> list[dict]:
         "test accuracy": f"{r['accuracy']:.2%}", "macro F1": f"{r['macro_f1']:.4f}",
         "ROC AUC (ovr)": f"{r['roc_auc_ovr']:.4f}", "params": f"{r['params']:,}",
         "input": f"{r['image_size']}px", "epochs": str(r["epochs"]),
-        "training time": f"{r['train_seconds'] / 60:.1f} min",
+        "training time": _duration(r["train_seconds"]),
         "inference images/s": f"{r['inference_images_per_second']:,.0f}",
         "size": f"{r['model_size_bytes'] / 2**20:.1f} MiB",
     } for r in ordered]
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.1f} min"
 
 
 # -- plots ------------------------------------------------------------------------------------------
@@ -131,14 +136,15 @@ def plot_comparison(results: dict[str, dict], best: str) -> bytes:
         bars = ax.bar(positions + offset, [results[n][key] for n in names], width, label=label)
         ax.bar_label(bars, fmt="%.3f", fontsize=8)
     ax.set_xticks(positions, [f"{n}\n(best)" if n == best else n for n in names])
-    ax.set_ylim(0, 1.08)
+    ax.set_ylim(0, 1.22)
     ax.set_title("Test accuracy and macro F1 by model")
-    ax.legend(loc="lower right")
+    ax.legend(loc="upper center", ncol=2, frameon=False)
     return _png(fig)
 
 
 def plot_confusion_matrices(results: dict[str, dict]) -> bytes:
     fig, axes = plt.subplots(1, len(results), figsize=(6.2 * len(results), 5.4), squeeze=False)
+    fig.subplots_adjust(wspace=0.45)
     for ax, (name, result) in zip(axes[0], results.items()):
         matrix = np.array(result["confusion_matrix"])
         normalized = matrix / np.maximum(matrix.sum(axis=1, keepdims=True), 1)
@@ -173,10 +179,12 @@ def plot_training_curves(histories: dict[str, dict]) -> bytes:
             line, = ax.plot(epochs, history.get(key, []), label=f"{name} train")
             ax.plot(epochs, history.get(f"val_{key}", []), "--", color=line.get_color(), label=f"{name} val")
     for ax, key in zip(axes, ("loss", "accuracy")):
-        ax.set_title(f"Training {key} by epoch")
+        ax.set_title(f"{key.capitalize()} by epoch (solid: train, dashed: validation)")
         ax.set_xlabel("epoch")
         ax.set_ylabel(key)
         ax.grid(alpha=0.3)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    axes[0].set_yscale("log")  # L1-regularised losses start far above the others
     axes[1].legend(fontsize=8, ncol=2, loc="lower right")
     return _png(fig)
 
@@ -247,7 +255,7 @@ def render_html(rows: list[dict], plots: dict[str, bytes], counts: dict, manifes
 
 
 def _dataset_table(counts: dict) -> tuple[list[str], list[list[str]]]:
-    subsets = list(counts)
+    subsets = [s for s in ("train", "val", "test") if s in counts]
     classes = sorted(set().union(*(c.keys() for c in counts.values())))
     body = [[c, *(str(counts[s].get(c, 0)) for s in subsets), str(sum(counts[s].get(c, 0) for s in subsets))]
             for c in classes]

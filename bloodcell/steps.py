@@ -6,18 +6,39 @@ Each returns a JSON-serialisable dict. Results live in the bucket under
 
 from __future__ import annotations
 
+import functools
 import os
+import sys
 from dataclasses import asdict
+from typing import Callable, TypeVar
 
 from bloodcell import config, storage
+from bloodcell.errors import BloodcellError
+
+F = TypeVar("F", bound=Callable)
 
 MODEL_NAMES = config.MODEL_NAMES
+
+
+def user_errors(step: F) -> F:
+    """Report a :class:`BloodcellError` as one clear line and exit 2, instead of a traceback."""
+
+    @functools.wraps(step)
+    def wrapper(*args, **kwargs):
+        try:
+            return step(*args, **kwargs)
+        except (BloodcellError, config.ConfigError) as exc:
+            print(f"error in step {step.__name__}: {exc}", file=sys.stderr, flush=True)
+            raise SystemExit(2) from None
+
+    return wrapper  # type: ignore[return-value]
 
 
 def run_uri(bucket: str, run_id: str) -> str:
     return f"gs://{bucket}/runs/{run_id}"
 
 
+@user_errors
 def ingest(source: str, bucket: str, vgg16_weights: str = "imagenet") -> dict:
     """Check the VGG16 weights can be had (fail in seconds, before training), then ingest ``source``."""
     from bloodcell import ingest as ingest_lib
@@ -28,6 +49,7 @@ def ingest(source: str, bucket: str, vgg16_weights: str = "imagenet") -> dict:
     return asdict(ingest_lib.ingest(source, bucket))
 
 
+@user_errors
 def split(dataset_uri: str, bucket: str, profile: str = "laptop", overrides: str = "{}") -> dict:
     from bloodcell import split as split_lib
 
@@ -36,6 +58,7 @@ def split(dataset_uri: str, bucket: str, profile: str = "laptop", overrides: str
             "array_uris": {str(k): v for k, v in result.array_uris.items()}}
 
 
+@user_errors
 def train(model: str, split_uri: str, bucket: str, run_id: str, profile: str = "laptop", overrides: str = "{}",
           experiment: str = config.DEFAULT_EXPERIMENT, parent_run_id: str = "",
           vgg16_weights: str = "none") -> dict:
@@ -49,6 +72,13 @@ def train(model: str, split_uri: str, bucket: str, run_id: str, profile: str = "
     result = train_lib.train(model, arrays_uri, run_uri(bucket, run_id), settings, experiment, run_id,
                              parent_run_id, vgg16_weights)
     return asdict(result)
+
+
+def describe_model_artifact(artifact, result: dict) -> None:
+    """Fill a kfp ``Model`` output: the trained model's metadata, and its bucket URI as the file's content."""
+    artifact.metadata.update(result)
+    with open(artifact.path, "w") as pointer:
+        pointer.write(result["model_uri"])
 
 
 def open_parent_run(split_uri: str, bucket: str, run_id: str, settings: config.Profile, overrides: str,
@@ -68,6 +98,7 @@ def open_parent_run(split_uri: str, bucket: str, run_id: str, settings: config.P
     return parent
 
 
+@user_errors
 def evaluate(bucket: str, run_id: str, models: list[str] | None = None) -> dict:
     from bloodcell import evaluate as evaluate_lib
 
@@ -76,6 +107,7 @@ def evaluate(bucket: str, run_id: str, models: list[str] | None = None) -> dict:
     return evaluate_lib.evaluate(dirs, base)
 
 
+@user_errors
 def report(bucket: str, run_id: str, split_uri: str, profile: str = "laptop",
            experiment: str = config.DEFAULT_EXPERIMENT, parent_run_id: str = "", overrides: str = "{}",
            models: list[str] | None = None) -> dict:

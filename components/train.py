@@ -12,10 +12,7 @@ def train_cnn1(split_uri: str, bucket: str, run_id: str, profile: str, overrides
     """Train cnn1 (the original CNN1 architecture)."""
     from bloodcell import steps
 
-    result = steps.train("cnn1", split_uri, bucket, run_id, profile, overrides, experiment)
-    model.metadata.update(result)
-    with open(model.path, "w") as pointer:
-        pointer.write(result["model_uri"])
+    steps.describe_model_artifact(model, steps.train("cnn1", split_uri, bucket, run_id, profile, overrides, experiment))
 
 
 @dsl.component(base_image=DEFAULT_IMAGE, install_kfp_package=False)
@@ -24,10 +21,7 @@ def train_cnn2(split_uri: str, bucket: str, run_id: str, profile: str, overrides
     """Train cnn2 (the original CNN2 architecture: batch norm, L1)."""
     from bloodcell import steps
 
-    result = steps.train("cnn2", split_uri, bucket, run_id, profile, overrides, experiment)
-    model.metadata.update(result)
-    with open(model.path, "w") as pointer:
-        pointer.write(result["model_uri"])
+    steps.describe_model_artifact(model, steps.train("cnn2", split_uri, bucket, run_id, profile, overrides, experiment))
 
 
 @dsl.component(base_image=DEFAULT_IMAGE, install_kfp_package=False)
@@ -38,6 +32,4 @@ def train_vgg16(split_uri: str, bucket: str, run_id: str, profile: str, override
 
     result = steps.train("vgg16", split_uri, bucket, run_id, profile, overrides, experiment,
                          vgg16_weights=vgg16_weights)
-    model.metadata.update(result)
-    with open(model.path, "w") as pointer:
-        pointer.write(result["model_uri"])
+    steps.describe_model_artifact(model, result)

@@ -123,3 +123,31 @@ def test_stop_ends_only_the_services_it_started(smoke_run):
         assert f"{service['name']} (pid {service['pid']})" in process.stdout
         assert not os.path.exists(f"/proc/{service['pid']}") or "zombie" in open(
             f"/proc/{service['pid']}/status").read().lower()
+
+
+def test_a_failing_step_fails_the_run_with_its_name_and_reason(tmp_path):
+    env = {**os.environ, "BLOODCELL_CACHE": str(tmp_path / "cache")}
+    command = [sys.executable, "pipeline.py", "run", "--profile", "smoke", "--data", str(tmp_path / "missing"),
+               "--vgg16-weights", "none", "--state-dir", str(tmp_path / "state"), "--gcs-port", str(free_port()),
+               "--mlflow-port", str(free_port())]
+    try:
+        process = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    finally:
+        subprocess.run([sys.executable, "pipeline.py", "stop", "--state-dir", str(tmp_path / "state")], cwd=ROOT,
+                       env=env, capture_output=True, timeout=120)
+    log = plain(process.stdout + process.stderr)
+    assert process.returncode == 1
+    assert f"error in step ingest: data source '{tmp_path / 'missing'}' does not exist" in log
+    assert "Inner task failed: 'ingest'" in log
+    assert "Traceback" not in log
+
+
+def test_unavailable_imagenet_weights_stop_the_run_within_seconds(tmp_path):
+    env = {**os.environ, "KERAS_HOME": str(tmp_path / "keras")}
+    command = [sys.executable, "pipeline.py", "run", "--profile", "smoke", "--data", str(SHARED_DATA),
+               "--vgg16-weights", "imagenet", "--state-dir", str(tmp_path / "state")]
+    process = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert process.returncode == 2
+    assert "VGG16 ImageNet weights are not cached and cannot be downloaded" in process.stderr
+    assert "--vgg16-weights none" in process.stderr and "VGG16_WEIGHTS=" in process.stderr
+    assert not (tmp_path / "state").exists()  # nothing was started
