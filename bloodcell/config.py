@@ -37,6 +37,7 @@ class ModelConfig:
     learning_rate: float = 1e-3
     augment: bool = True
     early_stopping_patience: int = 5
+    early_stopping_start: int = 0  # epochs before early stopping watches (cnn2's batch norm settles late)
     class_weights: bool = False
     # vgg16 only: epochs of the second phase (top block unfrozen) and its learning rate.
     fine_tune_epochs: int = 0
@@ -91,8 +92,9 @@ PROFILES: dict[str, Profile] = {
     # The full data at reduced resolution, sized for a 2-core CPU (about 30 minutes).
     "laptop": Profile(
         name="laptop",
-        cnn1=ModelConfig(image_size=64, epochs=24, batch_size=64, early_stopping_patience=6),
-        cnn2=ModelConfig(image_size=96, epochs=10, batch_size=64, early_stopping_patience=4),
+        cnn1=ModelConfig(image_size=64, epochs=40, batch_size=64, early_stopping_patience=8),
+        cnn2=ModelConfig(image_size=96, epochs=10, batch_size=64, early_stopping_patience=4,
+                         early_stopping_start=5),
         vgg16=ModelConfig(
             image_size=64, epochs=8, batch_size=64, learning_rate=1e-3,
             fine_tune_epochs=4, fine_tune_learning_rate=1e-4,
@@ -102,7 +104,8 @@ PROFILES: dict[str, Profile] = {
     "gpu": Profile(
         name="gpu",
         cnn1=ModelConfig(image_size=128, epochs=60, batch_size=128, early_stopping_patience=10),
-        cnn2=ModelConfig(image_size=128, epochs=40, batch_size=128, early_stopping_patience=8),
+        cnn2=ModelConfig(image_size=128, epochs=40, batch_size=128, early_stopping_patience=8,
+                         early_stopping_start=8),
         vgg16=ModelConfig(
             image_size=224, epochs=15, batch_size=64,
             fine_tune_epochs=15, fine_tune_learning_rate=1e-5,

@@ -93,3 +93,10 @@ def _log_to_mlflow(run_id: str, result: dict) -> None:
         mlflow.log_metrics({f"test_{k}": float(result[k]) for k in keys if np.isfinite(result[k])})
         mlflow.log_dict({k: result[k] for k in ("classes", "confusion_matrix", "per_class")},
                         "evaluation/test_metrics.json")
+        mlflow.log_metrics({f"test_f1_{c}": v["f1-score"] for c, v in result["per_class"].items()})
+        from bloodcell import report
+
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp, "confusion_matrix.png")
+            path.write_bytes(report.plot_confusion_matrices({result["model"]: result}))
+            mlflow.log_artifact(str(path), "evaluation")

@@ -51,6 +51,10 @@ def ingest(source: str, bucket: str, workdir: str | Path | None = None) -> Inges
     """Fetch ``source``, check and de-duplicate its images, and store them under ``bucket``."""
     with tempfile.TemporaryDirectory(prefix="bloodcell-ingest-", dir=workdir) as tmp:
         root = find_class_root(sources.fetch(source, Path(tmp)))
+        pointer_uri = f"gs://{bucket}/sources/{fingerprint(root)}.json"
+        known = _known_dataset(pointer_uri)
+        if known:
+            return known
         records, quarantined = scan(root)
         records, duplicates = drop_duplicates(records)
         check_classes(root, records, quarantined)
@@ -75,11 +79,37 @@ def ingest(source: str, bucket: str, workdir: str | Path | None = None) -> Inges
                 "duplicates": duplicates,
             }
             storage.write_json(manifest, manifest_uri)
+        storage.write_json({"dataset_uri": dataset_uri, "source": source}, pointer_uri)
     classes = sorted({r.label for r in records})
     print(f"dataset {dataset_hash}: {len(records)} images in {len(classes)} classes, "
           f"{len(quarantined)} quarantined, {len(duplicates)} duplicates dropped")
     return IngestResult(dataset_uri, dataset_hash, len(records), classes, len(quarantined),
                         len(duplicates), cache_hit)
+
+
+def fingerprint(root: Path) -> str:
+    """Hash of every file's relative path and bytes under ``root``: the same files, the same fingerprint."""
+    digest = hashlib.sha256()
+    for path in sorted(p for p in root.rglob("*") if p.is_file() and not p.is_symlink()):
+        digest.update(path.relative_to(root).as_posix().encode() + b"\0")
+        digest.update(hashlib.sha256(path.read_bytes()).digest())
+    return digest.hexdigest()[:32]
+
+
+def _known_dataset(pointer_uri: str) -> IngestResult | None:
+    """The stored dataset these exact files produced before, if its manifest is complete."""
+    if not storage.exists(pointer_uri):
+        return None
+    dataset_uri = storage.read_json(pointer_uri)["dataset_uri"]
+    manifest_uri = storage.join(dataset_uri, "manifest.json")
+    if not storage.exists(manifest_uri):
+        return None
+    manifest = storage.read_json(manifest_uri)
+    for item in manifest["quarantined"]:
+        print(f"quarantined {item['path']}: {item['reason']}")
+    print(f"cache hit: these files were ingested before as dataset {manifest['dataset_hash']} ({dataset_uri})")
+    return IngestResult(dataset_uri, manifest["dataset_hash"], len(manifest["images"]), manifest["classes"],
+                        len(manifest["quarantined"]), len(manifest["duplicates"]), True)
 
 
 def find_class_root(path: Path) -> Path:

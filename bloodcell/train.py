@@ -53,7 +53,8 @@ def train(model_name: str, arrays_uri: str, run_uri: str, profile: Profile, expe
             "profile": profile.name, "arrays_uri": arrays_uri, "n_train": len(x_train), "n_val": len(x_val),
             "augmentation": "flip+transpose (8 right-angle symmetries)" if cfg.augment else "none",
             "optimizer": "adam", "lr_schedule": "ReduceLROnPlateau(val_loss, 0.5, patience 2)",
-            "early_stopping": f"val_loss, patience {cfg.early_stopping_patience}, restore best",
+            "early_stopping": f"val_loss, patience {cfg.early_stopping_patience}, from epoch "
+                              f"{cfg.early_stopping_start + 1}, restore best",
             "input_scaling": "vgg16 preprocess" if model_name == "vgg16" else "rescale 1/255",
         })
         if model_name == "vgg16":
@@ -98,8 +99,8 @@ def fit(model: keras.Model, train_data: tuple, val_data: tuple, cfg: ModelConfig
     if initial_epoch:
         print(f"resuming from {ckpt_uri} at epoch {initial_epoch + 1}/{epochs}")
     callbacks = [
-        keras.callbacks.EarlyStopping("val_loss", patience=cfg.early_stopping_patience,
-                                      restore_best_weights=True, verbose=1),
+        keras.callbacks.EarlyStopping("val_loss", patience=cfg.early_stopping_patience, restore_best_weights=True,
+                                      start_from_epoch=cfg.early_stopping_start, verbose=1),
         keras.callbacks.ReduceLROnPlateau("val_loss", factor=0.5, patience=2, min_lr=1e-6, verbose=1),
         MlflowEpochMetrics(step_offset),
         BucketCheckpoint(ckpt_uri, history),
