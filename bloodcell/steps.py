@@ -93,8 +93,13 @@ def open_parent_run(split_uri: str, bucket: str, run_id: str, settings: config.P
         "profile": settings.name, "dataset_hash": dataset_uri.rstrip("/").rsplit("/", 1)[-1],
         "dataset_uri": dataset_uri, "bucket": bucket,
     })
-    with mlflow.start_run(run_id=parent):
-        tracking.log_params({**settings.flat_params(), "overrides": overrides or "{}"})
+    from mlflow.exceptions import MlflowException
+
+    try:
+        with mlflow.start_run(run_id=parent):
+            tracking.log_params({**settings.flat_params(), "overrides": overrides or "{}"})
+    except MlflowException as exc:  # a step run by hand with other overrides: keep the first values
+        print(f"warning: parent run {parent} keeps its first profile params ({exc.message[:200]})")
     return parent
 
 
