@@ -17,6 +17,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from bloodcell import sources, storage
+from bloodcell.errors import DataError
 
 SUBSETS = ("train", "val", "test")
 COMPLETE = "_COMPLETE"
@@ -115,7 +116,5 @@ def load(arrays_uri: str, subset: str) -> tuple[np.ndarray, np.ndarray]:
 
 def meta(arrays_uri: str) -> dict:
     if not storage.exists(storage.join(arrays_uri, COMPLETE)):
-        from bloodcell.errors import DataError
-
         raise DataError(f"no complete arrays at {arrays_uri}; run `bloodcell split` first.")
     return storage.read_json(storage.join(arrays_uri, "meta.json"))

@@ -200,7 +200,8 @@ def drop_duplicates(records: list[ImageRecord]) -> tuple[list[ImageRecord], list
         if first is record:
             kept.append(record)
         else:
-            duplicates.append({"path": record.path, "duplicate_of": first.path})
+            duplicates.append({"path": record.path, "duplicate_of": first.path,
+                               **({"conflicting_label": first.label} if first.label != record.label else {})})
     return kept, duplicates
 
 

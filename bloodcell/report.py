@@ -189,10 +189,19 @@ def plot_training_curves(histories: dict[str, dict]) -> bytes:
     return _png(fig)
 
 
+def _round_robin_by_class(indices: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """``indices`` reordered to take one of each true class in turn, so every class shows up."""
+    groups = [list(indices[labels[indices] == c]) for c in np.unique(labels[indices])]
+    ordered = []
+    while any(groups):
+        ordered += [g.pop(0) for g in groups if g]
+    return np.array(ordered, dtype=int)
+
+
 def plot_misclassified(result: dict) -> bytes:
     predictions = np.load(io.BytesIO(storage.read_bytes(result["predictions_uri"])))
     y_true, y_pred = predictions["y_true"], predictions["probabilities"].argmax(axis=1)
-    wrong = np.flatnonzero(y_true != y_pred)[:MISCLASSIFIED_SHOWN]
+    wrong = _round_robin_by_class(np.flatnonzero(y_true != y_pred), y_true)[:MISCLASSIFIED_SHOWN]
     columns = 6
     rows = max(1, -(-len(wrong) // columns))
     fig, axes = plt.subplots(rows, columns, figsize=(2.1 * columns, 2.4 * rows), squeeze=False)
@@ -266,7 +275,9 @@ def _dataset_table(counts: dict) -> tuple[list[str], list[list[str]]]:
 
 def _quarantine_html(manifest: dict) -> str:
     items = manifest.get("quarantined", []) + [
-        {"path": d["path"], "reason": f"duplicate of {d['duplicate_of']}"} for d in manifest.get("duplicates", [])]
+        {"path": d["path"], "reason": f"duplicate of {d['duplicate_of']}" + (
+            f" (a different class: kept as {d['conflicting_label']})" if d.get("conflicting_label") else "")}
+        for d in manifest.get("duplicates", [])]
     if not items:
         return "<p>No file was quarantined.</p>"
     rows = "".join(f"<li><code>{html.escape(i['path'])}</code>: {html.escape(i['reason'])}</li>" for i in items)

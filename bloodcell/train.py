@@ -71,7 +71,8 @@ def train(model_name: str, arrays_uri: str, run_uri: str, profile: Profile, expe
         throughput = epochs * len(x_train) / seconds if seconds else 0.0
         mlflow.log_params({"params": model.count_params(), "epochs_run": epochs})
         mlflow.log_metrics({"train_seconds": seconds, "train_images_per_second": throughput})
-        info = mlflow.keras.log_model(model, name="model", metadata={"classes": meta["classes"]})
+        info = mlflow.keras.log_model(model, name="model", metadata={"classes": meta["classes"]},
+                                      pip_requirements=_pip_requirements())
         model_uri = _store(model, history, out_uri, {
             "model": model_name, "classes": meta["classes"], "image_size": cfg.image_size,
             "epochs": epochs, "train_seconds": seconds, "precision": policy, "params": model.count_params(),
@@ -80,6 +81,21 @@ def train(model_name: str, arrays_uri: str, run_uri: str, profile: Profile, expe
         })
     print(f"{model_name}: {epochs} epochs in {seconds:.0f} s; stored {model_uri}; MLflow model {info.model_uri}")
     return TrainResult(model_name, model_uri, run_id, info.model_uri, epochs, seconds, throughput)
+
+
+def _pip_requirements() -> list[str]:
+    """What loading the logged model needs: Keras and the backend it was trained with (and bloodcell's layers)."""
+    import importlib.metadata
+
+    requirements = [f"keras=={keras.__version__}"]
+    candidates = {"tensorflow": ("tensorflow", "tensorflow-cpu"), "jax": ("jax",)}.get(keras.backend.backend(), ())
+    for distribution in candidates:
+        try:
+            requirements.append(f"{distribution}=={importlib.metadata.version(distribution)}")
+            break
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return requirements
 
 
 def _compile(model: keras.Model, learning_rate: float) -> None:
