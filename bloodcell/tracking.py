@@ -148,11 +148,13 @@ def format_table(rows: list[dict[str, Any]]) -> str:
     columns = ["pipeline_run", "profile", "model", "test_accuracy", "macro_f1", "params", "image_size", "epochs",
                "train_minutes"]
 
-    def cell(value: Any) -> str:
+    def cell(column: str, value: Any) -> str:
+        if value is None or (column == "train_minutes" and not value):
+            return "-"
         if isinstance(value, float):
-            return f"{value:.4f}" if value <= 1 else f"{value:.1f}"
-        return "-" if value is None else str(value)
+            return f"{value:.1f}" if column == "train_minutes" else f"{value:.4f}"
+        return str(value)
 
-    table = [columns] + [[cell(r[c]) for c in columns] for r in rows]
+    table = [columns] + [[cell(c, r[c]) for c in columns] for r in rows]
     widths = [max(len(row[i]) for row in table) for i in range(len(columns))]
     return "\n".join("  ".join(v.ljust(w) for v, w in zip(row, widths)) for row in table)
