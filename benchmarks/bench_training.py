@@ -5,9 +5,11 @@
 
 1. cnn1 and cnn2 at 128 px, training images/second:
    - original recipe: float32, ``keras.utils.image_dataset_from_directory`` over the JPEG files
-     (decoded every epoch), pixels rescaled in the model, no augmentation (generous to it);
+     (decoded every epoch) with its default batch of 32, pixels rescaled in the model, no
+     augmentation (generous to it);
    - ours: ``bloodcell.train.fit`` (bucket checkpoints, MLflow metrics, the precision policy the
-     hardware offers, flip/transpose augmentation layers) on the decode-once uint8 arrays.
+     hardware offers, flip/transpose augmentation layers) on the decode-once uint8 arrays, with
+     the batch size of the ``gpu`` profile (the 128 px settings).
    The first epoch (tracing, warm-up) is excluded.
 2. vgg16 frozen phase, seconds per epoch: the frozen base computed once (features cached, only the
    head trains) against the base recomputed every epoch (full model, base frozen).
@@ -30,6 +32,7 @@ import mlflow  # noqa: E402
 import numpy as np  # noqa: E402
 
 from bloodcell import arrays, hardware, models, train  # noqa: E402
+from bloodcell import config  # noqa: E402
 from bloodcell.config import ModelConfig  # noqa: E402
 
 
@@ -118,8 +121,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", default=str(ROOT.parent / "shared" / "datasets" / "PBC_dataset_normal_DIB"))
     parser.add_argument("--images-per-class", type=int, default=256)
-    parser.add_argument("--epochs", type=int, default=3, help="epochs per measurement; the first is excluded")
-    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--epochs", type=int, default=4, help="epochs per measurement; the first is excluded")
+    parser.add_argument("--original-batch-size", type=int, default=32, help="image_dataset_from_directory's default")
     parser.add_argument("--vgg-sizes", default="64,224")
     args = parser.parse_args()
     from bloodcell import storage
@@ -136,17 +139,17 @@ def main() -> None:
             x = np.stack([arrays.decode_resized(str(f), [128])[0] for f in files])
             y = np.array(labels, dtype=np.int32)
             print(f"{len(files)} images, {args.epochs} epochs per measurement (first excluded), "
-                  f"batch {args.batch_size}, CPU bf16: {hardware.cpu_has_bf16()}")
-            rows = []
+                  f"CPU bf16: {hardware.cpu_has_bf16()}")
+            ours_batch = {name: config.resolve("gpu").model(name).batch_size for name in ("cnn1", "cnn2")}
             for name in ("cnn1", "cnn2"):
-                baseline = original_recipe(name, folder, args.epochs, args.batch_size)
-                ours, policy = our_recipe(name, x, y, args.epochs, args.batch_size, "bench")
-                rows.append((name, baseline, ours, policy))
-                print(f"{name} @128px: original {baseline:7.0f} img/s | ours ({policy}) {ours:7.0f} img/s | "
-                      f"{ours / baseline:.2f}x")
+                baseline = original_recipe(name, folder, args.epochs, args.original_batch_size)
+                ours, policy = our_recipe(name, x, y, args.epochs, ours_batch[name], "bench")
+                print(f"{name} @128px: original (float32, batch {args.original_batch_size}) {baseline:7.0f} img/s | "
+                      f"ours ({policy}, batch {ours_batch[name]}) {ours:7.0f} img/s | {ours / baseline:.2f}x")
             for size in (int(s) for s in args.vgg_sizes.split(",")):
                 subset = slice(None) if size <= 128 else slice(0, 512)
-                recompute, once, cached = vgg16_frozen(x[subset], y[subset], size, args.epochs, args.batch_size)
+                batch = config.resolve("gpu").vgg16.batch_size
+                recompute, once, cached = vgg16_frozen(x[subset], y[subset], size, args.epochs, batch)
                 count = len(y[subset])
                 print(f"vgg16 frozen phase @{size}px, {count} images: recompute base {recompute:.2f} s/epoch | "
                       f"cached features {cached:.3f} s/epoch (+{once:.1f} s once) | {recompute / cached:.0f}x per epoch")

@@ -18,6 +18,7 @@ MENDELEY_URL = (
 )
 MENDELEY_ZIP_BYTES = 281_366_219
 MODEL_NAMES = ("cnn1", "cnn2", "vgg16")
+LR_SCHEDULES = ("plateau", "cosine")
 DEFAULT_IMAGE = os.environ.get("BLOODCELL_IMAGE", "ghcr.io/bloodcell/bloodcell:0.1.0")
 DEFAULT_BUCKET = os.environ.get("BLOODCELL_BUCKET", "bloodcell")
 DEFAULT_EXPERIMENT = os.environ.get("BLOODCELL_EXPERIMENT", "bloodcell")
@@ -38,10 +39,15 @@ class ModelConfig:
     augment: bool = True
     early_stopping_patience: int = 5
     early_stopping_start: int = 0  # epochs before early stopping watches (cnn2's batch norm settles late)
+    lr_schedule: str = "plateau"  # plateau: ReduceLROnPlateau | cosine: 1 warm-up epoch, then cosine decay
     class_weights: bool = False
     # vgg16 only: epochs of the second phase (top block unfrozen) and its learning rate.
     fine_tune_epochs: int = 0
     fine_tune_learning_rate: float = 1e-5
+
+    def __post_init__(self) -> None:
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ConfigError(f"lr_schedule {self.lr_schedule!r} is not one of: {', '.join(LR_SCHEDULES)}")
 
 
 @dataclass(frozen=True)
@@ -86,15 +92,15 @@ PROFILES: dict[str, Profile] = {
         name="smoke",
         max_images_per_class=24,
         cnn1=ModelConfig(image_size=48, epochs=1, batch_size=32),
-        cnn2=ModelConfig(image_size=96, epochs=1, batch_size=32),
+        cnn2=ModelConfig(image_size=96, epochs=1, batch_size=32, lr_schedule="cosine"),
         vgg16=ModelConfig(image_size=32, epochs=1, batch_size=32, fine_tune_epochs=1),
     ),
     # The full data at reduced resolution, sized for a 2-core CPU (about 30 minutes).
     "laptop": Profile(
         name="laptop",
-        cnn1=ModelConfig(image_size=64, epochs=40, batch_size=64, early_stopping_patience=8),
-        cnn2=ModelConfig(image_size=96, epochs=10, batch_size=64, early_stopping_patience=4,
-                         early_stopping_start=5),
+        cnn1=ModelConfig(image_size=64, epochs=34, batch_size=64, early_stopping_patience=8),
+        cnn2=ModelConfig(image_size=96, epochs=12, batch_size=64, early_stopping_patience=4,
+                         early_stopping_start=6, lr_schedule="cosine"),
         vgg16=ModelConfig(
             image_size=64, epochs=8, batch_size=64, learning_rate=1e-3,
             fine_tune_epochs=4, fine_tune_learning_rate=1e-4,
@@ -105,7 +111,7 @@ PROFILES: dict[str, Profile] = {
         name="gpu",
         cnn1=ModelConfig(image_size=128, epochs=60, batch_size=128, early_stopping_patience=10),
         cnn2=ModelConfig(image_size=128, epochs=40, batch_size=128, early_stopping_patience=8,
-                         early_stopping_start=8),
+                         early_stopping_start=8, lr_schedule="cosine"),
         vgg16=ModelConfig(
             image_size=224, epochs=15, batch_size=64,
             fine_tune_epochs=15, fine_tune_learning_rate=1e-5,

@@ -52,7 +52,7 @@ def train(model_name: str, arrays_uri: str, run_uri: str, profile: Profile, expe
             **{f"{k}": v for k, v in asdict(cfg).items()}, "precision": policy, "seed": profile.seed,
             "profile": profile.name, "arrays_uri": arrays_uri, "n_train": len(x_train), "n_val": len(x_val),
             "augmentation": "flip+transpose (8 right-angle symmetries)" if cfg.augment else "none",
-            "optimizer": "adam", "lr_schedule": "ReduceLROnPlateau(val_loss, 0.5, patience 2)",
+            "optimizer": "adam", "lr_schedule": _schedule_description(cfg),
             "early_stopping": f"val_loss, patience {cfg.early_stopping_patience}, from epoch "
                               f"{cfg.early_stopping_start + 1}, restore best",
             "input_scaling": "vgg16 preprocess" if model_name == "vgg16" else "rescale 1/255",
@@ -63,7 +63,8 @@ def train(model_name: str, arrays_uri: str, run_uri: str, profile: Profile, expe
                                           ckpt_uri, vgg16_weights)
         else:
             model = models.build_model(model_name, n_classes, cfg.image_size, augment=cfg.augment)
-            _compile(model, cfg.learning_rate)
+            steps = cfg.epochs * -(-len(x_train) // cfg.batch_size) if cfg.lr_schedule == "cosine" else 0
+            _compile(model, cfg.learning_rate, cosine_steps=steps, warmup_steps=steps // max(cfg.epochs, 1))
             history = fit(model, (x_train, y_train), (x_val, y_val), cfg, cfg.epochs,
                           storage.join(ckpt_uri, "main"))
         seconds = time.perf_counter() - started
@@ -98,7 +99,18 @@ def _pip_requirements() -> list[str]:
     return requirements
 
 
-def _compile(model: keras.Model, learning_rate: float) -> None:
+def _schedule_description(cfg: ModelConfig) -> str:
+    if cfg.lr_schedule == "cosine":
+        return "1 epoch linear warm-up from lr/10, then cosine decay to 0"
+    return "ReduceLROnPlateau(val_loss, factor 0.5, patience 2)"
+
+
+def _compile(model: keras.Model, learning_rate: float, cosine_steps: int = 0, warmup_steps: int = 0) -> None:
+    """Adam with a constant rate (ReduceLROnPlateau adjusts it) or, with ``cosine_steps``, a cosine schedule."""
+    if cosine_steps:
+        learning_rate = keras.optimizers.schedules.CosineDecay(
+            learning_rate / 10, decay_steps=max(cosine_steps - warmup_steps, 1),
+            warmup_target=learning_rate, warmup_steps=warmup_steps)
     model.compile(optimizer=keras.optimizers.Adam(learning_rate),
                   loss="sparse_categorical_crossentropy", metrics=["accuracy"])
 
@@ -117,10 +129,12 @@ def fit(model: keras.Model, train_data: tuple, val_data: tuple, cfg: ModelConfig
     callbacks = [
         keras.callbacks.EarlyStopping("val_loss", patience=cfg.early_stopping_patience, restore_best_weights=True,
                                       start_from_epoch=cfg.early_stopping_start, verbose=1),
-        keras.callbacks.ReduceLROnPlateau("val_loss", factor=0.5, patience=2, min_lr=1e-6, verbose=1),
         MlflowEpochMetrics(step_offset),
         BucketCheckpoint(ckpt_uri, history),
     ]
+    if cfg.lr_schedule == "plateau":
+        callbacks.insert(1, keras.callbacks.ReduceLROnPlateau("val_loss", factor=0.5, patience=2, min_lr=1e-6,
+                                                              verbose=1))
     x, y = train_data
     result = model.fit(
         x, y, validation_data=val_data, epochs=epochs, initial_epoch=initial_epoch,

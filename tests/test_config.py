@@ -27,6 +27,7 @@ def test_overrides_are_typed():
     ({"split_ratio": "0.5,0.5"}, r"three positive fractions summing to 1"),
     ({"cnn1": 3}, r"'cnn1' is a group; set one of its fields"),
     ({"name": "x"}, r"unknown setting 'name'"),
+    ({"cnn2.lr_schedule": "step"}, r"lr_schedule 'step' is not one of: plateau, cosine"),
 ])
 def test_bad_overrides_say_what_to_do(overrides, message):
     with pytest.raises(config.ConfigError, match=message):
