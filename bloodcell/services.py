@@ -7,6 +7,7 @@ exactly the processes started here, and nothing else.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import signal
@@ -47,8 +48,17 @@ class LocalServices:
 
     # -- public -----------------------------------------------------------------------------
     def start(self) -> dict[str, str]:
-        """Start whatever is not running; return the environment that clients need."""
+        """Start whatever is not running; return the environment that clients need.
+
+        Concurrent callers (two ``run`` at once) serialise on a lock file, so the second finds
+        and shares what the first started.
+        """
         self.state_dir.mkdir(parents=True, exist_ok=True)
+        with open(self.state_dir / "services.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            return self._start_locked()
+
+    def _start_locked(self) -> dict[str, str]:
         services = {s.name: s for s in self._running()}
         if "gcs" not in services:
             services["gcs"] = self._start_gcs()
