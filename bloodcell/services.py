@@ -63,10 +63,7 @@ class LocalServices:
         if "gcs" not in services:
             services["gcs"] = self._start_gcs()
         env = {"STORAGE_EMULATOR_HOST": services["gcs"].url}
-        os.environ.update(env)
-        from bloodcell import storage
-
-        storage.ensure_bucket(self.bucket)
+        self._ensure_bucket(services["gcs"].url)
         if "mlflow" not in services:
             services["mlflow"] = self._start_mlflow(env)
         self._save(list(services.values()))
@@ -84,6 +81,14 @@ class LocalServices:
 
     def status(self) -> list[Service]:
         return self._running()
+
+    def _ensure_bucket(self, url: str) -> None:
+        """Create the bucket in the emulator (its JSON API) without touching this process's environment."""
+        response = requests.post(f"{url}/storage/v1/b", params={"project": "bloodcell-local"},
+                                 json={"name": self.bucket}, timeout=30)
+        if response.status_code not in (200, 409):
+            raise BloodcellError(f"cannot create bucket {self.bucket!r} in the emulator at {url}: "
+                                 f"HTTP {response.status_code} {response.text[:200]}")
 
     # -- starting -----------------------------------------------------------------------------
     def _start_gcs(self) -> Service:
