@@ -66,8 +66,7 @@ def original_recipe(name: str, folder: Path, epochs: int, batch: int) -> float:
                                                        shuffle=True, seed=777, verbose=False)
     count = sum(int(b[0].shape[0]) for b in dataset)
     model = models.build_model(name, 8, 128, augment=False)
-    model.compile(optimizer=keras.optimizers.Adam(1e-3), loss="sparse_categorical_crossentropy",
-                  metrics=["accuracy"])
+    train._compile(model, 1e-3)
     timer = EpochTimer()
     model.fit(dataset, epochs=epochs, verbose=0, callbacks=[timer])
     return count * (epochs - 1) / sum(timer.durations[1:])
@@ -79,15 +78,9 @@ def our_recipe(name: str, x: np.ndarray, y: np.ndarray, epochs: int, batch: int,
     train._compile(model, 1e-3)
     cfg = ModelConfig(image_size=128, epochs=epochs, batch_size=batch, early_stopping_patience=100)
     timer = EpochTimer()
-    original_fit = model.fit
-
-    def timed_fit(*args, **kwargs):
-        kwargs["callbacks"] = [*kwargs.get("callbacks", []), timer]
-        return original_fit(*args, **kwargs)
-
-    model.fit = timed_fit
     with mlflow.start_run():
-        train.fit(model, (x, y), (x[:256], y[:256]), cfg, epochs, f"gs://{bucket}/bench/{name}-{time.time_ns()}")
+        train.fit(model, (x, y), (x[:256], y[:256]), cfg, epochs, f"gs://{bucket}/bench/{name}-{time.time_ns()}",
+                  extra_callbacks=(timer,))
     # validation (256 images) is part of each epoch here; count only training images, as for the original
     return len(x) * (epochs - 1) / sum(timer.durations[1:]), policy
 
@@ -152,7 +145,8 @@ def main() -> None:
                 recompute, once, cached = vgg16_frozen(x[subset], y[subset], size, args.epochs, batch)
                 count = len(y[subset])
                 print(f"vgg16 frozen phase @{size}px, {count} images: recompute base {recompute:.2f} s/epoch | "
-                      f"cached features {cached:.3f} s/epoch (+{once:.1f} s once) | {recompute / cached:.0f}x per epoch")
+                      f"cached features {cached:.3f} s/epoch (+{once:.1f} s once) | "
+                      f"{recompute / cached:.0f}x per epoch")
         finally:
             services.stop()
 

@@ -61,10 +61,7 @@ def ingest(source: str, bucket: str, workdir: str | Path | None = None) -> Inges
         dataset_hash = hash_records(records)
         dataset_uri = f"gs://{bucket}/datasets/{dataset_hash}"
         manifest_uri = storage.join(dataset_uri, "manifest.json")
-        for item in quarantined:
-            print(f"quarantined {item['path']}: {item['reason']}")
-        for item in duplicates:
-            print(f"duplicate {item['path']}: same bytes as {item['duplicate_of']}, kept once")
+        _print_left_out(quarantined, duplicates)
         cache_hit = storage.exists(manifest_uri)
         if cache_hit:
             print(f"cache hit: dataset {dataset_hash} is already in {dataset_uri}")
@@ -105,11 +102,17 @@ def _known_dataset(pointer_uri: str) -> IngestResult | None:
     if not storage.exists(manifest_uri):
         return None
     manifest = storage.read_json(manifest_uri)
-    for item in manifest["quarantined"]:
-        print(f"quarantined {item['path']}: {item['reason']}")
+    _print_left_out(manifest["quarantined"], manifest["duplicates"])
     print(f"cache hit: these files were ingested before as dataset {manifest['dataset_hash']} ({dataset_uri})")
     return IngestResult(dataset_uri, manifest["dataset_hash"], len(manifest["images"]), manifest["classes"],
                         len(manifest["quarantined"]), len(manifest["duplicates"]), True)
+
+
+def _print_left_out(quarantined: list[dict], duplicates: list[dict]) -> None:
+    for item in quarantined:
+        print(f"quarantined {item['path']}: {item['reason']}")
+    for item in duplicates:
+        print(f"duplicate {item['path']}: same bytes as {item['duplicate_of']}, kept once")
 
 
 def find_class_root(path: Path) -> Path:

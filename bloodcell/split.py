@@ -51,9 +51,8 @@ def split(dataset_uri: str, bucket: str, profile: Profile, sizes: list[int] | No
         storage.write_json(assignment, split_json)  # last: marks the split complete
     counts = counts_of(assignment)
     _print_counts(counts)
-    array_uris = arrays.build(
-        assignment, dataset_uri, {size: arrays_uri(split_uri, size) for size in (profile.image_sizes() if sizes is None else sizes)}
-    )
+    sizes = profile.image_sizes() if sizes is None else sizes
+    array_uris = arrays.build(assignment, dataset_uri, {size: arrays_uri(split_uri, size) for size in sizes})
     return SplitResult(split_uri, counts, array_uris)
 
 

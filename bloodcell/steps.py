@@ -63,7 +63,6 @@ def train(model: str, split_uri: str, bucket: str, run_id: str, profile: str = "
           experiment: str = config.DEFAULT_EXPERIMENT, parent_run_id: str = "",
           vgg16_weights: str = "none") -> dict:
     from bloodcell import split as split_lib
-    from bloodcell import tracking
     from bloodcell import train as train_lib
 
     settings = config.resolve(profile, overrides)
@@ -85,6 +84,7 @@ def open_parent_run(split_uri: str, bucket: str, run_id: str, settings: config.P
                     experiment: str) -> str:
     """The MLflow parent run of ``run_id`` (created on first call), tagged and with the profile's params."""
     import mlflow
+    from mlflow.exceptions import MlflowException
 
     from bloodcell import tracking
 
@@ -93,8 +93,6 @@ def open_parent_run(split_uri: str, bucket: str, run_id: str, settings: config.P
         "profile": settings.name, "dataset_hash": dataset_uri.rstrip("/").rsplit("/", 1)[-1],
         "dataset_uri": dataset_uri, "bucket": bucket,
     })
-    from mlflow.exceptions import MlflowException
-
     try:
         with mlflow.start_run(run_id=parent):
             tracking.log_params({**settings.flat_params(), "overrides": overrides or "{}"})

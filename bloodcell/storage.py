@@ -70,13 +70,14 @@ def upload_file(path: str | Path, uri: str, content_type: str | None = None) -> 
 
 def create_if_absent(data: bytes | str, uri: str) -> bool:
     """Atomically create ``uri`` holding ``data``; False when it already exists (someone else won)."""
-    try:
-        blob(uri).upload_from_string(data, if_generation_match=0, retry=RETRY)
-        return True
-    except gexc.PreconditionFailed:
-        return False
-    except gexc.GoogleAPICallError as exc:
-        raise StorageError(f"object storage request for {uri} failed: {exc}") from exc
+    def create() -> bool:
+        try:
+            blob(uri).upload_from_string(data, if_generation_match=0, retry=RETRY)
+            return True
+        except gexc.PreconditionFailed:
+            return False
+
+    return _call(uri, create)
 
 
 def upload_bytes(data: bytes | str, uri: str, content_type: str = "application/octet-stream") -> str:

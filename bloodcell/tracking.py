@@ -132,7 +132,8 @@ def compare(experiment: str, last: int = 10) -> list[dict[str, Any]]:
         for child in children:
             metrics, params = child.data.metrics, child.data.params
             rows.append({
-                "pipeline_run": parent.data.tags.get(PIPELINE_RUN_TAG, ""), "profile": parent.data.tags.get("profile", ""),
+                "pipeline_run": parent.data.tags.get(PIPELINE_RUN_TAG, ""),
+                "profile": parent.data.tags.get("profile", ""),
                 "model": child.data.tags.get(MODEL_TAG, child.info.run_name),
                 "test_accuracy": metrics.get("test_accuracy"), "macro_f1": metrics.get("test_macro_f1"),
                 "params": params.get("params"), "image_size": params.get("image_size"),

@@ -63,8 +63,7 @@ def train(model_name: str, arrays_uri: str, run_uri: str, profile: Profile, expe
                                           ckpt_uri, vgg16_weights)
         else:
             model = models.build_model(model_name, n_classes, cfg.image_size, augment=cfg.augment)
-            steps = cfg.epochs * -(-len(x_train) // cfg.batch_size) if cfg.lr_schedule == "cosine" else 0
-            _compile(model, cfg.learning_rate, cosine_steps=steps, warmup_steps=steps // max(cfg.epochs, 1))
+            _compile(model, learning_rate(cfg, len(x_train)))
             history = fit(model, (x_train, y_train), (x_val, y_val), cfg, cfg.epochs,
                           storage.join(ckpt_uri, "main"))
         seconds = time.perf_counter() - started
@@ -105,18 +104,24 @@ def _schedule_description(cfg: ModelConfig) -> str:
     return "ReduceLROnPlateau(val_loss, factor 0.5, patience 2)"
 
 
-def _compile(model: keras.Model, learning_rate: float, cosine_steps: int = 0, warmup_steps: int = 0) -> None:
-    """Adam with a constant rate (ReduceLROnPlateau adjusts it) or, with ``cosine_steps``, a cosine schedule."""
-    if cosine_steps:
-        learning_rate = keras.optimizers.schedules.CosineDecay(
-            learning_rate / 10, decay_steps=max(cosine_steps - warmup_steps, 1),
-            warmup_target=learning_rate, warmup_steps=warmup_steps)
+def learning_rate(cfg: ModelConfig, n_train: int) -> float | keras.optimizers.schedules.LearningRateSchedule:
+    """The constant rate (ReduceLROnPlateau adjusts it) or, for ``cosine``, a warm-up + cosine schedule."""
+    if cfg.lr_schedule != "cosine":
+        return cfg.learning_rate
+    steps_per_epoch = -(-n_train // cfg.batch_size)
+    return keras.optimizers.schedules.CosineDecay(
+        cfg.learning_rate / 10, decay_steps=max(steps_per_epoch * (cfg.epochs - 1), 1),
+        warmup_target=cfg.learning_rate, warmup_steps=steps_per_epoch)
+
+
+def _compile(model: keras.Model, learning_rate: float | keras.optimizers.schedules.LearningRateSchedule) -> None:
     model.compile(optimizer=keras.optimizers.Adam(learning_rate),
                   loss="sparse_categorical_crossentropy", metrics=["accuracy"])
 
 
 def fit(model: keras.Model, train_data: tuple, val_data: tuple, cfg: ModelConfig, epochs: int,
-        ckpt_uri: str, step_offset: int = 0) -> dict[str, list[float]]:
+        ckpt_uri: str, step_offset: int = 0,
+        extra_callbacks: tuple[keras.callbacks.Callback, ...] = ()) -> dict[str, list[float]]:
     """``model.fit`` with bucket checkpoints and resume; returns the history of all epochs."""
     state = _load_checkpoint(model, ckpt_uri)
     history = state.get("history", {})
@@ -131,6 +136,7 @@ def fit(model: keras.Model, train_data: tuple, val_data: tuple, cfg: ModelConfig
                                       start_from_epoch=cfg.early_stopping_start, verbose=1),
         MlflowEpochMetrics(step_offset),
         BucketCheckpoint(ckpt_uri, history),
+        *extra_callbacks,
     ]
     if cfg.lr_schedule == "plateau":
         callbacks.insert(1, keras.callbacks.ReduceLROnPlateau("val_loss", factor=0.5, patience=2, min_lr=1e-6,

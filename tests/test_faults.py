@@ -43,7 +43,10 @@ def test_object_store_restart_during_training_loses_nothing(own_services):
     trainer = subprocess.Popen(command, cwd=ROOT, env=os.environ.copy(), stdout=subprocess.PIPE,
                                stderr=subprocess.STDOUT, text=True)
     deadline = time.monotonic() + 300
-    while time.monotonic() < deadline and not (storage.exists(state_uri) and storage.read_json(state_uri)["epoch"] >= 2):
+    def epochs_done() -> int:
+        return storage.read_json(state_uri)["epoch"] if storage.exists(state_uri) else 0
+
+    while time.monotonic() < deadline and epochs_done() < 2:
         time.sleep(0.2)
     gcs = next(s for s in local.status() if s.name == "gcs")
     os.killpg(gcs.pid, signal.SIGKILL)
