@@ -78,9 +78,10 @@ def our_recipe(name: str, x: np.ndarray, y: np.ndarray, epochs: int, batch: int,
     train._compile(model, 1e-3)
     cfg = ModelConfig(image_size=128, epochs=epochs, batch_size=batch, early_stopping_patience=100)
     timer = EpochTimer()
-    with mlflow.start_run():
+    with mlflow.start_run() as run:
+        epoch_logger = train.EpochMetricsLogger(tracking.Tracker(f"gs://{bucket}/bench", name), run.info.run_id)
         train.fit(model, (x, y), (x[:256], y[:256]), cfg, epochs, f"gs://{bucket}/bench/{name}-{time.time_ns()}",
-                  extra_callbacks=(timer,))
+                  epoch_logger=epoch_logger, extra_callbacks=(timer,))
     # validation (256 images) is part of each epoch here; count only training images, as for the original
     return len(x) * (epochs - 1) / sum(timer.durations[1:]), policy
 

@@ -16,13 +16,14 @@ import mlflow
 import numpy as np
 from sklearn import metrics as skm
 
-from bloodcell import arrays, models, storage  # noqa: F401 - models registers custom layers
+from bloodcell import arrays, models, storage, tracking  # noqa: F401 - models registers custom layers
 
 INFERENCE_BATCH = 128
 
 
-def evaluate(model_dirs: list[str], run_uri: str) -> dict[str, dict]:
+def evaluate(model_dirs: list[str], run_uri: str, tracker: tracking.Tracker | None = None) -> dict[str, dict]:
     """Evaluate each ``<run_uri>/models/<name>`` on its test arrays; return metrics by model name."""
+    tracker = tracker or tracking.Tracker(run_uri, "evaluate")
     results = {}
     for model_dir in model_dirs:
         info = storage.read_json(storage.join(model_dir, "train.json"))
@@ -31,7 +32,8 @@ def evaluate(model_dirs: list[str], run_uri: str) -> dict[str, dict]:
         storage.write_json(result, storage.join(run_uri, "metrics", f"{name}.json"))
         results[name] = result
         print(f"{name}: test accuracy {result['accuracy']:.4f}, macro F1 {result['macro_f1']:.4f}")
-        _log_to_mlflow(info["mlflow_run_id"], result)
+        if info.get("mlflow_run_id"):
+            tracker.attempt(f"log {name}'s test metrics", _log_to_mlflow, info["mlflow_run_id"], result)
     return results
 
 

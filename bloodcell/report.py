@@ -34,8 +34,13 @@ class Report:
     markdown: str
 
 
-def build_report(run_uri: str, split_uri: str, model_names: list[str], summary: dict) -> Report:
-    """Gather metrics, histories and dataset counts from the bucket; render, store and log the report."""
+def build_report(run_uri: str, split_uri: str, model_names: list[str], summary: dict,
+                 tracker: tracking.Tracker | None = None) -> Report:
+    """Gather metrics, histories and dataset counts from the bucket; render, store and log the report.
+
+    MLflow failures of any step (recorded in the bucket) are listed in the report and the summary.
+    """
+    tracker = tracker or tracking.Tracker(run_uri, "report")
     results = {name: storage.read_json(storage.join(run_uri, "metrics", f"{name}.json")) for name in model_names}
     histories = {name: storage.read_json(storage.join(run_uri, "models", name, "history.json"))
                  for name in model_names}
@@ -43,7 +48,7 @@ def build_report(run_uri: str, split_uri: str, model_names: list[str], summary: 
     split = storage.read_json(storage.join(split_uri, "split.json"))
     manifest = storage.read_json(storage.join(split["dataset_uri"], "manifest.json"))
     best = max(results, key=lambda n: (results[n]["accuracy"], results[n]["macro_f1"]))
-    registry = _register(results[best], summary)
+    registry = _register(results[best], summary, tracker)
     plots = {
         "comparison": plot_comparison(results, best),
         "confusion": plot_confusion_matrices(results),
@@ -55,7 +60,7 @@ def build_report(run_uri: str, split_uri: str, model_names: list[str], summary: 
     for name, png in plots.items():
         storage.upload_bytes(png, storage.join(report_uri, "plots", f"{name}.png"), "image/png")
     rows = comparison_rows(results, best)
-    summary = {**summary, "registry": registry}
+    summary = {**summary, "registry": registry, "tracking_failures": tracking.recorded_failures(run_uri)}
     page = render_html(rows, plots, counts, manifest, best, summary)
     markdown = render_markdown(rows, counts, manifest, best, summary)
     html_uri = storage.upload_bytes(page, storage.join(report_uri, "report.html"), "text/html")
@@ -66,26 +71,33 @@ def build_report(run_uri: str, split_uri: str, model_names: list[str], summary: 
                        "bucket_model_uri": r["model_uri"], "mlflow_run_id": r["mlflow_run_id"]}
                    for n, r in results.items()},
     }
+    parent = summary.get("mlflow_parent_run_id")
+    if parent:
+        tracker.attempt("log the report to the parent run", _log_report, parent, page, markdown, results, manifest,
+                        best)
+        tracker.attempt("close the parent run", tracking.finish, parent)
+    summary["tracking_failures"] = tracking.recorded_failures(run_uri)
     storage.write_json(summary, storage.join(run_uri, "summary.json"))
-    if summary.get("mlflow_parent_run_id"):
-        with mlflow.start_run(run_id=summary["mlflow_parent_run_id"]):
-            mlflow.log_text(page, "report/report.html")
-            mlflow.log_text(markdown, "report/report.md")
-            mlflow.log_metrics({f"{n}_test_accuracy": r["accuracy"] for n, r in results.items()})
-            mlflow.log_metrics({"images": len(manifest["images"]), "quarantined": len(manifest["quarantined"]),
-                                "duplicates": len(manifest["duplicates"])})
-            mlflow.set_tag("best_model", best)
-        tracking.finish(summary["mlflow_parent_run_id"])
     return Report(html_uri, markdown_uri, summary, page, markdown)
 
 
-def _register(best: dict, summary: dict) -> dict:
-    """Register the best model; the registry outcome (or why it failed) goes into the report."""
-    try:
-        return tracking.register_best(best["mlflow_model_uri"], best["model"], best["accuracy"],
-                                      summary.get("run_id", ""))
-    except Exception as exc:  # noqa: BLE001 - the report must still be written
-        return {"error": f"{type(exc).__name__}: {exc}"}
+def _log_report(parent: str, page: str, markdown: str, results: dict, manifest: dict, best: str) -> None:
+    with mlflow.start_run(run_id=parent):
+        mlflow.log_text(page, "report/report.html")
+        mlflow.log_text(markdown, "report/report.md")
+        mlflow.log_metrics({f"{n}_test_accuracy": r["accuracy"] for n, r in results.items()})
+        mlflow.log_metrics({"images": len(manifest["images"]), "quarantined": len(manifest["quarantined"]),
+                            "duplicates": len(manifest["duplicates"])})
+        mlflow.set_tag("best_model", best)
+
+
+def _register(best: dict, summary: dict, tracker: tracking.Tracker) -> dict:
+    """Register the best model; the registry outcome (or why it was not done) goes into the report."""
+    if not best.get("mlflow_model_uri"):
+        return {"error": f"{best['model']} has no MLflow model (its training could not log to MLflow)"}
+    registry = tracker.call("register the best model", tracking.register_best, best["mlflow_model_uri"],
+                            best["model"], best["accuracy"], summary.get("run_id", ""))
+    return registry or {"error": "MLflow could not be reached (see the MLflow logging section)"}
 
 
 def registry_sentence(registry: dict) -> str:
@@ -249,9 +261,10 @@ def render_html(rows: list[dict], plots: dict[str, bytes], counts: dict, manifes
         f"<h1>Blood cell classifiers: run {html.escape(summary.get('run_id', ''))}</h1>",
         f"<p>Profile <b>{html.escape(summary.get('profile', ''))}</b>; best model <b>{html.escape(best)}</b>; "
         f"MLflow experiment <code>{html.escape(summary.get('mlflow_experiment', ''))}</code>, parent run "
-        f"<code>{html.escape(summary.get('mlflow_parent_run_id', ''))}</code>.</p>",
+        f"<code>{html.escape(summary.get('mlflow_parent_run_id') or 'none (MLflow was unreachable)')}</code>.</p>",
         "<h2 id='comparison'>Model comparison</h2>", table(list(rows[0]), [list(r.values()) for r in rows]),
         f"<p id='registry'>{html.escape(registry_sentence(summary.get('registry', {'error': 'not attempted'})))}</p>",
+        _tracking_html(summary.get("tracking_failures", {})),
     ]
     for key, title in SECTIONS:
         if key == "comparison":
@@ -261,6 +274,15 @@ def render_html(rows: list[dict], plots: dict[str, bytes], counts: dict, manifes
     parts += ["<h2 id='dataset'>Dataset</h2>", table(*_dataset_table(counts)), _quarantine_html(manifest),
               "</body></html>"]
     return "\n".join(parts)
+
+
+def _tracking_html(failures: dict) -> str:
+    lines = tracking.describe_failures(failures)
+    if not lines:
+        return ""
+    items = "".join(f"<li>{html.escape(line)}</li>" for line in lines)
+    return (f"<div id='tracking-failures'><p><b>MLflow logging failed</b> in {len(lines)} step(s); the metrics and "
+            f"models are in the bucket, this report is built from there:</p><ul>{items}</ul></div>")
 
 
 def _dataset_table(counts: dict) -> tuple[list[str], list[list[str]]]:
@@ -293,6 +315,10 @@ def render_markdown(rows: list[dict], counts: dict, manifest: dict, best: str, s
              f"Profile **{summary.get('profile', '')}**; best model **{best}**.", "", "## Model comparison", ""]
     lines += table(list(rows[0]), [list(r.values()) for r in rows])
     lines += ["", registry_sentence(summary.get("registry", {"error": "not attempted"}))]
+    failures = tracking.describe_failures(summary.get("tracking_failures", {}))
+    if failures:
+        lines += ["", "**MLflow logging failed** (metrics and models are in the bucket):", ""]
+        lines += [f"- {line}" for line in failures]
     for key, title in SECTIONS:
         lines += ["", f"## {title}", "", f"![{title}](plots/{key}.png)"]
     lines += ["", "## Dataset", ""] + table(*_dataset_table(counts))

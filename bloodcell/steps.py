@@ -30,6 +30,12 @@ def user_errors(step: F) -> F:
         except (BloodcellError, config.ConfigError) as exc:
             print(f"error in step {step.__name__}: {exc}", file=sys.stderr, flush=True)
             raise SystemExit(2) from None
+        except OSError as exc:
+            if exc.errno not in storage.DISK_FULL_ERRNOS:
+                raise
+            print(f"error in step {step.__name__}: {storage.disk_full_error(exc.filename)}", file=sys.stderr,
+                  flush=True)
+            raise SystemExit(2) from None
 
     return wrapper  # type: ignore[return-value]
 
@@ -63,13 +69,16 @@ def train(model: str, split_uri: str, bucket: str, run_id: str, profile: str = "
           experiment: str = config.DEFAULT_EXPERIMENT, parent_run_id: str = "",
           vgg16_weights: str = "none") -> dict:
     from bloodcell import split as split_lib
+    from bloodcell import tracking
     from bloodcell import train as train_lib
 
     settings = config.resolve(profile, overrides)
-    parent_run_id = parent_run_id or open_parent_run(split_uri, bucket, run_id, settings, overrides, experiment)
+    tracker = tracking.Tracker(run_uri(bucket, run_id), f"train-{model}")
+    parent_run_id = parent_run_id or open_parent_run(split_uri, bucket, run_id, settings, overrides, experiment,
+                                                     tracker)
     arrays_uri = split_lib.arrays_uri(split_uri, settings.model(model).image_size)
     result = train_lib.train(model, arrays_uri, run_uri(bucket, run_id), settings, experiment, run_id,
-                             parent_run_id, vgg16_weights)
+                             parent_run_id, vgg16_weights, tracker)
     return asdict(result)
 
 
@@ -81,33 +90,45 @@ def describe_model_artifact(artifact, result: dict) -> None:
 
 
 def open_parent_run(split_uri: str, bucket: str, run_id: str, settings: config.Profile, overrides: str,
-                    experiment: str) -> str:
-    """The MLflow parent run of ``run_id`` (created on first call), tagged and with the profile's params."""
-    import mlflow
+                    experiment: str, tracker) -> str | None:
+    """The MLflow parent run of ``run_id`` (created on first call), tagged and with the profile's params.
+
+    None when MLflow cannot be reached (``tracker`` records it).
+    """
+    from bloodcell import tracking
+
+    dataset_uri = storage.read_json(storage.join(split_uri, "split.json"))["dataset_uri"]
+    parent = tracker.call("open the parent run", tracking.parent_run, experiment, run_id, run_uri(bucket, run_id),
+                          tags={"profile": settings.name, "dataset_hash": dataset_uri.rstrip("/").rsplit("/", 1)[-1],
+                                "dataset_uri": dataset_uri, "bucket": bucket})
+    if parent:
+        tracker.attempt("log the profile params", _log_parent_params, parent,
+                        {**settings.flat_params(), "overrides": overrides or "{}"})
+    return parent
+
+
+def _log_parent_params(parent: str, params: dict) -> None:
     from mlflow.exceptions import MlflowException
 
     from bloodcell import tracking
 
-    dataset_uri = storage.read_json(storage.join(split_uri, "split.json"))["dataset_uri"]
-    parent = tracking.parent_run(experiment, run_id, run_uri(bucket, run_id), tags={
-        "profile": settings.name, "dataset_hash": dataset_uri.rstrip("/").rsplit("/", 1)[-1],
-        "dataset_uri": dataset_uri, "bucket": bucket,
-    })
     try:
-        with mlflow.start_run(run_id=parent):
-            tracking.log_params({**settings.flat_params(), "overrides": overrides or "{}"})
+        tracking.log_params(parent, params)
     except MlflowException as exc:  # a step run by hand with other overrides: keep the first values
+        if exc.error_code != "INVALID_PARAMETER_VALUE":
+            raise
         print(f"warning: parent run {parent} keeps its first profile params ({exc.message[:200]})")
-    return parent
 
 
 @user_errors
 def evaluate(bucket: str, run_id: str, models: list[str] | None = None) -> dict:
     from bloodcell import evaluate as evaluate_lib
 
+    from bloodcell import tracking
+
     base = run_uri(bucket, run_id)
     dirs = [storage.join(base, "models", name) for name in (models or MODEL_NAMES)]
-    return evaluate_lib.evaluate(dirs, base)
+    return evaluate_lib.evaluate(dirs, base, tracking.Tracker(base, "evaluate"))
 
 
 @user_errors
@@ -115,13 +136,17 @@ def report(bucket: str, run_id: str, split_uri: str, profile: str = "laptop",
            experiment: str = config.DEFAULT_EXPERIMENT, parent_run_id: str = "", overrides: str = "{}",
            models: list[str] | None = None) -> dict:
     from bloodcell import report as report_lib
+    from bloodcell import tracking
 
     settings = config.resolve(profile, overrides)
-    parent_run_id = parent_run_id or open_parent_run(split_uri, bucket, run_id, settings, overrides, experiment)
+    tracker = tracking.Tracker(run_uri(bucket, run_id), "report")
+    parent_run_id = parent_run_id or open_parent_run(split_uri, bucket, run_id, settings, overrides, experiment,
+                                                     tracker)
     summary = {
         "run_id": run_id, "profile": profile, "bucket": bucket, "run_uri": run_uri(bucket, run_id),
         "mlflow_tracking_uri": os.environ.get("MLFLOW_TRACKING_URI", ""), "mlflow_experiment": experiment,
         "mlflow_parent_run_id": parent_run_id,
     }
-    result = report_lib.build_report(run_uri(bucket, run_id), split_uri, list(models or MODEL_NAMES), summary)
+    result = report_lib.build_report(run_uri(bucket, run_id), split_uri, list(models or MODEL_NAMES), summary,
+                                     tracker)
     return result.summary

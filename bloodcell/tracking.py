@@ -5,14 +5,25 @@ Runs are found by tags, so a restarted step reuses its run instead of creating a
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
-from typing import Any
+import time
+import urllib.error
+import urllib.request
+from typing import Any, Callable
 
-import mlflow
-from mlflow.tracking import MlflowClient
+# A down tracking server must cost seconds per call, not MLflow's default of minutes of retries
+# (7 retries, backoff factor 2, 120 s timeout). Values set by the user win.
+for _name, _value in {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+                      "MLFLOW_HTTP_REQUEST_TIMEOUT": "30"}.items():
+    os.environ.setdefault(_name, _value)
 
-from bloodcell import storage
+import mlflow  # noqa: E402
+from mlflow.entities import Metric, Param  # noqa: E402
+from mlflow.tracking import MlflowClient  # noqa: E402
+
+from bloodcell import storage  # noqa: E402
 
 PIPELINE_RUN_TAG = "bloodcell.pipeline_run_id"
 ROLE_TAG = "bloodcell.role"
@@ -81,8 +92,138 @@ def finish(run_id: str, status: str = "FINISHED") -> None:
     MlflowClient().set_terminated(run_id, status)
 
 
-def log_params(params: dict[str, Any]) -> None:
-    mlflow.log_params({k: str(v)[:500] for k, v in params.items()})
+def log_params(run_id: str, params: dict[str, Any]) -> None:
+    MlflowClient().log_batch(run_id, params=[Param(k, str(v)[:500]) for k, v in params.items()])
+
+
+def log_metrics(run_id: str, metrics: dict[str, float], step: int = 0) -> None:
+    log_metric_steps(run_id, [(metrics, step)])
+
+
+def log_metric_steps(run_id: str, steps: list[tuple[dict[str, float], int]]) -> None:
+    """Log several steps' metrics in one request (used to backfill epochs logged while the server was down)."""
+    now = int(time.time() * 1000)
+    batch = [Metric(k, float(v), now, step) for metrics, step in steps for k, v in metrics.items()]
+    for start in range(0, len(batch), 1000):  # the REST API takes at most 1000 metrics per batch
+        MlflowClient().log_batch(run_id, metrics=batch[start:start + 1000])
+
+
+def log_keras_model(run_id: str, model: Any, classes: list[str], pip_requirements: list[str]) -> str:
+    """Log ``model`` to ``run_id``; return its logged-model URI (``models:/m-...``)."""
+    with mlflow.start_run(run_id=run_id):
+        return mlflow.keras.log_model(model, name="model", metadata={"classes": classes},
+                                      pip_requirements=pip_requirements).model_uri
+
+
+def wait_timeout() -> float:
+    """Seconds a step waits for an unreachable tracking server before going on without it."""
+    return float(os.environ.get("BLOODCELL_MLFLOW_WAIT_S", "60"))
+
+
+def server_answers(timeout_s: float = 2.0) -> bool:
+    """Whether the tracking server answers its health check (always true for a non-HTTP store)."""
+    uri = mlflow.get_tracking_uri()
+    if not uri.startswith(("http://", "https://")):
+        return True
+    try:
+        with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout_s) as response:
+            return response.status == 200
+    except (OSError, urllib.error.URLError, ValueError):
+        return False
+
+
+def wait_for_server(timeout_s: float) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while not server_answers():
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(1)
+    return True
+
+
+FAILURES = "tracking_failures"
+
+
+class Tracker:
+    """MLflow calls that cannot sink a step: bounded retries, and every failure recorded in the bucket.
+
+    A step waits up to :func:`wait_timeout` seconds for the server, then goes on without it. After a
+    failed call, later calls first probe the server (2 s) and are skipped while it stays down. What
+    failed is written to ``<run_uri>/tracking_failures/<step>.json``, which the report shows; an
+    entry is marked ``recovered`` when a later call of the same kind succeeds (e.g. epoch metrics
+    backfilled after an outage).
+    """
+
+    def __init__(self, run_uri: str, step: str, wait_s: float | None = None):
+        self.run_uri, self.step = run_uri, step
+        self.failures: dict[str, dict[str, Any]] = {}
+        wait_s = wait_timeout() if wait_s is None else wait_s
+        self.down = not wait_for_server(wait_s)
+        if self.down:
+            self._record("connect", f"no answer from {mlflow.get_tracking_uri()} within {wait_s:.0f} s")
+
+    def call(self, what: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """``fn(*args, **kwargs)``, or None (recorded) if the server is down or the call fails."""
+        return self._run(what, fn, args, kwargs)[1]
+
+    def attempt(self, what: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> bool:
+        """Like :meth:`call`, for calls whose value does not matter: whether it succeeded."""
+        return self._run(what, fn, args, kwargs)[0]
+
+    def _run(self, what: str, fn: Callable[..., Any], args: tuple, kwargs: dict) -> tuple[bool, Any]:
+        if self.down and not server_answers():
+            self._record(what, "skipped: tracking server unreachable")
+            return False, None
+        try:
+            value = fn(*args, **kwargs)
+        except Exception as exc:  # noqa: BLE001 - any tracking failure is recorded, never fatal
+            self.down = True
+            self._record(what, _one_line(exc))
+            return False, None
+        self.down = False
+        if what in self.failures and not self.failures[what]["recovered"]:
+            self.failures[what]["recovered"] = True
+            self._save()
+        return True, value
+
+    def _record(self, what: str, error: str) -> None:
+        entry = self.failures.setdefault(what, {"what": what, "count": 0, "first_error": error})
+        entry.update(count=entry["count"] + 1, last_error=error, recovered=False)
+        if entry["count"] == 1:
+            print(f"warning: MLflow: {what} failed ({error}); going on, results stay in the bucket", flush=True)
+        self._save()
+
+    def _save(self) -> None:
+        try:
+            storage.write_json({"step": self.step, "failures": list(self.failures.values())},
+                               storage.join(self.run_uri, FAILURES, f"{self.step}.json"))
+        except Exception as exc:  # noqa: BLE001 - the bucket may be failing too; the log still says it
+            print(f"warning: could not record the MLflow failure in the bucket: {exc}", flush=True)
+
+
+def _one_line(exc: Exception) -> str:
+    lines = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {lines[0][:300] if lines else ''}"
+
+
+def recorded_failures(run_uri: str) -> dict[str, list[dict[str, Any]]]:
+    """Every step's recorded MLflow failures for a run: ``{step: [entry, ...]}``."""
+    found = {}
+    for uri in storage.list_uris(storage.join(run_uri, FAILURES)):
+        record = json.loads(storage.read_bytes(uri))
+        if record["failures"]:
+            found[record["step"]] = record["failures"]
+    return dict(sorted(found.items()))
+
+
+def describe_failures(failures: dict[str, list[dict[str, Any]]]) -> list[str]:
+    """One sentence per step, for the report."""
+    lines = []
+    for step, entries in failures.items():
+        parts = [f"{e['what']} ({'recovered later' if e['recovered'] else 'not logged'}: {e['last_error']})"
+                 for e in entries]
+        lines.append(f"{step}: " + "; ".join(parts))
+    return lines
 
 
 REGISTERED_MODEL = "bloodcell-classifier"

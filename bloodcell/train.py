@@ -13,7 +13,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import keras
-import mlflow
 import numpy as np
 
 from bloodcell import arrays, hardware, models, sources, storage, tracking
@@ -32,55 +31,89 @@ class TrainResult:
 
 
 def train(model_name: str, arrays_uri: str, run_uri: str, profile: Profile, experiment: str,
-          pipeline_run_id: str, parent_run_id: str, vgg16_weights: str = "none") -> TrainResult:
-    """Train ``model_name`` and store it under ``run_uri``; log everything to its MLflow run."""
+          pipeline_run_id: str, parent_run_id: str | None, vgg16_weights: str = "none",
+          tracker: tracking.Tracker | None = None) -> TrainResult:
+    """Train ``model_name`` and store it under ``run_uri``; log everything to its MLflow run.
+
+    A model already stored for this run is returned as is. MLflow failures never stop training
+    (see :class:`tracking.Tracker`); the bucket always gets the model, history and ``train.json``.
+    """
+    out_uri = storage.join(run_uri, "models", model_name)
+    if storage.exists(storage.join(out_uri, "train.json")):
+        info = storage.read_json(storage.join(out_uri, "train.json"))
+        print(f"{model_name} is already trained in this run ({info['model_uri']}); reusing it")
+        return TrainResult(model_name, info["model_uri"], info["mlflow_run_id"], info["mlflow_model_uri"],
+                           info["epochs"], info["train_seconds"], info["images_per_second"])
+    tracker = tracker or tracking.Tracker(run_uri, f"train-{model_name}")
     cfg = profile.model(model_name)
     keras.utils.set_random_seed(profile.seed)
     policy = hardware.apply_precision(profile.precision)
     meta = arrays.meta(arrays_uri)
     x_train, y_train = arrays.load(arrays_uri, "train")
     x_val, y_val = arrays.load(arrays_uri, "val")
-    n_classes = len(meta["classes"])
-    out_uri = storage.join(run_uri, "models", model_name)
     ckpt_uri = storage.join(run_uri, "checkpoints", model_name)
-    run_id = tracking.model_run(experiment, pipeline_run_id, parent_run_id, model_name)
+    run_id = parent_run_id and tracker.call("create the model run", tracking.model_run, experiment,
+                                            pipeline_run_id, parent_run_id, model_name)
     print(f"training {model_name}: {len(x_train)} train / {len(x_val)} val images at "
-          f"{cfg.image_size}px, {policy}, {hardware.device_name()}, MLflow run {run_id}")
+          f"{cfg.image_size}px, {policy}, {hardware.device_name()}, MLflow run {run_id or '(none)'}")
     started = time.perf_counter()
-    with mlflow.start_run(run_id=run_id):
-        tracking.log_params({
-            **{f"{k}": v for k, v in asdict(cfg).items()}, "precision": policy, "seed": profile.seed,
-            "profile": profile.name, "arrays_uri": arrays_uri, "n_train": len(x_train), "n_val": len(x_val),
-            "augmentation": "flip+transpose (8 right-angle symmetries)" if cfg.augment else "none",
-            "optimizer": "adam", "lr_schedule": _schedule_description(cfg),
-            "early_stopping": f"val_loss, patience {cfg.early_stopping_patience}, from epoch "
-                              f"{cfg.early_stopping_start + 1}, restore best",
-            "input_scaling": "vgg16 preprocess" if model_name == "vgg16" else "rescale 1/255",
-        })
+    if run_id:
+        tracker.attempt("log params", tracking.log_params, run_id, _params(model_name, cfg, profile, policy,
+                                                                           arrays_uri, len(x_train), len(x_val),
+                                                                           vgg16_weights))
+    try:
         if model_name == "vgg16":
-            mlflow.log_param("vgg16_weights", vgg16_weights)
-            model, history = _train_vgg16(cfg, n_classes, (x_train, y_train), (x_val, y_val),
-                                          ckpt_uri, vgg16_weights)
+            model, history = _train_vgg16(cfg, n_classes=len(meta["classes"]), train_data=(x_train, y_train),
+                                          val_data=(x_val, y_val), ckpt_uri=ckpt_uri, weights=vgg16_weights,
+                                          epoch_logger=EpochMetricsLogger(tracker, run_id))
         else:
-            model = models.build_model(model_name, n_classes, cfg.image_size, augment=cfg.augment)
+            model = models.build_model(model_name, len(meta["classes"]), cfg.image_size, augment=cfg.augment)
             _compile(model, learning_rate(cfg, len(x_train)))
-            history = fit(model, (x_train, y_train), (x_val, y_val), cfg, cfg.epochs,
-                          storage.join(ckpt_uri, "main"))
-        seconds = time.perf_counter() - started
-        epochs = len(history.get("loss", []))
-        throughput = epochs * len(x_train) / seconds if seconds else 0.0
-        mlflow.log_params({"params": model.count_params(), "epochs_run": epochs})
-        mlflow.log_metrics({"train_seconds": seconds, "train_images_per_second": throughput})
-        info = mlflow.keras.log_model(model, name="model", metadata={"classes": meta["classes"]},
-                                      pip_requirements=_pip_requirements())
-        model_uri = _store(model, history, out_uri, {
-            "model": model_name, "classes": meta["classes"], "image_size": cfg.image_size,
-            "epochs": epochs, "train_seconds": seconds, "precision": policy, "params": model.count_params(),
-            "arrays_uri": arrays_uri, "mlflow_run_id": run_id, "images_per_second": throughput,
-            "mlflow_model_uri": info.model_uri,
-        })
-    print(f"{model_name}: {epochs} epochs in {seconds:.0f} s; stored {model_uri}; MLflow model {info.model_uri}")
-    return TrainResult(model_name, model_uri, run_id, info.model_uri, epochs, seconds, throughput)
+            history = fit(model, (x_train, y_train), (x_val, y_val), cfg, cfg.epochs, storage.join(ckpt_uri, "main"),
+                          epoch_logger=EpochMetricsLogger(tracker, run_id))
+    except BaseException:
+        if run_id:
+            tracker.attempt("mark the model run failed", tracking.finish, run_id, "FAILED")
+        raise
+    seconds = time.perf_counter() - started
+    epochs = len(history.get("loss", []))
+    throughput = epochs * len(x_train) / seconds if seconds else 0.0
+    mlflow_model_uri = None
+    if run_id:
+        tracker.attempt("log results", _log_results, run_id, model.count_params(), epochs, seconds, throughput)
+        mlflow_model_uri = tracker.call("log the model", tracking.log_keras_model, run_id, model, meta["classes"],
+                                        _pip_requirements())
+        tracker.attempt("close the model run", tracking.finish, run_id)
+    model_uri = _store(model, history, out_uri, {
+        "model": model_name, "classes": meta["classes"], "image_size": cfg.image_size,
+        "epochs": epochs, "train_seconds": seconds, "precision": policy, "params": model.count_params(),
+        "arrays_uri": arrays_uri, "mlflow_run_id": run_id or None, "images_per_second": throughput,
+        "mlflow_model_uri": mlflow_model_uri,
+    })
+    print(f"{model_name}: {epochs} epochs in {seconds:.0f} s; stored {model_uri}; MLflow model {mlflow_model_uri}")
+    return TrainResult(model_name, model_uri, run_id or None, mlflow_model_uri, epochs, seconds, throughput)
+
+
+def _params(model_name: str, cfg: ModelConfig, profile: Profile, policy: str, arrays_uri: str, n_train: int,
+            n_val: int, vgg16_weights: str) -> dict:
+    """Every training choice, as MLflow params."""
+    params = {
+        **asdict(cfg), "precision": policy, "seed": profile.seed, "profile": profile.name,
+        "arrays_uri": arrays_uri, "n_train": n_train, "n_val": n_val,
+        "augmentation": "flip+transpose (8 right-angle symmetries)" if cfg.augment else "none",
+        "optimizer": "adam", "lr_schedule": _schedule_description(cfg),
+        "early_stopping": f"val_loss, patience {cfg.early_stopping_patience}, from epoch "
+                          f"{cfg.early_stopping_start + 1}, restore best",
+        "input_scaling": "vgg16 preprocess" if model_name == "vgg16" else "rescale 1/255",
+    }
+    if model_name == "vgg16":
+        params["vgg16_weights"] = vgg16_weights
+    return params
+
+
+def _log_results(run_id: str, params: int, epochs: int, seconds: float, throughput: float) -> None:
+    tracking.log_params(run_id, {"params": params, "epochs_run": epochs})
+    tracking.log_metrics(run_id, {"train_seconds": seconds, "train_images_per_second": throughput})
 
 
 def _pip_requirements() -> list[str]:
@@ -120,7 +153,7 @@ def _compile(model: keras.Model, learning_rate: float | keras.optimizers.schedul
 
 
 def fit(model: keras.Model, train_data: tuple, val_data: tuple, cfg: ModelConfig, epochs: int,
-        ckpt_uri: str, step_offset: int = 0,
+        ckpt_uri: str, step_offset: int = 0, epoch_logger: "EpochMetricsLogger | None" = None,
         extra_callbacks: tuple[keras.callbacks.Callback, ...] = ()) -> dict[str, list[float]]:
     """``model.fit`` with bucket checkpoints and resume; returns the history of all epochs."""
     state = _load_checkpoint(model, ckpt_uri)
@@ -134,10 +167,12 @@ def fit(model: keras.Model, train_data: tuple, val_data: tuple, cfg: ModelConfig
     callbacks = [
         keras.callbacks.EarlyStopping("val_loss", patience=cfg.early_stopping_patience, restore_best_weights=True,
                                       start_from_epoch=cfg.early_stopping_start, verbose=1),
-        MlflowEpochMetrics(step_offset),
         BucketCheckpoint(ckpt_uri, history),
         *extra_callbacks,
     ]
+    if epoch_logger:
+        epoch_logger.step_offset = step_offset
+        callbacks.append(epoch_logger)
     if cfg.lr_schedule == "plateau":
         callbacks.insert(1, keras.callbacks.ReduceLROnPlateau("val_loss", factor=0.5, patience=2, min_lr=1e-6,
                                                               verbose=1))
@@ -146,6 +181,8 @@ def fit(model: keras.Model, train_data: tuple, val_data: tuple, cfg: ModelConfig
         x, y, validation_data=val_data, epochs=epochs, initial_epoch=initial_epoch,
         batch_size=cfg.batch_size, callbacks=callbacks, class_weight=_class_weights(y, cfg), verbose=1,
     )
+    if epoch_logger:
+        epoch_logger.flush()
     merged = {k: history.get(k, [])[:initial_epoch] + [float(v) for v in result.history.get(k, [])]
               for k in set(history) | set(result.history)}
     _save_checkpoint(model, ckpt_uri, {"epoch": len(merged.get("loss", [])), "history": merged, "done": True})
@@ -159,17 +196,30 @@ def _class_weights(y: np.ndarray, cfg: ModelConfig) -> dict[int, float] | None:
     return {i: len(y) / (len(counts) * c) for i, c in enumerate(counts) if c}
 
 
-class MlflowEpochMetrics(keras.callbacks.Callback):
-    """Log each epoch's metrics (and learning rate) to the active MLflow run."""
+class EpochMetricsLogger(keras.callbacks.Callback):
+    """Log each epoch's metrics (and learning rate) to an MLflow run.
 
-    def __init__(self, step_offset: int = 0):
+    Epochs that cannot be logged (server down) are kept and sent with the next epoch that can,
+    so a short outage leaves no gap in the run's metric history.
+    """
+
+    def __init__(self, tracker: tracking.Tracker, run_id: str | None, step_offset: int = 0):
         super().__init__()
-        self.step_offset = step_offset
+        self.tracker, self.run_id, self.step_offset = tracker, run_id, step_offset
+        self.pending: list[tuple[dict[str, float], int]] = []
 
     def on_epoch_end(self, epoch, logs=None):
+        if not self.run_id:
+            return
         metrics = {k: float(v) for k, v in (logs or {}).items()}
         metrics["learning_rate"] = float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate))
-        mlflow.log_metrics(metrics, step=self.step_offset + epoch)
+        self.pending.append((metrics, self.step_offset + epoch))
+        self.flush()
+
+    def flush(self) -> None:
+        if self.pending and self.tracker.attempt("log per-epoch metrics", tracking.log_metric_steps, self.run_id,
+                                                 self.pending):
+            self.pending = []
 
 
 class BucketCheckpoint(keras.callbacks.Callback):
@@ -211,7 +261,8 @@ def _load_checkpoint(model: keras.Model, ckpt_uri: str) -> dict:
 
 
 def _train_vgg16(cfg: ModelConfig, n_classes: int, train_data: tuple, val_data: tuple, ckpt_uri: str,
-                 weights: str) -> tuple[keras.Model, dict[str, list[float]]]:
+                 weights: str, epoch_logger: EpochMetricsLogger | None = None
+                 ) -> tuple[keras.Model, dict[str, list[float]]]:
     """Two phases on cached features: the frozen base is computed once, not every epoch.
 
     1. head only, on the base's output; 2. the top block (block5) and head at a low learning
@@ -233,7 +284,7 @@ def _train_vgg16(cfg: ModelConfig, n_classes: int, train_data: tuple, val_data: 
 
     _compile(head, cfg.learning_rate)
     history = fit(head, (top_train, train_data[1]), (top_val, val_data[1]), cfg, cfg.epochs,
-                  storage.join(ckpt_uri, "frozen"))
+                  storage.join(ckpt_uri, "frozen"), epoch_logger=epoch_logger)
     if cfg.fine_tune_epochs:
         top.trainable = True
         tune_input = keras.Input(stem.output_shape[1:])
@@ -241,7 +292,7 @@ def _train_vgg16(cfg: ModelConfig, n_classes: int, train_data: tuple, val_data: 
         _compile(tuned, cfg.fine_tune_learning_rate)
         tune_history = fit(tuned, (stem_train, train_data[1]), (stem_val, val_data[1]), cfg,
                            cfg.fine_tune_epochs, storage.join(ckpt_uri, "fine_tune"),
-                           step_offset=len(history.get("loss", [])))
+                           step_offset=len(history.get("loss", [])), epoch_logger=epoch_logger)
         history = {k: history.get(k, []) + tune_history.get(k, []) for k in set(history) | set(tune_history)}
     model = keras.Model(images, head(top(featurizer(images))), name="vgg16")
     _compile(model, cfg.fine_tune_learning_rate)
