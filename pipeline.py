@@ -2,6 +2,7 @@
 """The bloodcell Kubeflow pipeline and its command line.
 
     python pipeline.py run [--profile laptop] [--data SOURCE] [--summary FILE]   # local, embedded
+    python pipeline.py run --resume RUN_ID                                        # after a failure
     python pipeline.py stop                                                       # stop local services
     python pipeline.py compile --output pipeline.yaml
     python pipeline.py submit --host URL [--profile gpu] [--experiment NAME] [--pipeline-root gs://...]
@@ -100,29 +101,63 @@ def run_local(args: argparse.Namespace) -> int:
     """Run the pipeline on this machine with local object storage and MLflow."""
     import kfp.local
 
-    from bloodcell import models, storage
+    from bloodcell import local_runs, models
     from bloodcell.services import LocalServices
 
-    run_id = new_run_id()
-    arguments = pipeline_arguments(args, run_id)
-    if not args.vgg16_weights.startswith("gs://"):
-        models.check_vgg16_weights(args.vgg16_weights)
     state = Path(args.state_dir)
-    services = LocalServices(state, args.bucket, args.gcs_port, args.mlflow_port)
+    if args.resume:
+        run_id, arguments = args.resume, local_runs.load_arguments(state, args.resume)
+    else:
+        run_id = new_run_id()
+        arguments = pipeline_arguments(args, run_id)
+    weights = arguments["vgg16_weights"]
+    if not weights.startswith("gs://"):
+        models.check_vgg16_weights(weights)
+    others = local_runs.in_progress(state)
+    if run_id in others:
+        raise BloodcellError(f"run {run_id} is already in progress (pid {others[run_id]}); wait for it to end")
+    if others:
+        print(f"note: run(s) {', '.join(others)} in progress too; this run shares their services, "
+              f"its outputs go under runs/{run_id}/")
+    services = LocalServices(state, arguments["bucket"], args.gcs_port, args.mlflow_port)
     os.environ.update(services.start())
-    if args.vgg16_weights.startswith("gs://"):
-        models.check_vgg16_weights(args.vgg16_weights)
+    if weights.startswith("gs://"):
+        models.check_vgg16_weights(weights)
+    local_runs.save_arguments(state, run_id, arguments)
     kfp.local.init(runner=kfp.local.SubprocessRunner(use_venv=False), pipeline_root=str(state / "kfp"),
                    raise_on_error=True)
     started = time.perf_counter()
-    print(f"run {run_id}: profile {args.profile}, data {args.data}")
-    try:
-        make_pipeline(for_cluster=False)(**arguments)
-    except RuntimeError as exc:  # kfp.local: "Pipeline ... finished with status FAILURE. Inner task failed: ..."
-        print(f"error: run {run_id} failed: {_plain(str(exc))} (the task's log is above)", file=sys.stderr)
-        return 1
-    summary = storage.read_json(f"gs://{args.bucket}/runs/{run_id}/summary.json")
-    summary["wall_seconds"] = round(time.perf_counter() - started, 1)
+    print(f"run {run_id}: profile {arguments['profile']}, data {arguments['source']}"
+          + (" (resumed: finished steps and epochs are kept)" if args.resume else ""))
+    with local_runs.active(state, run_id), local_runs.TaskLog(sys.stdout).installed() as task_log:
+        try:
+            make_pipeline(for_cluster=False)(**arguments)
+        except RuntimeError as exc:  # kfp.local: "Pipeline ... finished with status FAILURE. Inner task failed: ..."
+            return report_failure(run_id, task_log, exc, args)
+    return finish_run(run_id, arguments, state, time.perf_counter() - started, args)
+
+
+def report_failure(run_id: str, task_log, exc: Exception, args: argparse.Namespace) -> int:
+    """Name the failing step, show the end of its log and how to resume; exit status 1."""
+    from bloodcell import local_runs
+
+    task = task_log.task or "unknown"
+    tail = "\n".join(f"    {line}" for line in task_log.lines) or "    (no output)"
+    resume = f"python pipeline.py run --resume {run_id}"
+    if args.state_dir != ".bloodcell":
+        resume += f" --state-dir {args.state_dir}"
+    print(f"error: run {run_id} failed in step {task} ({local_runs.plain(str(exc)).strip()})\n"
+          f"last lines of {task}'s log:\n{tail}\n"
+          f"fix the cause, then resume: {resume} (finished steps and training epochs are kept)", file=sys.stderr)
+    return 1
+
+
+def finish_run(run_id: str, arguments: dict[str, str], state: Path, seconds: float, args: argparse.Namespace) -> int:
+    from bloodcell import storage, tracking
+
+    bucket = arguments["bucket"]
+    summary = storage.read_json(f"gs://{bucket}/runs/{run_id}/summary.json")
+    summary["wall_seconds"] = round(seconds, 1)
     local_dir = state / "runs" / run_id
     report_copy = storage.download_file(summary["report_uri"], local_dir / "report.html")
     summary["report_local_path"] = str(report_copy.resolve())
@@ -133,21 +168,24 @@ def run_local(args: argparse.Namespace) -> int:
         print(f"  {name:6} test accuracy {model['test_accuracy']:.2%}  macro F1 {model['macro_f1']:.4f}")
     print(f"report: {summary['report_uri']} (local copy: {report_copy})")
     print(f"summary: {summary_path}")
+    for line in tracking.describe_failures(summary.get("tracking_failures", {})):
+        print(f"warning: MLflow logging failed in {line}")
     experiment_url = f"{summary['mlflow_tracking_uri']}/#/experiments"
-    print(f"MLflow UI: {experiment_url} (experiment {args.experiment!r}); stop services: python pipeline.py stop")
+    print(f"MLflow UI: {experiment_url} (experiment {arguments['experiment']!r}); "
+          f"stop services: python pipeline.py stop")
     return 0
 
 
-def _plain(text: str) -> str:
-    """``text`` without terminal colour codes."""
-    import re
-
-    return re.sub(r"\x1b\[[0-9;]*m", "", text)
-
-
 def stop_local(args: argparse.Namespace) -> int:
+    from bloodcell import local_runs
     from bloodcell.services import LocalServices
 
+    running = local_runs.in_progress(Path(args.state_dir))
+    if running and not args.force:
+        listing = ", ".join(f"{run} (pid {pid})" for run, pid in running.items())
+        print(f"error: run(s) in progress: {listing}. Stopping the services now would fail them; wait for them "
+              f"to end, or pass --force.", file=sys.stderr)
+        return 1
     stopped = LocalServices(args.state_dir, args.bucket).stop()
     print("stopped: " + ", ".join(stopped) if stopped else "no local service was running")
     return 0
@@ -191,6 +229,9 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     run = commands.add_parser("run", help="run the whole pipeline locally (embedded services)")
     run_options(run, "laptop")
     run.add_argument("--summary", help="write the run summary JSON here")
+    run.add_argument("--resume", metavar="RUN_ID",
+                     help="rerun a failed or interrupted run with its original arguments: finished steps are "
+                          "reused and trainers continue from their last checkpoint")
     run.add_argument("--state-dir", default=".bloodcell", help="local services' state (default .bloodcell/)")
     run.add_argument("--gcs-port", type=int, default=int(os.environ.get("BLOODCELL_GCS_PORT", 9023)))
     run.add_argument("--mlflow-port", type=int, default=int(os.environ.get("BLOODCELL_MLFLOW_PORT", 5023)))
@@ -199,6 +240,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     stop = commands.add_parser("stop", help="stop the local services started by `run`")
     stop.add_argument("--state-dir", default=".bloodcell")
     stop.add_argument("--bucket", default=config.DEFAULT_BUCKET)
+    stop.add_argument("--force", action="store_true", help="stop the services even while a run is in progress")
     stop.set_defaults(handler=stop_local)
 
     comp = commands.add_parser("compile", help="write the compiled pipeline (kfp IR YAML)")
@@ -219,6 +261,13 @@ def main(argv: Optional[list[str]] = None) -> int:
         return args.handler(args)
     except (BloodcellError, config.ConfigError) as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        from bloodcell import storage
+
+        if exc.errno not in storage.DISK_FULL_ERRNOS:
+            raise
+        print(f"error: {storage.disk_full_error(exc.filename)}", file=sys.stderr)
         return 2
 
 

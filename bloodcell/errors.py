@@ -11,3 +11,7 @@ class DataError(BloodcellError):
 
 class StorageError(BloodcellError):
     """Object storage refused or lost a request."""
+
+
+class DiskFullError(BloodcellError):
+    """A local disk (state directory, cache or temporary folder) has no space left."""

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import requests
 
+from bloodcell import storage
 from bloodcell.errors import BloodcellError
 
 START_TIMEOUT_S = 60
@@ -62,7 +63,7 @@ class LocalServices:
         services = {s.name: s for s in self._running()}
         if "gcs" not in services:
             services["gcs"] = self._start_gcs()
-        env = {"STORAGE_EMULATOR_HOST": services["gcs"].url}
+        env = {"STORAGE_EMULATOR_HOST": services["gcs"].url, storage.LOCAL_STORE_ENV: str(self.state_dir / "gcs")}
         self._ensure_bucket(services["gcs"].url)
         if "mlflow" not in services:
             services["mlflow"] = self._start_mlflow(env)

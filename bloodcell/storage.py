@@ -7,20 +7,40 @@ result as complete.
 
 from __future__ import annotations
 
+import errno
 import functools
 import json
 import os
+import shutil
 from pathlib import Path
 from typing import Any, Iterable
 
 from google.api_core import exceptions as gexc
 from google.cloud import storage
 from google.cloud.storage import transfer_manager
-from google.cloud.storage.retry import DEFAULT_RETRY
+from google.cloud.storage.retry import DEFAULT_RETRY, _should_retry
 
-from bloodcell.errors import StorageError
+from bloodcell.errors import DiskFullError, StorageError
 
-RETRY = DEFAULT_RETRY.with_deadline(300)
+LOCAL_STORE_ENV = "BLOODCELL_LOCAL_STORE"  # the local emulator's data folder (set by `pipeline.py run`)
+FULL_BELOW_BYTES = 64 * 2**20
+DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+
+
+def local_store_full() -> bool:
+    """Whether the local emulator's data folder is (nearly) out of space: its 5xx are then not transient."""
+    root = os.environ.get(LOCAL_STORE_ENV)
+    try:
+        return bool(root) and shutil.disk_usage(root).free < FULL_BELOW_BYTES
+    except OSError:
+        return False
+
+
+def _retryable(exc: BaseException) -> bool:
+    return _should_retry(exc) and not local_store_full()
+
+
+RETRY = DEFAULT_RETRY.with_predicate(_retryable).with_deadline(300)
 UPLOAD_WORKERS = 8  # the client keeps 10 pooled connections per host
 
 
@@ -139,6 +159,7 @@ def upload_many(files: Iterable[tuple[Path, str]], workers: int = UPLOAD_WORKERS
     for (path, target), result in zip(pairs, results):
         if isinstance(result, Exception):
             uri = f"gs://{target.bucket.name}/{target.name}"
+            _raise_if_local_store_full(uri, result)
             raise StorageError(f"upload of {path} to {uri} failed: {result}") from result
 
 
@@ -154,19 +175,54 @@ def download_many(pairs: list[tuple[str, Path]], workers: int = UPLOAD_WORKERS) 
     )
     for (uri, _), result in zip(pairs, results):
         if isinstance(result, Exception):
+            if isinstance(result, OSError) and result.errno in DISK_FULL_ERRNOS:
+                raise disk_full_error(result.filename, f"while downloading {uri}") from result
             raise StorageError(f"download of {uri} failed: {result}") from result
+
+
+def disk_full_error(path: str | Path | None, what: str = "") -> DiskFullError:
+    """A clear error for a full disk: which folder, how much is free, what to do."""
+    candidates = [Path(path)] if path else [Path(p) for p in (os.environ.get(LOCAL_STORE_ENV), _tmp_dir()) if p]
+    places = []
+    for place in candidates:
+        probe = next((p for p in [place, *place.parents] if p.exists()), place)
+        try:
+            free = f"{shutil.disk_usage(probe).free / 2**20:.1f} MiB free"
+        except OSError:
+            free = "free space unknown"
+        places.append(f"{place} ({free})")
+    return DiskFullError(
+        f"no space left on device{' ' + what if what else ''}: {' or '.join(places)}. Free space there, or put "
+        "the folder on a larger disk (--state-dir for the local services' data, BLOODCELL_CACHE for downloads, "
+        "TMPDIR for temporary files), then resume the run. Objects already in the bucket are intact: an upload "
+        "is committed only when complete.")
+
+
+def _tmp_dir() -> str:
+    import tempfile
+
+    return tempfile.gettempdir()
 
 
 def _call(uri: str, action: Any) -> Any:
     try:
         return action()
-    except gexc.NotFound as exc:
-        raise StorageError(f"not found in object storage: {uri} ({exc.message})") from exc
-    except gexc.GoogleAPICallError as exc:
-        raise StorageError(f"object storage request for {uri} failed: {exc}") from exc
     except OSError as exc:
+        if exc.errno in DISK_FULL_ERRNOS:
+            raise disk_full_error(exc.filename, f"while transferring {uri}") from exc
+        _raise_if_local_store_full(uri, exc)
         raise StorageError(
             f"cannot reach object storage for {uri}: {exc}. "
             f"Check STORAGE_EMULATOR_HOST ({os.environ.get('STORAGE_EMULATOR_HOST') or 'unset'}) "
             "or your GCS credentials."
         ) from exc
+    except gexc.NotFound as exc:
+        raise StorageError(f"not found in object storage: {uri} ({exc.message})") from exc
+    except Exception as exc:  # API errors, exhausted retries, the client's InvalidResponse
+        _raise_if_local_store_full(uri, exc)
+        raise StorageError(f"object storage request for {uri} failed: {exc}") from exc
+
+
+def _raise_if_local_store_full(uri: str, exc: BaseException) -> None:
+    if local_store_full():
+        raise disk_full_error(os.environ[LOCAL_STORE_ENV], f"writing {uri} to the local object store") from exc

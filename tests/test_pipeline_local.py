@@ -140,6 +140,12 @@ def test_a_failing_step_fails_the_run_with_its_name_and_reason(tmp_path):
     assert f"error in step ingest: data source '{tmp_path / 'missing'}' does not exist" in log
     assert "Inner task failed: 'ingest'" in log
     assert "Traceback" not in log
+    # the run's own verdict, on stderr: the failing step, the end of its log, how to resume
+    verdict = plain(process.stderr)
+    assert "failed in step ingest" in verdict
+    tail = verdict.split("last lines of ingest's log:", 1)[1]
+    assert "error in step ingest: data source" in tail
+    assert "python pipeline.py run --resume " in tail
 
 
 def test_unavailable_imagenet_weights_stop_the_run_within_seconds(tmp_path):

@@ -1,0 +1,130 @@
+"""Bookkeeping of local pipeline runs: which are in progress, their arguments, their tasks' logs.
+
+``<state>/runs/<run_id>/arguments.json`` keeps a run's arguments so ``run --resume RUN_ID``
+repeats it exactly; ``<state>/active/<run_id>.json`` marks a run in progress (its pid, checked
+against the process's command line, so a crashed run's record is recognised as stale).
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import io
+import json
+import os
+import re
+import sys
+from pathlib import Path
+from typing import Iterator, TextIO
+
+from bloodcell.errors import BloodcellError
+
+ANSI = re.compile(r"\x1b\[[0-9;]*m")
+TASK_START = re.compile(r"Executing task '?([\w.-]+)'?")
+
+
+def plain(text: str) -> str:
+    """``text`` without terminal colour codes."""
+    return ANSI.sub("", text)
+
+
+def save_arguments(state_dir: Path, run_id: str, arguments: dict[str, str]) -> None:
+    path = state_dir / "runs" / run_id / "arguments.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(arguments, indent=2))
+
+
+def load_arguments(state_dir: Path, run_id: str) -> dict[str, str]:
+    path = state_dir / "runs" / run_id / "arguments.json"
+    if not path.is_file():
+        known = sorted(p.parent.name for p in (state_dir / "runs").glob("*/arguments.json"))
+        raise BloodcellError(f"no local run {run_id!r} in {state_dir}/runs to resume; runs there: "
+                             f"{', '.join(known[-5:]) or 'none'}")
+    return json.loads(path.read_text())
+
+
+def in_progress(state_dir: Path) -> dict[str, int]:
+    """Runs in progress under ``state_dir``: ``{run_id: pid}``. Records of dead runs are removed."""
+    running = {}
+    for record in sorted((state_dir / "active").glob("*.json")):
+        try:
+            saved = json.loads(record.read_text())
+            pid, cmdline = saved["pid"], saved["cmdline"]
+        except (OSError, ValueError, KeyError):
+            pid, cmdline = 0, ""
+        if pid and _command_line(pid) == cmdline:
+            running[record.stem] = pid
+        else:
+            record.unlink(missing_ok=True)
+            print(f"removed the stale record of run {record.stem} (process {pid} is gone)")
+    return running
+
+
+@contextlib.contextmanager
+def active(state_dir: Path, run_id: str) -> Iterator[None]:
+    """Mark ``run_id`` as in progress for the duration of the block."""
+    record = state_dir / "active" / f"{run_id}.json"
+    record.parent.mkdir(parents=True, exist_ok=True)
+    record.write_text(json.dumps({"pid": os.getpid(), "run_id": run_id, "cmdline": _command_line(os.getpid())}))
+    try:
+        yield
+    finally:
+        record.unlink(missing_ok=True)
+
+
+def _command_line(pid: int) -> str | None:
+    """The process's command line (None if it is gone); on systems without /proc, just whether it lives."""
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
+    except FileNotFoundError:
+        if Path("/proc/self").exists():
+            return None
+        try:
+            os.kill(pid, 0)
+        except OSError:
+            return None
+        return "alive"
+    except OSError:
+        return None
+
+
+class TaskLog(io.TextIOBase):
+    """A stdout that passes everything through and keeps the last lines of the task running now.
+
+    kfp's local runner executes one task at a time and announces each with "Executing task
+    'name'", so the lines after the last announcement belong to the task that failed.
+    """
+
+    def __init__(self, out: TextIO, keep: int = 30):
+        self.out = out
+        self.task: str | None = None
+        self.lines: collections.deque[str] = collections.deque(maxlen=keep)
+        self._partial = ""
+
+    def write(self, text: str) -> int:
+        self.out.write(text)
+        self._partial += text
+        *complete, self._partial = self._partial.split("\n")
+        for line in complete:
+            clean = plain(line).rstrip()
+            started = TASK_START.search(clean)
+            if started:
+                self.task = started.group(1)
+                self.lines.clear()
+            elif clean.strip():
+                self.lines.append(clean)
+        return len(text)
+
+    def flush(self) -> None:
+        self.out.flush()
+
+    def isatty(self) -> bool:
+        return self.out.isatty()
+
+    @contextlib.contextmanager
+    def installed(self) -> Iterator["TaskLog"]:
+        saved, sys.stdout = sys.stdout, self
+        try:
+            yield self
+        finally:
+            sys.stdout = saved
