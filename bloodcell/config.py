@@ -110,7 +110,7 @@ PROFILES: dict[str, Profile] = {
     "gpu": Profile(
         name="gpu",
         cnn1=ModelConfig(image_size=128, epochs=60, batch_size=128, early_stopping_patience=10),
-        cnn2=ModelConfig(image_size=128, epochs=40, batch_size=128, early_stopping_patience=8,
+        cnn2=ModelConfig(image_size=128, epochs=20, batch_size=128, early_stopping_patience=8,
                          early_stopping_start=8, lr_schedule="cosine"),
         vgg16=ModelConfig(
             image_size=224, epochs=15, batch_size=64,
