@@ -109,7 +109,10 @@ PROFILES: dict[str, Profile] = {
     # A cluster run on GPU nodes: the original resolutions and more epochs.
     "gpu": Profile(
         name="gpu",
-        cnn1=ModelConfig(image_size=128, epochs=60, batch_size=128, early_stopping_patience=10),
+        # cnn1 at 128 px underfits when ReduceLROnPlateau halves the rate on noisy val_loss (measured:
+        # lr 1e-5 by epoch 28, 91.9% test); a cosine decay over a fixed budget keeps it learning.
+        cnn1=ModelConfig(image_size=128, epochs=50, batch_size=128, early_stopping_patience=10,
+                         early_stopping_start=25, lr_schedule="cosine"),
         cnn2=ModelConfig(image_size=128, epochs=20, batch_size=128, early_stopping_patience=8,
                          early_stopping_start=8, lr_schedule="cosine"),
         vgg16=ModelConfig(
