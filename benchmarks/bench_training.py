@@ -31,7 +31,7 @@ import keras  # noqa: E402
 import mlflow  # noqa: E402
 import numpy as np  # noqa: E402
 
-from bloodcell import arrays, hardware, models, train  # noqa: E402
+from bloodcell import arrays, hardware, models, tracking, train  # noqa: E402
 from bloodcell import config  # noqa: E402
 from bloodcell.config import ModelConfig  # noqa: E402
 
