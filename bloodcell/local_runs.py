@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Iterator, TextIO
 
 from bloodcell.errors import BloodcellError
+from bloodcell.services import command_line
 
 ANSI = re.compile(r"\x1b\[[0-9;]*m")
 TASK_START = re.compile(r"Executing task '?([\w.-]+)'?")
@@ -52,7 +53,7 @@ def in_progress(state_dir: Path) -> dict[str, int]:
             pid, cmdline = saved["pid"], saved["cmdline"]
         except (OSError, ValueError, KeyError):
             pid, cmdline = 0, ""
-        if pid and _command_line(pid) == cmdline:
+        if pid and command_line(pid) == cmdline:
             running[record.stem] = pid
         else:
             record.unlink(missing_ok=True)
@@ -65,27 +66,11 @@ def active(state_dir: Path, run_id: str) -> Iterator[None]:
     """Mark ``run_id`` as in progress for the duration of the block."""
     record = state_dir / "active" / f"{run_id}.json"
     record.parent.mkdir(parents=True, exist_ok=True)
-    record.write_text(json.dumps({"pid": os.getpid(), "run_id": run_id, "cmdline": _command_line(os.getpid())}))
+    record.write_text(json.dumps({"pid": os.getpid(), "run_id": run_id, "cmdline": command_line(os.getpid())}))
     try:
         yield
     finally:
         record.unlink(missing_ok=True)
-
-
-def _command_line(pid: int) -> str | None:
-    """The process's command line (None if it is gone); on systems without /proc, just whether it lives."""
-    try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
-    except FileNotFoundError:
-        if Path("/proc/self").exists():
-            return None
-        try:
-            os.kill(pid, 0)
-        except OSError:
-            return None
-        return "alive"
-    except OSError:
-        return None
 
 
 class TaskLog(io.TextIOBase):

@@ -76,7 +76,8 @@ def build_report(run_uri: str, split_uri: str, model_names: list[str], summary: 
         tracker.attempt("log the report to the parent run", _log_report, parent, page, markdown, results, manifest,
                         best)
         tracker.attempt("close the parent run", tracking.finish, parent)
-    summary["tracking_failures"] = tracking.recorded_failures(run_uri)
+    if tracker.failures:  # the report's own MLflow calls above, added without listing the bucket again
+        summary["tracking_failures"] = {**summary["tracking_failures"], "report": list(tracker.failures.values())}
     storage.write_json(summary, storage.join(run_uri, "summary.json"))
     return Report(html_uri, markdown_uri, summary, page, markdown)
 

@@ -178,17 +178,28 @@ class LocalServices:
         return services
 
 
-def _alive(service: Service) -> bool:
-    """True when ``service.pid`` runs and is still the process we started."""
+NO_PROC = "<alive; no /proc to read its command line>"
+
+
+def command_line(pid: int) -> str | None:
+    """``pid``'s command line (arguments joined by spaces), None when it is gone.
+
+    Without /proc (macOS) a live process gives :data:`NO_PROC`: only its pid can be trusted.
+    """
     try:
-        cmdline = Path(f"/proc/{service.pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
     except OSError:
         try:
-            os.kill(service.pid, 0)
+            os.kill(pid, 0)
         except OSError:
-            return False
-        return True  # no /proc (macOS): trust the pid
-    return service.marker in cmdline
+            return None
+        return NO_PROC
+
+
+def _alive(service: Service) -> bool:
+    """True when ``service.pid`` runs and is still the process we started."""
+    cmdline = command_line(service.pid)
+    return cmdline is not None and (cmdline == NO_PROC or service.marker in cmdline)
 
 
 def _terminate(pid: int, grace_s: float = 10) -> None:

@@ -123,7 +123,6 @@ def _log_parent_params(parent: str, params: dict) -> None:
 @user_errors
 def evaluate(bucket: str, run_id: str, models: list[str] | None = None) -> dict:
     from bloodcell import evaluate as evaluate_lib
-
     from bloodcell import tracking
 
     base = run_uri(bucket, run_id)

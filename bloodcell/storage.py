@@ -12,6 +12,7 @@ import functools
 import json
 import os
 import shutil
+import tempfile
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -182,7 +183,7 @@ def download_many(pairs: list[tuple[str, Path]], workers: int = UPLOAD_WORKERS) 
 
 def disk_full_error(path: str | Path | None, what: str = "") -> DiskFullError:
     """A clear error for a full disk: which folder, how much is free, what to do."""
-    candidates = [Path(path)] if path else [Path(p) for p in (os.environ.get(LOCAL_STORE_ENV), _tmp_dir()) if p]
+    candidates = [Path(path)] if path else [Path(p) for p in (os.environ.get(LOCAL_STORE_ENV), tempfile.gettempdir()) if p]
     places = []
     for place in candidates:
         probe = next((p for p in [place, *place.parents] if p.exists()), place)
@@ -196,12 +197,6 @@ def disk_full_error(path: str | Path | None, what: str = "") -> DiskFullError:
         "the folder on a larger disk (--state-dir for the local services' data, BLOODCELL_CACHE for downloads, "
         "TMPDIR for temporary files), then resume the run. Objects already in the bucket are intact: an upload "
         "is committed only when complete.")
-
-
-def _tmp_dir() -> str:
-    import tempfile
-
-    return tempfile.gettempdir()
 
 
 def _call(uri: str, action: Any) -> Any:

@@ -5,7 +5,6 @@ Runs are found by tags, so a restarted step reuses its run instead of creating a
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import time
@@ -210,7 +209,7 @@ def recorded_failures(run_uri: str) -> dict[str, list[dict[str, Any]]]:
     """Every step's recorded MLflow failures for a run: ``{step: [entry, ...]}``."""
     found = {}
     for uri in storage.list_uris(storage.join(run_uri, FAILURES)):
-        record = json.loads(storage.read_bytes(uri))
+        record = storage.read_json(uri)
         if record["failures"]:
             found[record["step"]] = record["failures"]
     return dict(sorted(found.items()))
