@@ -57,12 +57,21 @@ def build_model(name: str, n_classes: int, image_size: int, augment: bool = True
 
 
 @keras.saving.register_keras_serializable(package="bloodcell")
-class RandomTranspose(layers.Layer):
-    """Swap height and width of each image with probability 1/2 during training.
+class RandomSymmetry(layers.Layer):
+    """In training, give each image one of its eight right-angle symmetries, drawn at random.
 
-    With horizontal and vertical flips this gives all eight right-angle symmetries, which are
-    label-preserving for cell images and cost almost nothing (no interpolation).
+    Three coin flips per image (horizontal flip, vertical flip, transpose) reach all eight,
+    which are label-preserving for cell images and need no interpolation. Each flip selects whole
+    images with one gather along the batch axis, on the raw uint8 input: on this project's CPUs
+    that is about 4x cheaper than ``RandomFlip`` plus an element-wise select (which cost cnn1
+    a fifth of its training step). Images must be square.
     """
+
+    TRANSFORMS = (
+        lambda images: ops.flip(images, axis=1),
+        lambda images: ops.flip(images, axis=2),
+        lambda images: ops.transpose(images, (0, 2, 1, 3)),
+    )
 
     def __init__(self, seed: int | None = None, **kwargs):
         super().__init__(**kwargs)
@@ -73,8 +82,11 @@ class RandomTranspose(layers.Layer):
         if not training:
             return images
         batch = ops.shape(images)[0]
-        swap = keras.random.uniform((batch, 1, 1, 1), seed=self.seed_generator) < 0.5
-        return ops.where(swap, ops.transpose(images, (0, 2, 1, 3)), images)
+        for transform in self.TRANSFORMS:
+            chosen = ops.cast(keras.random.uniform((batch,), seed=self.seed_generator) < 0.5, "int32")
+            candidates = ops.concatenate([images, transform(images)], axis=0)
+            images = ops.take(candidates, ops.arange(batch) + batch * chosen, axis=0)
+        return images
 
     def compute_output_shape(self, input_shape):
         return input_shape
@@ -94,16 +106,13 @@ class VGGPreprocess(layers.Layer):
         return bgr - ops.convert_to_tensor(self.MEAN_BGR, dtype=self.compute_dtype)
 
 
-def augmentation(seed: int = 777) -> keras.Sequential:
+def augmentation(seed: int = 777) -> RandomSymmetry:
     """Flips and transposes: the eight right-angle symmetries of the image."""
-    return keras.Sequential(
-        [layers.RandomFlip("horizontal_and_vertical", seed=seed), RandomTranspose(seed=seed + 1)],
-        name="augment",
-    )
+    return RandomSymmetry(seed=seed, name="augment")
 
 
 def _inputs(image_size: int, augment: bool) -> tuple[keras.KerasTensor, keras.KerasTensor]:
-    inputs = keras.Input((image_size, image_size, 3), name="image")
+    inputs = keras.Input((image_size, image_size, 3), dtype="uint8", name="image")
     x = augmentation()(inputs) if augment else inputs
     return inputs, x
 

@@ -100,7 +100,7 @@ def _params(model_name: str, cfg: ModelConfig, profile: Profile, policy: str, ar
     params = {
         **asdict(cfg), "precision": policy, "seed": profile.seed, "profile": profile.name,
         "arrays_uri": arrays_uri, "n_train": n_train, "n_val": n_val,
-        "augmentation": "flip+transpose (8 right-angle symmetries)" if cfg.augment else "none",
+        "augmentation": "RandomSymmetry: one of the 8 right-angle symmetries per image" if cfg.augment else "none",
         "optimizer": "adam", "lr_schedule": _schedule_description(cfg),
         "early_stopping": f"val_loss, patience {cfg.early_stopping_patience}, from epoch "
                           f"{cfg.early_stopping_start + 1}, restore best",
@@ -277,7 +277,7 @@ def _train_vgg16(cfg: ModelConfig, n_classes: int, train_data: tuple, val_data: 
     top = keras.Model(top_input, x, name="vgg16_block5")
     head = models.vgg16_head(top.output_shape[1:], n_classes)
 
-    images = keras.Input((cfg.image_size, cfg.image_size, 3), name="image")
+    images = keras.Input((cfg.image_size, cfg.image_size, 3), dtype="uint8", name="image")
     featurizer = keras.Model(images, stem(models.VGGPreprocess(name="vgg_preprocess")(images)))
     stem_train, stem_val = (_features(featurizer, x, cfg.batch_size) for x in (train_data[0], val_data[0]))
     top_train, top_val = (_features(top, x, cfg.batch_size) for x in (stem_train, stem_val))
