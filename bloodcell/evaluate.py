@@ -16,7 +16,7 @@ import mlflow
 import numpy as np
 from sklearn import metrics as skm
 
-from bloodcell import arrays, models, storage, tracking  # noqa: F401 - models registers custom layers
+from bloodcell import arrays, feeding, models, storage, tracking  # noqa: F401 - models registers custom layers
 
 INFERENCE_BATCH = 128
 
@@ -43,9 +43,9 @@ def evaluate_one(model_dir: str, info: dict) -> dict:
         path = storage.download_file(info["model_uri"], Path(tmp, "model.keras"))
         size_bytes = path.stat().st_size
         model = keras.models.load_model(path)
-    model.predict(x_test[:INFERENCE_BATCH], batch_size=INFERENCE_BATCH, verbose=0)  # warm-up
+    feeding.predict(model, x_test[:INFERENCE_BATCH], INFERENCE_BATCH)  # warm-up
     started = time.perf_counter()
-    probabilities = model.predict(x_test, batch_size=INFERENCE_BATCH, verbose=0).astype(np.float32)
+    probabilities = feeding.predict(model, x_test, INFERENCE_BATCH)
     seconds = time.perf_counter() - started
     result = classification_metrics(y_test, probabilities, info["classes"])
     result.update({

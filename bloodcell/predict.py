@@ -11,7 +11,7 @@ import keras
 import numpy as np
 from sklearn import metrics as skm
 
-from bloodcell import models, storage  # noqa: F401 - models registers custom layers
+from bloodcell import feeding, models, storage  # noqa: F401 - models registers custom layers
 from bloodcell.arrays import decode_resized
 from bloodcell.errors import BloodcellError
 from bloodcell.ingest import IMAGE_SUFFIXES
@@ -67,7 +67,7 @@ def main(model_uri: str, paths: list[str], labels_from_folders: bool = False, as
                 unreadable.append({"path": str(path), "error": f"{type(exc).__name__}: {exc}"})
         if not batch:
             continue
-        probabilities = model.predict(np.stack(batch), verbose=0)
+        probabilities = feeding.predict(model, np.stack(batch), BATCH)
         for path, row in zip(kept, probabilities):
             index = int(row.argmax())
             label = classes[index] if index < len(classes) else f"class_{index}"

@@ -15,7 +15,7 @@ from pathlib import Path
 import keras
 import numpy as np
 
-from bloodcell import arrays, hardware, models, sources, storage, tracking
+from bloodcell import arrays, feeding, hardware, models, sources, storage, tracking
 from bloodcell.config import ModelConfig, Profile
 
 
@@ -105,6 +105,7 @@ def _params(model_name: str, cfg: ModelConfig, profile: Profile, policy: str, ar
         "early_stopping": f"val_loss, patience {cfg.early_stopping_patience}, from epoch "
                           f"{cfg.early_stopping_start + 1}, restore best",
         "input_scaling": "vgg16 preprocess" if model_name == "vgg16" else "rescale 1/255",
+        "input_pipeline": feeding.describe(),
     }
     if model_name == "vgg16":
         params["vgg16_weights"] = vgg16_weights
@@ -178,8 +179,10 @@ def fit(model: keras.Model, train_data: tuple, val_data: tuple, cfg: ModelConfig
                                                               verbose=1))
     x, y = train_data
     result = model.fit(
-        x, y, validation_data=val_data, epochs=epochs, initial_epoch=initial_epoch,
-        batch_size=cfg.batch_size, callbacks=callbacks, class_weight=_class_weights(y, cfg), verbose=1,
+        feeding.batches(x, y, batch_size=cfg.batch_size, shuffle=True),
+        validation_data=feeding.batches(*val_data, batch_size=cfg.batch_size), epochs=epochs,
+        initial_epoch=initial_epoch, callbacks=callbacks, class_weight=_class_weights(y, cfg), verbose=1,
+        shuffle=False,  # the batches reshuffle themselves every epoch
     )
     if epoch_logger:
         epoch_logger.flush()
@@ -300,7 +303,7 @@ def _train_vgg16(cfg: ModelConfig, n_classes: int, train_data: tuple, val_data: 
 
 
 def _features(extractor: keras.Model, x: np.ndarray, batch_size: int) -> np.ndarray:
-    return extractor.predict(x, batch_size=batch_size, verbose=0).astype(np.float32)
+    return feeding.predict(extractor, x, batch_size)
 
 
 def resolve_vgg16_weights(weights: str) -> str | None:
