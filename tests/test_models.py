@@ -65,3 +65,32 @@ def test_vgg16_weights_check_is_fast_and_names_the_options(tmp_path, monkeypatch
     models.check_vgg16_weights("none")
     with pytest.raises(BloodcellError, match=r"does not exist. Offline options: --vgg16-weights none"):
         models.check_vgg16_weights(str(tmp_path / "missing.h5"))
+
+
+@pytest.mark.parametrize("policy", ["float32", "mixed_bfloat16"])
+def test_fused_batch_norm_matches_keras_batch_normalization(policy):
+    """Same outputs, input gradients and moving statistics as Keras' layer, in training and inference."""
+    import tensorflow as tf
+
+    keras.mixed_precision.set_global_policy(policy)
+    try:
+        x = tf.constant(np.random.default_rng(0).normal(2.0, 3.0, (6, 5, 5, 4)), "float32")
+        ours, reference = models.BatchNorm(momentum=0.9), keras.layers.BatchNormalization(momentum=0.9)
+        for layer in (ours, reference):
+            layer.build(x.shape)
+            layer.gamma.assign([0.5, 1.0, 1.5, 2.0])
+            layer.beta.assign([0.0, 0.1, -0.2, 0.3])
+        results = []
+        for layer in (ours, reference):
+            with tf.GradientTape() as tape:
+                tape.watch(x)
+                outputs = tf.cast(layer(x, training=True), "float32")
+                loss = tf.reduce_sum(outputs * tf.range(outputs.shape[-1], dtype="float32"))
+            results.append((outputs, tape.gradient(loss, x), layer.moving_mean, layer.moving_variance,
+                            tf.cast(layer(x, training=False), "float32")))
+        tolerance = 1e-4 if policy == "float32" else 5e-2
+        for mine, theirs in zip(*results):
+            np.testing.assert_allclose(np.asarray(mine), np.asarray(theirs), rtol=tolerance, atol=tolerance)
+        assert type(keras.layers.deserialize(keras.layers.serialize(ours))) is models.BatchNorm
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
