@@ -95,7 +95,7 @@ PROFILES: dict[str, Profile] = {
         cnn2=ModelConfig(image_size=96, epochs=1, batch_size=32, lr_schedule="cosine"),
         vgg16=ModelConfig(image_size=32, epochs=1, batch_size=32, fine_tune_epochs=1),
     ),
-    # The full data at reduced resolution, sized for a 2-core CPU (about 30 minutes).
+    # The full data at reduced resolution, sized for a 2-core CPU (measured: 20 minutes, all three models).
     "laptop": Profile(
         name="laptop",
         # cosine over a fixed budget: with ReduceLROnPlateau cnn1 was still improving at epoch 34 (92.6%)
