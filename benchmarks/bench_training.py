@@ -46,20 +46,26 @@ from bloodcell.config import ModelConfig  # noqa: E402
 
 
 class EpochTimer(keras.callbacks.Callback):
-    """Wall time of each epoch, and of each training step after an epoch's first."""
+    """Wall time of each epoch and the part of it spent inside training steps; and the time
+    between consecutive steps after an epoch's first."""
 
     def on_train_begin(self, logs=None):
-        self.durations, self.step_durations = [], []
+        self.durations, self.in_steps, self.step_durations = [], [], []
 
     def on_epoch_begin(self, epoch, logs=None):
         self.started = time.perf_counter()
-        self.step_started = None
+        self.step_started = self.last_step_end = None
+        self.in_steps.append(0.0)
+
+    def on_train_batch_begin(self, batch, logs=None):
+        self.step_started = time.perf_counter()
 
     def on_train_batch_end(self, batch, logs=None):
         now = time.perf_counter()
-        if self.step_started is not None:
-            self.step_durations.append(now - self.step_started)
-        self.step_started = now
+        self.in_steps[-1] += now - self.step_started
+        if self.last_step_end is not None:
+            self.step_durations.append(now - self.last_step_end)
+        self.last_step_end = now
 
     def on_epoch_end(self, epoch, logs=None):
         self.durations.append(time.perf_counter() - self.started)

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -23,35 +22,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 
+from benchmarks.bench_training import EpochTimer  # noqa: E402
 from bloodcell import feeding, models, train  # noqa: E402
-
-
-class StepClock(keras.callbacks.Callback):
-    """Per epoch: wall seconds and the seconds spent inside training steps."""
-
-    def on_train_begin(self, logs=None):
-        self.epochs: list[tuple[float, float]] = []
-
-    def on_epoch_begin(self, epoch, logs=None):
-        self.epoch_started, self.in_steps = time.perf_counter(), 0.0
-
-    def on_train_batch_begin(self, batch, logs=None):
-        self.step_started = time.perf_counter()
-
-    def on_train_batch_end(self, batch, logs=None):
-        self.in_steps += time.perf_counter() - self.step_started
-
-    def on_epoch_end(self, epoch, logs=None):
-        self.epochs.append((time.perf_counter() - self.epoch_started, self.in_steps))
 
 
 def measure(label: str, fit_input: dict, epochs: int) -> None:
     keras.utils.set_random_seed(777)
     model = models.build_model("cnn1", 8, 128, augment=False)
     train._compile(model, 1e-3)
-    clock = StepClock()
-    model.fit(**fit_input, epochs=epochs, verbose=0, callbacks=[clock])
-    for index, (wall, steps) in enumerate(clock.epochs, 1):
+    timer = EpochTimer()
+    model.fit(**fit_input, epochs=epochs, verbose=0, callbacks=[timer])
+    for index, (wall, steps) in enumerate(zip(timer.durations, timer.in_steps), 1):
         print(f"{label}: epoch {index}: {wall:6.2f} s wall, {steps:6.2f} s in steps, "
               f"{wall - steps:6.2f} s at the epoch's start and end", flush=True)
 

@@ -122,9 +122,9 @@ class BatchNorm(layers.BatchNormalization):
             return super().call(inputs, training=training, mask=mask)
         import tensorflow as tf
 
-        ones = tf.ones(inputs.shape[-1], "float32")
-        gamma = tf.cast(self.gamma, "float32") if self.scale else ones
-        beta = tf.cast(self.beta, "float32") if self.center else ones * 0
+        channels = inputs.shape[-1]
+        gamma = tf.cast(self.gamma, "float32") if self.scale else tf.ones(channels, "float32")
+        beta = tf.cast(self.beta, "float32") if self.center else tf.zeros(channels, "float32")
         if training and self.trainable:
             outputs, mean, variance = tf.compat.v1.nn.fused_batch_norm(
                 inputs, gamma, beta, epsilon=self.epsilon, is_training=True)
