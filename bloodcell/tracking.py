@@ -161,6 +161,16 @@ class Tracker:
         if self.down:
             self._record("connect", f"no answer from {mlflow.get_tracking_uri()} within {wait_s:.0f} s")
 
+    def await_server(self, wait_s: float | None = None) -> bool:
+        """If the server was down at the last call, wait up to ``wait_s`` (default :func:`wait_timeout`)
+        seconds for it to return, so a step's final logging (model, results) survives a short outage."""
+        if self.down:
+            wait_s = wait_timeout() if wait_s is None else wait_s
+            print(f"MLflow was unreachable at the last call; waiting up to {wait_s:.0f} s for it to return",
+                  flush=True)
+            self.down = not wait_for_server(wait_s)
+        return not self.down
+
     def call(self, what: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         """``fn(*args, **kwargs)``, or None (recorded) if the server is down or the call fails."""
         return self._run(what, fn, args, kwargs)[1]

@@ -61,16 +61,17 @@ def train(model_name: str, arrays_uri: str, run_uri: str, profile: Profile, expe
         tracker.attempt("log params", tracking.log_params, run_id, _params(model_name, cfg, profile, policy,
                                                                            arrays_uri, len(x_train), len(x_val),
                                                                            vgg16_weights))
+    epoch_logger = EpochMetricsLogger(tracker, run_id)
     try:
         if model_name == "vgg16":
             model, history = _train_vgg16(cfg, n_classes=len(meta["classes"]), train_data=(x_train, y_train),
                                           val_data=(x_val, y_val), ckpt_uri=ckpt_uri, weights=vgg16_weights,
-                                          epoch_logger=EpochMetricsLogger(tracker, run_id))
+                                          epoch_logger=epoch_logger)
         else:
             model = models.build_model(model_name, len(meta["classes"]), cfg.image_size, augment=cfg.augment)
             _compile(model, learning_rate(cfg, len(x_train)))
             history = fit(model, (x_train, y_train), (x_val, y_val), cfg, cfg.epochs, storage.join(ckpt_uri, "main"),
-                          epoch_logger=EpochMetricsLogger(tracker, run_id))
+                          epoch_logger=epoch_logger)
     except BaseException:
         if run_id:
             tracker.attempt("mark the model run failed", tracking.finish, run_id, "FAILED")
@@ -80,6 +81,8 @@ def train(model_name: str, arrays_uri: str, run_uri: str, profile: Profile, expe
     throughput = epochs * len(x_train) / seconds if seconds else 0.0
     mlflow_model_uri = None
     if run_id:
+        tracker.await_server()
+        epoch_logger.flush()  # epochs that ended during an outage
         tracker.attempt("log results", _log_results, run_id, model.count_params(), epochs, seconds, throughput)
         mlflow_model_uri = tracker.call("log the model", tracking.log_keras_model, run_id, model, meta["classes"],
                                         _pip_requirements())

@@ -1,0 +1,51 @@
+"""The MLflow tracker: a step's final logging waits out a short tracking-server outage."""
+
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+
+from bloodcell import tracking
+
+
+@pytest.fixture
+def health_server(monkeypatch):
+    """An HTTP tracking URI whose /health answers 503 until ``healthy`` is set, then 200."""
+    healthy = threading.Event()
+
+    class Health(BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(200 if healthy.is_set() else 503)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Health)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{server.server_port}")
+    yield healthy
+    server.shutdown()
+
+
+def test_await_server_waits_for_a_returning_server_and_gives_up_after_its_bound(services, health_server):
+    run_uri = f"gs://{services['bucket']}/runs/tracker-{time.time_ns()}"
+    tracker = tracking.Tracker(run_uri, "train-cnn1", wait_s=0)
+    assert tracker.down
+    assert tracker.call("log the model", lambda: "logged") is None  # skipped while down
+
+    threading.Timer(2, health_server.set).start()
+    started = time.monotonic()
+    assert tracker.await_server(wait_s=60)
+    assert 1 < time.monotonic() - started < 30
+    assert tracker.call("log the model", lambda: "logged") == "logged"
+    failures = {f["what"]: f for f in tracking.recorded_failures(run_uri)["train-cnn1"]}
+    assert failures["connect"]["recovered"] is False and failures["log the model"]["recovered"] is True
+
+    health_server.clear()
+    assert tracker.call("log results", lambda: 1 / 0) is None  # a failed call marks the server down
+    started = time.monotonic()
+    assert not tracker.await_server(wait_s=2)
+    assert time.monotonic() - started < 10
+    assert tracker.await_server(wait_s=0) is False
