@@ -4,13 +4,14 @@ import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+import mlflow
 import pytest
 
 from bloodcell import tracking
 
 
 @pytest.fixture
-def health_server(monkeypatch):
+def health_server():
     """An HTTP tracking URI whose /health answers 503 until ``healthy`` is set, then 200."""
     healthy = threading.Event()
 
@@ -24,8 +25,10 @@ def health_server(monkeypatch):
 
     server = ThreadingHTTPServer(("127.0.0.1", 0), Health)
     threading.Thread(target=server.serve_forever, daemon=True).start()
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{server.server_port}")
+    previous = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(f"http://127.0.0.1:{server.server_port}")  # wins over the environment
     yield healthy
+    mlflow.set_tracking_uri(previous)
     server.shutdown()
 
 
