@@ -146,7 +146,8 @@ FAILURES = "tracking_failures"
 class Tracker:
     """MLflow calls that cannot sink a step: bounded retries, and every failure recorded in the bucket.
 
-    A step waits up to :func:`wait_timeout` seconds for the server, then goes on without it. After a
+    A step waits up to :func:`wait_timeout` seconds for the server (at its start, and again before
+    its final logging through :meth:`await_server`), then goes on without it. After a
     failed call, later calls first probe the server (2 s) and are skipped while it stays down. What
     failed is written to ``<run_uri>/tracking_failures/<step>.json``, which the report shows; an
     entry is marked ``recovered`` when a later call of the same kind succeeds (e.g. epoch metrics
@@ -156,16 +157,16 @@ class Tracker:
     def __init__(self, run_uri: str, step: str, wait_s: float | None = None):
         self.run_uri, self.step = run_uri, step
         self.failures: dict[str, dict[str, Any]] = {}
-        wait_s = wait_timeout() if wait_s is None else wait_s
-        self.down = not wait_for_server(wait_s)
+        self.wait_s = wait_timeout() if wait_s is None else wait_s
+        self.down = not wait_for_server(self.wait_s)
         if self.down:
-            self._record("connect", f"no answer from {mlflow.get_tracking_uri()} within {wait_s:.0f} s")
+            self._record("connect", f"no answer from {mlflow.get_tracking_uri()} within {self.wait_s:.0f} s")
 
     def await_server(self, wait_s: float | None = None) -> bool:
-        """If the server was down at the last call, wait up to ``wait_s`` (default :func:`wait_timeout`)
-        seconds for it to return, so a step's final logging (model, results) survives a short outage."""
+        """If the server was down at the last call, wait up to ``wait_s`` (default: the bound the step
+        started with) seconds for it to return, so a step's final logging survives a short outage."""
         if self.down:
-            wait_s = wait_timeout() if wait_s is None else wait_s
+            wait_s = self.wait_s if wait_s is None else wait_s
             print(f"MLflow was unreachable at the last call; waiting up to {wait_s:.0f} s for it to return",
                   flush=True)
             self.down = not wait_for_server(wait_s)
