@@ -12,6 +12,8 @@ import os
 import typing
 from dataclasses import dataclass
 
+from bloodcell import __version__
+
 MENDELEY_URL = (
     "https://data.mendeley.com/public-files/datasets/snkd93bnjr/files/"
     "2fc38728-2ae7-4a62-a857-032af82334c3/file_downloaded"
@@ -19,9 +21,20 @@ MENDELEY_URL = (
 MENDELEY_ZIP_BYTES = 281_366_219
 MODEL_NAMES = ("cnn1", "cnn2", "vgg16")
 LR_SCHEDULES = ("plateau", "cosine")
-DEFAULT_IMAGE = os.environ.get("BLOODCELL_IMAGE", "ghcr.io/bloodcell/bloodcell:0.1.0")
+# The pipeline image: the one name that `make image`, the compiled pipeline, the cluster manifests and
+# `pipeline.py run --runner docker` use (BLOODCELL_IMAGE, or make's IMAGE=, overrides it). A local name:
+# push it to a registry under another name for a cluster that cannot load local images.
+IMAGE = f"bloodcell:{__version__}"
+DEFAULT_IMAGE = os.environ.get("BLOODCELL_IMAGE") or IMAGE
 DEFAULT_BUCKET = os.environ.get("BLOODCELL_BUCKET", "bloodcell")
 DEFAULT_EXPERIMENT = os.environ.get("BLOODCELL_EXPERIMENT", "bloodcell")
+
+
+# What every step reads from its environment: on a cluster from ConfigMap `bloodcell-env`, in local
+# containers from the services `pipeline.py run` started.
+STEP_ENV = ("MLFLOW_TRACKING_URI", "STORAGE_EMULATOR_HOST", "MLFLOW_TRACKING_USERNAME")
+# Settings of this machine's environment that local containers get too.
+PASSED_ENV = ("BLOODCELL_MLFLOW_WAIT_S", "MLFLOW_TRACKING_PASSWORD", "GOOGLE_CLOUD_PROJECT")
 
 
 class ConfigError(ValueError):
@@ -230,7 +243,14 @@ def _coerce(value: typing.Any, hint: typing.Any, key: str) -> typing.Any:
 
 
 __all__ = [
-    "ClusterSettings", "ConfigError", "DEFAULT_BUCKET", "DEFAULT_EXPERIMENT", "DEFAULT_IMAGE", "MENDELEY_URL",
-    "MENDELEY_ZIP_BYTES", "MODEL_NAMES", "ModelConfig", "PROFILES", "Profile",
+    "ClusterSettings", "ConfigError", "DEFAULT_BUCKET", "DEFAULT_EXPERIMENT", "DEFAULT_IMAGE", "IMAGE", "MENDELEY_URL",
+    "MENDELEY_ZIP_BYTES", "MODEL_NAMES", "ModelConfig", "PASSED_ENV", "PROFILES", "Profile", "STEP_ENV",
     "parse_assignments", "resolve",
 ]
+
+if __name__ == "__main__":  # `python -m bloodcell.config image`: the image name, for make (stdlib only)
+    import sys
+
+    if sys.argv[1:] != ["image"]:
+        sys.exit("usage: python -m bloodcell.config image")
+    print(DEFAULT_IMAGE)
