@@ -2,6 +2,7 @@
 """The bloodcell Kubeflow pipeline and its command line.
 
     python pipeline.py run [--profile laptop] [--data SOURCE] [--summary FILE]   # local, embedded
+    python pipeline.py run --runner docker [--image IMAGE] ...                    # each step in a container
     python pipeline.py run --resume RUN_ID                                        # after a failure
     python pipeline.py stop                                                       # stop local services
     python pipeline.py compile --output pipeline.yaml
@@ -24,15 +25,14 @@ from bloodcell.errors import BloodcellError
 from components import evaluate, ingest, report, split, train_cnn1, train_cnn2, train_vgg16
 
 TRAINERS = {"cnn1": train_cnn1, "cnn2": train_cnn2, "vgg16": train_vgg16}
-STEP_ENV = ("MLFLOW_TRACKING_URI", "STORAGE_EMULATOR_HOST", "MLFLOW_TRACKING_USERNAME")
 
 
-def place_on_cluster(*data_tasks: dsl.PipelineTask, trainers: list[dsl.PipelineTask]) -> None:
-    """Resources, GPU placement, retries and environment for a cluster run (ignored by local runs)."""
-    settings = config.ClusterSettings.from_env()
+def place_on_cluster(settings: config.ClusterSettings, *data_tasks: dsl.PipelineTask,
+                     trainers: list[dsl.PipelineTask]) -> None:
+    """Resources, GPU placement, retries and environment of a cluster run (local runs leave them out)."""
     for task in [*data_tasks, *trainers]:
         kubernetes.use_config_map_as_env(
-            task, settings.env_config_map, {name: name for name in STEP_ENV}, optional=True)
+            task, settings.env_config_map, {name: name for name in config.STEP_ENV}, optional=True)
         task.set_retry(num_retries=settings.retries, backoff_duration="60s", backoff_factor=2)
     for task in data_tasks:
         task.set_cpu_request(settings.data_cpu).set_cpu_limit(settings.data_cpu)
@@ -49,8 +49,8 @@ def place_on_cluster(*data_tasks: dsl.PipelineTask, trainers: list[dsl.PipelineT
             kubernetes.add_toleration(task, key=settings.gpu_toleration_key, operator="Exists", effect="NoSchedule")
 
 
-def make_pipeline(for_cluster: bool = True):
-    """The pipeline; ``for_cluster`` adds resources, GPU placement and retries (see :func:`place_on_cluster`)."""
+def make_pipeline(image: str = config.DEFAULT_IMAGE, cluster: Optional[config.ClusterSettings] = None):
+    """The pipeline, every task in ``image``; ``cluster`` adds resources, GPU placement and retries."""
 
     @dsl.pipeline(name="bloodcell", description="Train and compare CNNs classifying blood cell images (PBC).")
     def bloodcell(
@@ -74,13 +74,20 @@ def make_pipeline(for_cluster: bool = True):
         evaluate_task = evaluate(bucket=bucket, run_id=run_id, **{n: t.outputs["model"] for n, t in trained.items()})
         report_task = report(run_id=run_id, split_uri=split_task.outputs["Output"], experiment=experiment,
                              metrics=evaluate_task.outputs["metrics"], **common)
-        if for_cluster:
-            place_on_cluster(ingest_task, split_task, evaluate_task, report_task, trainers=list(trained.values()))
+        tasks = [ingest_task, split_task, *trained.values(), evaluate_task, report_task]
+        for task in tasks:
+            task.set_container_image(image).set_env_variable("BLOODCELL_IMAGE", image)
+        if cluster:
+            place_on_cluster(cluster, ingest_task, split_task, evaluate_task, report_task,
+                             trainers=list(trained.values()))
 
     return bloodcell
 
 
-bloodcell_pipeline = make_pipeline(for_cluster=True)
+def cluster_pipeline():
+    """The pipeline as a cluster runs it: image and placement from ``BLOODCELL_*`` (see ClusterSettings)."""
+    settings = config.ClusterSettings.from_env()
+    return make_pipeline(settings.image, settings)
 
 
 
@@ -98,101 +105,26 @@ def pipeline_arguments(args: argparse.Namespace, run_id: str) -> dict[str, str]:
 
 
 def run_local(args: argparse.Namespace) -> int:
-    """Run the pipeline on this machine with local object storage and MLflow."""
-    import kfp.local
+    """Run the pipeline on this machine with local object storage and MLflow (bloodcell.local_pipeline)."""
+    from bloodcell import local_pipeline
 
-    from bloodcell import local_runs, models
-    from bloodcell.services import LocalServices
-
-    state = Path(args.state_dir)
+    options = local_pipeline.RunOptions(
+        state_dir=Path(args.state_dir), runner=args.runner, image=args.image, summary=args.summary,
+        gcs_port=args.gcs_port, mlflow_port=args.mlflow_port, resume=args.resume)
     if args.resume:
-        run_id, arguments = args.resume, local_runs.load_arguments(state, args.resume)
-    else:
-        run_id = new_run_id()
-        arguments = pipeline_arguments(args, run_id)
-    weights = arguments["vgg16_weights"]
-    if not weights.startswith("gs://"):
-        models.check_vgg16_weights(weights)
-    others = local_runs.in_progress(state)
-    if run_id in others:
-        raise BloodcellError(f"run {run_id} is already in progress (pid {others[run_id]}); wait for it to end")
-    if others:
-        print(f"note: run(s) {', '.join(others)} in progress too; this run shares their services, "
-              f"its outputs go under runs/{run_id}/")
-    services = LocalServices(state, arguments["bucket"], args.gcs_port, args.mlflow_port)
-    os.environ.update(services.start())
-    if weights.startswith("gs://"):
-        models.check_vgg16_weights(weights)
-    local_runs.save_arguments(state, run_id, arguments)
-    kfp.local.init(runner=kfp.local.SubprocessRunner(use_venv=False), pipeline_root=str(state / "kfp"),
-                   raise_on_error=True)
-    started = time.perf_counter()
-    print(f"run {run_id}: profile {arguments['profile']}, data {arguments['source']}"
-          + (" (resumed: finished steps and epochs are kept)" if args.resume else ""))
-    with local_runs.active(state, run_id), local_runs.TaskLog(sys.stdout).installed() as task_log:
-        try:
-            make_pipeline(for_cluster=False)(**arguments)
-        except RuntimeError as exc:  # kfp.local: "Pipeline ... finished with status FAILURE. Inner task failed: ..."
-            return report_failure(run_id, task_log, exc, args)
-    return finish_run(run_id, arguments, state, time.perf_counter() - started, args)
-
-
-def report_failure(run_id: str, task_log, exc: Exception, args: argparse.Namespace) -> int:
-    """Name the failing step, show the end of its log and how to resume; exit status 1."""
-    from bloodcell import local_runs
-
-    task = task_log.task or "unknown"
-    tail = "\n".join(f"    {line}" for line in task_log.lines) or "    (no output)"
-    resume = f"python pipeline.py run --resume {run_id}"
-    if args.state_dir != ".bloodcell":
-        resume += f" --state-dir {args.state_dir}"
-    print(f"error: run {run_id} failed in step {task} ({local_runs.plain(str(exc)).strip()})\n"
-          f"last lines of {task}'s log:\n{tail}\n"
-          f"fix the cause, then resume: {resume} (finished steps and training epochs are kept)", file=sys.stderr)
-    return 1
-
-
-def finish_run(run_id: str, arguments: dict[str, str], state: Path, seconds: float, args: argparse.Namespace) -> int:
-    from bloodcell import storage, tracking
-
-    bucket = arguments["bucket"]
-    summary = storage.read_json(f"gs://{bucket}/runs/{run_id}/summary.json")
-    summary["wall_seconds"] = round(seconds, 1)
-    local_dir = state / "runs" / run_id
-    report_copy = storage.download_file(summary["report_uri"], local_dir / "report.html")
-    summary["report_local_path"] = str(report_copy.resolve())
-    summary_path = Path(args.summary) if args.summary else local_dir / "summary.json"
-    summary_path.parent.mkdir(parents=True, exist_ok=True)
-    summary_path.write_text(json.dumps(summary, indent=2))
-    for name, model in summary["models"].items():
-        print(f"  {name:6} test accuracy {model['test_accuracy']:.2%}  macro F1 {model['macro_f1']:.4f}")
-    print(f"report: {summary['report_uri']} (local copy: {report_copy})")
-    print(f"summary: {summary_path}")
-    for line in tracking.describe_failures(summary.get("tracking_failures", {})):
-        print(f"warning: MLflow logging failed in {line}")
-    experiment_url = f"{summary['mlflow_tracking_uri']}/#/experiments"
-    print(f"MLflow UI: {experiment_url} (experiment {arguments['experiment']!r}); "
-          f"stop services: python pipeline.py stop")
-    return 0
+        return local_pipeline.run(make_pipeline, options)
+    run_id = new_run_id()
+    return local_pipeline.run(make_pipeline, options, pipeline_arguments(args, run_id), run_id)
 
 
 def stop_local(args: argparse.Namespace) -> int:
-    from bloodcell import local_runs
-    from bloodcell.services import LocalServices
+    from bloodcell import local_pipeline
 
-    running = local_runs.in_progress(Path(args.state_dir))
-    if running and not args.force:
-        listing = ", ".join(f"{run} (pid {pid})" for run, pid in running.items())
-        print(f"error: run(s) in progress: {listing}. Stopping the services now would fail them; wait for them "
-              f"to end, or pass --force.", file=sys.stderr)
-        return 1
-    stopped = LocalServices(args.state_dir, args.bucket).stop()
-    print("stopped: " + ", ".join(stopped) if stopped else "no local service was running")
-    return 0
+    return local_pipeline.stop(Path(args.state_dir), args.bucket, args.force)
 
 
 def compile_pipeline(args: argparse.Namespace) -> int:
-    compiler.Compiler().compile(bloodcell_pipeline, args.output)
+    compiler.Compiler().compile(cluster_pipeline(), args.output)
     print(f"wrote {args.output}")
     return 0
 
@@ -203,7 +135,7 @@ def submit(args: argparse.Namespace) -> int:
     run_id = new_run_id()
     client = kfp.Client(host=args.host)
     run = client.create_run_from_pipeline_func(
-        bloodcell_pipeline, arguments=pipeline_arguments(args, run_id), run_name=f"bloodcell-{run_id}",
+        cluster_pipeline(), arguments=pipeline_arguments(args, run_id), run_name=f"bloodcell-{run_id}",
         experiment_name=args.experiment, pipeline_root=args.pipeline_root,
     )
     print(f"submitted run {run_id}: {args.host.rstrip('/')}/#/runs/details/{run.run_id}")
@@ -232,6 +164,11 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     run.add_argument("--resume", metavar="RUN_ID",
                      help="rerun a failed or interrupted run with its original arguments: finished steps are "
                           "reused and trainers continue from their last checkpoint")
+    run.add_argument("--runner", choices=["subprocess", "docker"],
+                     help="run each step as a local process (default) or in a container of --image "
+                          "(a resumed run keeps its own)")
+    run.add_argument("--image", help=f"image for --runner docker (default {config.DEFAULT_IMAGE}; `make image` "
+                                     "builds it)")
     run.add_argument("--state-dir", default=".bloodcell", help="local services' state (default .bloodcell/)")
     run.add_argument("--gcs-port", type=int, default=int(os.environ.get("BLOODCELL_GCS_PORT", 9023)))
     run.add_argument("--mlflow-port", type=int, default=int(os.environ.get("BLOODCELL_MLFLOW_PORT", 5023)))

@@ -1,7 +1,7 @@
 """Bookkeeping of local pipeline runs: which are in progress, their arguments, their tasks' logs.
 
-``<state>/runs/<run_id>/arguments.json`` keeps a run's arguments so ``run --resume RUN_ID``
-repeats it exactly; ``<state>/active/<run_id>.json`` marks a run in progress (its pid, checked
+``<state>/runs/<run_id>/arguments.json`` keeps a run's arguments (and ``runner.json`` how its steps
+run) so ``run --resume RUN_ID`` repeats it exactly; ``<state>/active/<run_id>.json`` marks a run in progress (its pid, checked
 against the process's command line, so a crashed run's record is recognised as stale).
 """
 
@@ -42,6 +42,16 @@ def load_arguments(state_dir: Path, run_id: str) -> dict[str, str]:
         raise BloodcellError(f"no local run {run_id!r} in {state_dir}/runs to resume; runs there: "
                              f"{', '.join(known[-5:]) or 'none'}")
     return json.loads(path.read_text())
+
+
+def save_runner(state_dir: Path, run_id: str, runner: dict[str, str]) -> None:
+    """How the run's steps run (``{"runner": "docker", "image": ..., "image_id": ...}``), for ``--resume``."""
+    (state_dir / "runs" / run_id / "runner.json").write_text(json.dumps(runner, indent=2))
+
+
+def load_runner(state_dir: Path, run_id: str) -> dict[str, str]:
+    path = state_dir / "runs" / run_id / "runner.json"
+    return json.loads(path.read_text()) if path.is_file() else {}
 
 
 def in_progress(state_dir: Path) -> dict[str, int]:

@@ -20,11 +20,32 @@ F = TypeVar("F", bound=Callable)
 MODEL_NAMES = config.MODEL_NAMES
 
 
+def runtime() -> dict:
+    """Where this step runs: its user, whether in a container with a read-only root, the image."""
+    in_container = os.path.exists("/.dockerenv") or "KUBERNETES_SERVICE_HOST" in os.environ
+    return {
+        "uid": os.getuid(), "gid": os.getgid(), "container": in_container,
+        "read_only_root": bool(os.statvfs("/").f_flag & os.ST_RDONLY),
+        "image": os.environ.get("BLOODCELL_IMAGE", "") if in_container else "",
+        "image_id": os.environ.get("BLOODCELL_IMAGE_ID", "") if in_container else "",
+    }
+
+
+def describe_runtime(facts: dict) -> str:
+    if not facts["container"]:
+        return f"uid {facts['uid']}, a local process"
+    image = f", image {facts['image']}" if facts["image"] else ""
+    image += f" ({facts['image_id'][:19]})" if facts["image_id"] else ""
+    root = "read-only" if facts["read_only_root"] else "writable"
+    return f"uid {facts['uid']}, in a container ({root} root filesystem){image}"
+
+
 def user_errors(step: F) -> F:
     """Report a :class:`BloodcellError` as one clear line and exit 2, instead of a traceback."""
 
     @functools.wraps(step)
     def wrapper(*args, **kwargs):
+        print(f"step {step.__name__}: {describe_runtime(runtime())}", flush=True)
         try:
             return step(*args, **kwargs)
         except (BloodcellError, config.ConfigError) as exc:
@@ -84,7 +105,7 @@ def train(model: str, split_uri: str, bucket: str, run_id: str, profile: str = "
 
 def describe_model_artifact(artifact, result: dict) -> None:
     """Fill a kfp ``Model`` output: the trained model's metadata, and its bucket URI as the file's content."""
-    artifact.metadata.update(result)
+    artifact.metadata.update(result, runtime=runtime())
     with open(artifact.path, "w") as pointer:
         pointer.write(result["model_uri"])
 

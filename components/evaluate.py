@@ -21,3 +21,4 @@ def evaluate(
         for key in ("accuracy", "macro_f1", "weighted_f1", "roc_auc_ovr"):
             metrics.log_metric(f"{name}.{key}", result[key])
         confusion[name].log_confusion_matrix(result["classes"], result["confusion_matrix"])
+    metrics.metadata["runtime"] = steps.runtime()

@@ -14,5 +14,5 @@ def ingest(source: str, bucket: str, vgg16_weights: str, stats: Output[Metrics])
     result = steps.ingest(source, bucket, vgg16_weights)
     for key in ("images", "quarantined", "duplicates"):
         stats.log_metric(key, result[key])
-    stats.metadata["dataset_hash"] = result["dataset_hash"]
+    stats.metadata.update(dataset_hash=result["dataset_hash"], runtime=steps.runtime())
     return result["dataset_uri"]

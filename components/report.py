@@ -19,4 +19,5 @@ def report(
         out.write(storage.read_bytes(summary["report_uri"]))
     with open(report_markdown.path, "wb") as out:
         out.write(storage.read_bytes(summary["report_markdown_uri"]))
+    report_html.metadata["runtime"] = steps.runtime()
     return summary["report_uri"]

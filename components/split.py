@@ -15,5 +15,5 @@ def split(dataset_uri: str, bucket: str, profile: str, overrides: str, counts: O
     for subset, per_class in result["counts"].items():
         for label, count in per_class.items():
             counts.log_metric(f"{subset}.{label}", count)
-    counts.metadata["array_uris"] = result["array_uris"]
+    counts.metadata.update(array_uris=result["array_uris"], runtime=steps.runtime())
     return result["split_uri"]

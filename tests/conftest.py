@@ -3,7 +3,12 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
+import subprocess
+import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -13,6 +18,44 @@ from bloodcell.services import free_port
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = (ROOT / ".." / "shared" / "datasets" / "PBC_dataset_normal_DIB").resolve()
 UNDECODABLE = "neutrophil/.DS_169665.jpg"
+
+
+def plain(text: str) -> str:
+    """``text`` without terminal colour codes (kfp colours task names)."""
+    return re.sub(r"\x1b\[[0-9;]*m", "", text)
+
+
+class PipelineRun:
+    """``python pipeline.py run`` in the background, its output collected line by line."""
+
+    def __init__(self, args: list[str], env: dict[str, str]):
+        self.lines: list[str] = []
+        self.process = subprocess.Popen([sys.executable, "pipeline.py", "run", *args], cwd=ROOT, env=env,
+                                        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                        start_new_session=True)
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        for line in self.process.stdout:
+            self.lines.append(plain(line).rstrip("\n"))
+
+    def wait_for(self, pattern: str, timeout: float = 300) -> re.Match:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for line in list(self.lines):
+                found = re.search(pattern, line)
+                if found:
+                    return found
+            if self.process.poll() is not None and not self._reader.is_alive():
+                break
+            time.sleep(0.2)
+        raise AssertionError(f"no line matching {pattern!r}; output:\n" + "\n".join(self.lines[-40:]))
+
+    def finish(self, timeout: float = 900) -> tuple[int, str]:
+        returncode = self.process.wait(timeout=timeout)
+        self._reader.join(timeout=30)
+        return returncode, "\n".join(self.lines)
 
 
 @pytest.fixture(scope="session")

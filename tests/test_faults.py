@@ -7,14 +7,12 @@ bucket's contents before and after. Timings are printed (``-s``) for the fault t
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
 import signal
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -26,7 +24,7 @@ from mlflow.tracking import MlflowClient
 from bloodcell import config, ingest, split, storage
 from bloodcell.services import LocalServices, free_port
 
-from conftest import ROOT
+from conftest import ROOT, PipelineRun
 
 pytestmark = pytest.mark.faults
 IMMUTABLE = ("datasets/", "sources/", "splits/", "arrays/")  # content-addressed: written once, never changed
@@ -48,39 +46,6 @@ def assert_readable(bucket: str, names: list[str]) -> None:
         elif name.endswith(".keras"):
             assert data[:2] == b"PK", name  # a complete zip archive starts and ends with its records
             assert b"PK\x05\x06" in data[-4096:], f"{name} is truncated"
-
-
-class PipelineRun:
-    """``python pipeline.py run`` in the background, its output collected line by line."""
-
-    def __init__(self, args: list[str], env: dict[str, str]):
-        self.lines: list[str] = []
-        self.process = subprocess.Popen([sys.executable, "pipeline.py", "run", *args], cwd=ROOT, env=env,
-                                        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                        start_new_session=True)
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
-
-    def _read(self) -> None:
-        for line in self.process.stdout:
-            self.lines.append(line.rstrip("\n"))
-
-    def wait_for(self, pattern: str, timeout: float = 300) -> re.Match:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            for line in list(self.lines):
-                found = re.search(pattern, line)
-                if found:
-                    return found
-            if self.process.poll() is not None and not self._reader.is_alive():
-                break
-            time.sleep(0.2)
-        raise AssertionError(f"no line matching {pattern!r}; output:\n" + "\n".join(self.lines[-40:]))
-
-    def finish(self, timeout: float = 900) -> tuple[int, str]:
-        returncode = self.process.wait(timeout=timeout)
-        self._reader.join(timeout=30)
-        return returncode, "\n".join(self.lines)
 
 
 @pytest.fixture()

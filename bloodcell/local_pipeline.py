@@ -1,0 +1,187 @@
+"""The pipeline on this machine: local services, kfp's local runner (processes or containers), resume, stop.
+
+``pipeline.py run`` and ``pipeline.py stop`` are thin commands over :func:`run` and :func:`stop`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+from bloodcell import config, local_runs
+from bloodcell.errors import BloodcellError
+
+RUNNERS = ("subprocess", "docker")
+DEFAULT_STATE_DIR = ".bloodcell"
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """How a local run is run (its pipeline arguments are separate: see :func:`run`)."""
+
+    state_dir: Path = Path(DEFAULT_STATE_DIR)
+    runner: str | None = None  # None: subprocess, or on --resume the run's own runner
+    image: str | None = None  # None: config.DEFAULT_IMAGE, or on --resume the run's own image
+    summary: str | None = None
+    gcs_port: int = 9023
+    mlflow_port: int = 5023
+    resume: str | None = None
+
+
+PipelineFactory = Callable[[str], Callable[..., Any]]  # image -> the kfp pipeline function
+
+
+def run(make_pipeline: PipelineFactory, options: RunOptions, arguments: dict[str, str] | None = None,
+        run_id: str | None = None) -> int:
+    """Run the pipeline (``arguments``, or a run's own with ``options.resume``); the exit status."""
+    import kfp.local
+
+    from bloodcell import models
+    from bloodcell.services import LocalServices
+
+    state = options.state_dir.resolve()
+    if options.resume:
+        run_id = options.resume
+        arguments = local_runs.load_arguments(state, run_id)
+        recorded = local_runs.load_runner(state, run_id)
+    elif arguments is None or run_id is None:
+        raise ValueError("a new run needs its arguments and run id")
+    else:
+        recorded = {}
+    runner = options.runner or recorded.get("runner", "subprocess")
+    image = options.image or recorded.get("image") or config.DEFAULT_IMAGE
+    if runner not in RUNNERS:
+        raise BloodcellError(f"unknown runner {runner!r}; choose one of: {', '.join(RUNNERS)}")
+    weights = arguments["vgg16_weights"]
+    if not weights.startswith("gs://"):
+        models.check_vgg16_weights(weights)
+    checked = None
+    if runner == "docker":
+        from bloodcell import containers
+
+        arguments = containers.absolute_paths(arguments)
+        checked = containers.check(image)  # before anything starts: an engine, the image, our package in it
+    others = local_runs.in_progress(state)
+    if run_id in others:
+        raise BloodcellError(f"run {run_id} is already in progress (pid {others[run_id]}); wait for it to end")
+    if others:
+        print(f"note: run(s) {', '.join(others)} in progress too; this run shares their services, "
+              f"its outputs go under runs/{run_id}/")
+    services = LocalServices(state, arguments["bucket"], options.gcs_port, options.mlflow_port)
+    env = services.start()
+    os.environ.update(env)
+    if weights.startswith("gs://"):
+        models.check_vgg16_weights(weights)
+    local_runs.save_arguments(state, run_id, arguments)
+    runner_record: dict[str, str] = {"runner": runner}
+    if checked is not None:
+        from bloodcell import containers
+
+        plan = containers.plan(checked, state, run_id, arguments, env)
+        kfp_runner: Any = plan.kfp_runner()
+        runner_record.update(image=plan.image, image_id=plan.image_id)
+    else:
+        kfp_runner = kfp.local.SubprocessRunner(use_venv=False)
+    local_runs.save_runner(state, run_id, runner_record)
+    kfp.local.init(runner=kfp_runner, pipeline_root=str(state / "kfp"), raise_on_error=True)
+    started = time.perf_counter()
+    where = f"containers of {image}" if checked else "local processes"
+    print(f"run {run_id}: profile {arguments['profile']}, data {arguments['source']}, steps in {where}"
+          + (" (resumed: finished steps and epochs are kept)" if options.resume else ""))
+    with local_runs.active(state, run_id), local_runs.TaskLog(sys.stdout).installed() as task_log, \
+            _containers_fixed(checked is not None), _sigterm_exits():
+        try:
+            make_pipeline(image)(**arguments)
+        except RuntimeError as exc:  # kfp.local: "Pipeline ... finished with status FAILURE. Inner task failed: ..."
+            return report_failure(run_id, task_log, exc, options.state_dir)
+    return finish(run_id, arguments, state, time.perf_counter() - started, options, runner_record)
+
+
+@contextlib.contextmanager
+def _containers_fixed(docker: bool) -> Iterator[None]:
+    if not docker:
+        yield
+        return
+    from bloodcell import containers
+
+    with containers.reliable_exit_codes():
+        yield
+
+
+@contextlib.contextmanager
+def _sigterm_exits() -> Iterator[None]:
+    """SIGTERM ends the run like Ctrl-C does, so that cleanup (a task's container) runs."""
+
+    def exit_now(signum: int, frame: Any) -> None:
+        raise SystemExit(128 + signum)
+
+    saved = signal.signal(signal.SIGTERM, exit_now)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, saved)
+
+
+def report_failure(run_id: str, task_log: local_runs.TaskLog, exc: Exception, state_dir: Path) -> int:
+    """Name the failing step, show the end of its log and how to resume; exit status 1."""
+    task = task_log.task or "unknown"
+    tail = "\n".join(f"    {line}" for line in task_log.lines) or "    (no output)"
+    resume = f"python pipeline.py run --resume {run_id}"
+    if str(state_dir) != DEFAULT_STATE_DIR:
+        resume += f" --state-dir {state_dir}"
+    print(f"error: run {run_id} failed in step {task} ({local_runs.plain(str(exc)).strip()})\n"
+          f"last lines of {task}'s log:\n{tail}\n"
+          f"fix the cause, then resume: {resume} (finished steps and training epochs are kept)", file=sys.stderr)
+    return 1
+
+
+def finish(run_id: str, arguments: dict[str, str], state: Path, seconds: float, options: RunOptions,
+           runner_record: dict[str, str]) -> int:
+    """Write the run summary (the report step's, plus wall time and runner), print where things are."""
+    from bloodcell import storage, tracking
+
+    bucket = arguments["bucket"]
+    summary = storage.read_json(f"gs://{bucket}/runs/{run_id}/summary.json")
+    summary["wall_seconds"] = round(seconds, 1)
+    summary.update(runner_record)
+    local_dir = state / "runs" / run_id
+    report_copy = storage.download_file(summary["report_uri"], local_dir / "report.html")
+    summary["report_local_path"] = str(report_copy.resolve())
+    summary_path = Path(options.summary) if options.summary else local_dir / "summary.json"
+    summary_path.parent.mkdir(parents=True, exist_ok=True)
+    summary_path.write_text(json.dumps(summary, indent=2))
+    for name, model in summary["models"].items():
+        print(f"  {name:6} test accuracy {model['test_accuracy']:.2%}  macro F1 {model['macro_f1']:.4f}")
+    print(f"report: {summary['report_uri']} (local copy: {report_copy})")
+    print(f"summary: {summary_path}")
+    for line in tracking.describe_failures(summary.get("tracking_failures", {})):
+        print(f"warning: MLflow logging failed in {line}")
+    experiment_url = f"{summary['mlflow_tracking_uri']}/#/experiments"
+    print(f"MLflow UI: {experiment_url} (experiment {arguments['experiment']!r}); "
+          f"stop services: python pipeline.py stop")
+    return 0
+
+
+def stop(state_dir: Path, bucket: str, force: bool = False) -> int:
+    """Stop the services ``run`` started and remove task containers left by runs that ended; exit status."""
+    from bloodcell import containers
+    from bloodcell.services import LocalServices
+
+    state = state_dir.resolve()
+    running = local_runs.in_progress(state)
+    if running and not force:
+        listing = ", ".join(f"{run} (pid {pid})" for run, pid in running.items())
+        print(f"error: run(s) in progress: {listing}. Stopping the services now would fail them; wait for them "
+              f"to end, or pass --force.", file=sys.stderr)
+        return 1
+    stopped = containers.remove_containers(state, keep_runs=set() if force else set(running))
+    stopped += LocalServices(state, bucket).stop()
+    print("stopped: " + ", ".join(stopped) if stopped else "no local service was running")
+    return 0
