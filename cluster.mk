@@ -1,17 +1,18 @@
-# Run bloodcell on a real cluster: image, local cluster (kind/minikube) with
-# Kubeflow Pipelines standalone + MLflow, submission and UIs.
-# Included from the Makefile; every variable can be overridden on the command
-# line, e.g. `make cluster-up CLUSTER=minikube` or `make deploy OVERLAY=gke`.
-# Step by step: docs/cluster.md.
+# Run bloodcell on a real cluster: local cluster (kind/minikube) with Kubeflow Pipelines
+# standalone + MLflow, the image on its nodes, submission and UIs.
+# Included from the Makefile, or used alone (make -f cluster.mk ...); every variable can be
+# overridden on the command line, e.g. `make cluster-up CLUSTER=minikube` or
+# `make deploy OVERLAY=gke IMAGE=...`. Step by step: docs/cluster.md.
+include $(dir $(lastword $(MAKEFILE_LIST)))image.mk
 
-IMAGE ?= ghcr.io/bloodcell/bloodcell:0.1.0
 CLUSTER ?= kind
 CLUSTER_NAME ?= bloodcell
-# KFP backend release installed by manifests/kfp (pinned there too; same number
-# as the kfp SDK in our lock).
-KFP_VERSION ?= 2.17.3
-KFP_HOST ?= http://localhost:8080
-PYTHON ?= .venv/bin/python
+# KFP backend release installed by manifests/kfp (the ?ref= there must match: a static test checks).
+# Backend and SDK releases match at major.minor only; 2.17.0 is the newest 2.17 backend tag.
+KFP_VERSION ?= 2.17.0
+KFP_UI_PORT ?= 8080
+MLFLOW_PORT ?= 5000
+KFP_HOST ?= http://localhost:$(KFP_UI_PORT)
 OVERLAY ?= local
 # bloodcell.config profile: a quick `smoke` run on a local cluster, `gpu` on GKE.
 PROFILE ?= $(if $(filter local,$(OVERLAY)),smoke,gpu)
@@ -20,15 +21,15 @@ BUCKET ?=
 KUBECTL ?= kubectl
 KIND ?= kind
 MINIKUBE ?= minikube
-DOCKER ?= docker
 # Extra flags for `minikube start`, e.g. MINIKUBE_FLAGS="--gpus all".
 MINIKUBE_FLAGS ?= --cpus 6 --memory 12g --disk-size 60g
-KFP_UI_PORT ?= 8080
-MLFLOW_PORT ?= 5000
+# How long `deploy` waits for MLflow and PostgreSQL to become ready.
+ROLLOUT_TIMEOUT_S ?= 600
 
 # A local cluster is small and has no GKE GPU nodes: shrink the steps (read by
 # bloodcell.config.ClusterSettings when pipeline.py compiles) and keep KFP's own
-# artifacts in its bundled store. On GKE the defaults of config.py apply.
+# artifacts in its bundled store (SeaweedFS, addressed as minio://). On GKE the
+# defaults of config.py apply.
 ifeq ($(OVERLAY),local)
 SUBMIT_ENV ?= BLOODCELL_TRAINER_CPU=2 BLOODCELL_TRAINER_MEMORY=6Gi BLOODCELL_DATA_CPU=1 \
   BLOODCELL_DATA_MEMORY=3Gi BLOODCELL_GPU_RESOURCE= BLOODCELL_GPU_NODE_SELECTOR=
@@ -36,23 +37,17 @@ PIPELINE_ROOT ?= minio://mlpipeline/v2/artifacts
 endif
 
 KFP_NAMESPACE := kubeflow
-# Image name written in manifests/base; `deploy` swaps in $(IMAGE).
-MANIFEST_IMAGE := ghcr.io/bloodcell/bloodcell:0.1.0
 SSA := --server-side --force-conflicts --field-manager=bloodcell
 # The top-level makefile (the Makefile that includes us, or cluster.mk with -f).
 CLUSTER_TOP := $(firstword $(MAKEFILE_LIST))
+ifeq ($(CLUSTER),kind)
+KUBE_CONTEXT ?= kind-$(CLUSTER_NAME)
+else
+KUBE_CONTEXT ?= $(CLUSTER_NAME)
+endif
 
-.PHONY: image image-build image-push cluster-up cluster-down cluster-create \
-        kfp-install image-load mlflow-secret deploy submit \
-        port-forward port-forward-kfp port-forward-mlflow
-
-image: image-build image-push
-
-image-build:
-	$(DOCKER) build -f docker/Dockerfile -t $(IMAGE) .
-
-image-push:
-	$(DOCKER) push $(IMAGE)
+.PHONY: cluster-up cluster-down cluster-create kfp-install image-load mlflow-secret deploy \
+        render submit port-forward port-forward-kfp port-forward-mlflow
 
 # kind (default) or minikube; then KFP, the image, the Secret and our overlay.
 cluster-up:
@@ -63,13 +58,18 @@ cluster-up:
 	$(MAKE) -f $(CLUSTER_TOP) deploy
 	@echo "Ready: 'make port-forward' then KFP UI http://localhost:$(KFP_UI_PORT), MLflow http://localhost:$(MLFLOW_PORT)"
 
+# Creates the cluster, or reuses it; either way kubectl's context is switched to it, so
+# that the commands after this one reach this cluster and no other.
 cluster-create:
 ifeq ($(CLUSTER),kind)
 	$(KIND) get clusters | grep -qx '$(CLUSTER_NAME)' || \
 	  $(KIND) create cluster --name $(CLUSTER_NAME) --config manifests/kind-cluster.yaml --wait 5m
+	$(KUBECTL) config use-context $(KUBE_CONTEXT)
 else ifeq ($(CLUSTER),minikube)
 	$(MINIKUBE) status -p $(CLUSTER_NAME) >/dev/null 2>&1 || \
 	  $(MINIKUBE) start -p $(CLUSTER_NAME) $(MINIKUBE_FLAGS)
+	$(MINIKUBE) update-context -p $(CLUSTER_NAME)
+	$(KUBECTL) config use-context $(KUBE_CONTEXT)
 else
 	$(error CLUSTER must be kind or minikube, got '$(CLUSTER)')
 endif
@@ -90,13 +90,22 @@ kfp-install:
 	$(KUBECTL) apply -k manifests/kfp
 	$(KUBECTL) -n $(KFP_NAMESPACE) wait --for=condition=Available --timeout=20m deployment --all
 
-# Put a locally built image on the nodes (no registry needed); otherwise the
-# nodes pull $(IMAGE).
+# Put the locally built $(IMAGE) on the nodes (no registry needed). `docker save` + an archive
+# works with Docker's containerd image store too, where `kind load docker-image` fails (kind#3795).
+# An image that is not built here must come from a registry the nodes can reach.
 image-load:
 	@if $(DOCKER) image inspect $(IMAGE) >/dev/null 2>&1; then \
-	  if [ "$(CLUSTER)" = kind ]; then $(KIND) load docker-image $(IMAGE) --name $(CLUSTER_NAME); \
-	  else $(MINIKUBE) -p $(CLUSTER_NAME) image load $(IMAGE); fi; \
-	else echo "$(IMAGE) not built locally: the nodes will pull it"; fi
+	  archive=$$(mktemp /tmp/bloodcell-image.XXXXXX.tar) && trap 'rm -f $$archive' EXIT && \
+	  $(DOCKER) save $(IMAGE) -o $$archive && \
+	  if [ "$(CLUSTER)" = kind ]; then $(KIND) load image-archive $$archive --name $(CLUSTER_NAME); \
+	  else $(MINIKUBE) -p $(CLUSTER_NAME) image load $$archive; fi; \
+	else \
+	  case "$(IMAGE)" in \
+	    *.*/*|*:*/*|localhost/*) echo "$(IMAGE) is not built here: the nodes will pull it from its registry";; \
+	    *) echo "error: image $(IMAGE) is not built here and names no registry: run 'make image' first" >&2; \
+	       exit 2;; \
+	  esac; \
+	fi
 
 # Database credentials, generated once and never written to disk.
 mlflow-secret:
@@ -106,15 +115,19 @@ mlflow-secret:
 	    --from-literal=POSTGRES_PASSWORD="$$(openssl rand -hex 24)" \
 	    --from-literal=POSTGRES_DB=mlflow
 
-# Our objects (MLflow, PostgreSQL, bloodcell-env, ...) with $(IMAGE).
-deploy:
-	$(KUBECTL) kustomize manifests/overlays/$(OVERLAY) \
-	  | sed 's#$(MANIFEST_IMAGE)#$(IMAGE)#g' \
-	  | $(KUBECTL) apply $(SSA) -f -
-	$(KUBECTL) -n $(KFP_NAMESPACE) rollout status statefulset/mlflow-postgres --timeout=10m
-	$(KUBECTL) -n $(KFP_NAMESPACE) rollout status deployment/mlflow --timeout=10m
+# The overlay with its image `bloodcell` set to $(IMAGE) (kustomize images:), on stdout.
+render:
+	@manifests/render.sh "$(KUBECTL)" manifests/overlays/$(OVERLAY) "$(IMAGE)"
 
-submit:
+# Our objects (MLflow, PostgreSQL, bloodcell-env, ...) with $(IMAGE); then wait for them, and
+# stop within seconds, naming the fix, if the nodes cannot pull the image.
+deploy:
+	manifests/render.sh "$(KUBECTL)" manifests/overlays/$(OVERLAY) "$(IMAGE)" \
+	  | $(KUBECTL) apply $(SSA) -f -
+	KUBECTL="$(KUBECTL)" manifests/wait-ready.sh $(KFP_NAMESPACE) $(ROLLOUT_TIMEOUT_S) \
+	  statefulset/mlflow-postgres deployment/mlflow
+
+submit: setup
 	$(SUBMIT_ENV) $(PYTHON) pipeline.py submit --host $(KFP_HOST) --profile $(PROFILE) \
 	  $(if $(PIPELINE_ROOT),--pipeline-root $(PIPELINE_ROOT)) $(if $(BUCKET),--bucket $(BUCKET))
 
