@@ -42,11 +42,16 @@ test-faults: setup
 test-containers: setup
 	$(PYTHON) -m pytest -m containers $(PYTEST_ARGS)
 
-# Re-lock after changing pyproject.toml: resolves in a scratch venv and writes constraints.txt.
+# Re-lock after changing pyproject.toml: resolves in a scratch venv and writes constraints.txt; the gpu
+# extra's own packages (CUDA wheels, resolved against that lock, not installed) are pinned after it.
+LOCK_VENV := /tmp/bloodcell-lock
 lock:
-	rm -rf /tmp/bloodcell-lock && $(PYTHON_BOOT) -m venv /tmp/bloodcell-lock
-	/tmp/bloodcell-lock/bin/pip install --quiet ".[cpu,dev]"
-	/tmp/bloodcell-lock/bin/pip freeze --exclude bloodcell > constraints.txt
+	rm -rf $(LOCK_VENV) && $(PYTHON_BOOT) -m venv $(LOCK_VENV)
+	$(LOCK_VENV)/bin/pip install --quiet ".[cpu,dev]"
+	$(LOCK_VENV)/bin/pip freeze --exclude bloodcell > constraints.txt
+	$(LOCK_VENV)/bin/pip install --quiet --dry-run --ignore-installed --report $(LOCK_VENV)/gpu.json \
+	  -c constraints.txt ".[gpu]"
+	$(PYTHON_BOOT) docker/lock_extra.py $(LOCK_VENV)/gpu.json constraints.txt >> constraints.txt
 
 clean:
 	rm -rf $(VENV) *.egg-info pipeline.yaml

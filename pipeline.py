@@ -90,7 +90,6 @@ def cluster_pipeline():
     return make_pipeline(settings.image, settings)
 
 
-
 def new_run_id() -> str:
     return time.strftime("%Y%m%d-%H%M%S") + "-" + uuid.uuid4().hex[:6]
 

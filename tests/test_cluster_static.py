@@ -119,6 +119,21 @@ def test_dockerfile_variants_install_the_lock_and_run_unprivileged():
     assert re.search(r"^WORKDIR\s+/", final, re.M) and re.search(r"^HEALTHCHECK ", final, re.M)
 
 
+def test_the_lock_pins_the_gpu_variant_too():
+    """make image-gpu installs the CUDA wheels TensorFlow asks for as ranges: the lock pins each, within range."""
+    from packaging.requirements import Requirement
+
+    pins = dict(line.strip().split("==", 1) for line in (ROOT / "constraints.txt").read_text().splitlines()
+                if "==" in line and not line.startswith("#"))
+    pins = {re.sub(r"[-_.]+", "-", name).lower(): version for name, version in pins.items()}
+    assert pins["tensorflow"] == pins["tensorflow-cpu"]
+    cuda = [Requirement(r) for r in importlib.metadata.requires("tensorflow-cpu") if 'extra == "and-cuda"' in r]
+    assert len(cuda) >= 10
+    for requirement in cuda:
+        version = pins.get(requirement.name.lower())
+        assert version and requirement.specifier.contains(version), f"{requirement} is not pinned in the lock"
+
+
 def test_dockerignore_is_an_allowlist():
     lines = [
         line.strip() for line in (ROOT / ".dockerignore").read_text().splitlines()
