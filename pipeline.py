@@ -1,12 +1,12 @@
 #!/usr/bin/env python3
 """The bloodcell Kubeflow pipeline and its command line.
 
-    python pipeline.py run [--profile laptop] [--data SOURCE] [--summary FILE]   # local, embedded
-    python pipeline.py run --runner docker [--image IMAGE] ...                    # each step in a container
-    python pipeline.py run --resume RUN_ID                                        # after a failure
-    python pipeline.py stop                                                       # stop local services
-    python pipeline.py compile --output pipeline.yaml
-    python pipeline.py submit --host URL [--profile gpu] [--experiment NAME] [--pipeline-root gs://...]
+python pipeline.py run [--profile laptop] [--data SOURCE] [--summary FILE]   # local, embedded
+python pipeline.py run --runner docker [--image IMAGE] ...                    # each step in a container
+python pipeline.py run --resume RUN_ID                                        # after a failure
+python pipeline.py stop                                                       # stop local services
+python pipeline.py compile --output pipeline.yaml
+python pipeline.py submit --host URL [--profile gpu] [--experiment NAME] [--pipeline-root gs://...]
 """
 
 import argparse
@@ -16,7 +16,6 @@ import sys
 import time
 import uuid
 from pathlib import Path
-from typing import Optional
 
 from kfp import compiler, dsl, kubernetes
 
@@ -27,12 +26,14 @@ from components import evaluate, ingest, report, split, train_cnn1, train_cnn2, 
 TRAINERS = {"cnn1": train_cnn1, "cnn2": train_cnn2, "vgg16": train_vgg16}
 
 
-def place_on_cluster(settings: config.ClusterSettings, *data_tasks: dsl.PipelineTask,
-                     trainers: list[dsl.PipelineTask]) -> None:
+def place_on_cluster(
+    settings: config.ClusterSettings, *data_tasks: dsl.PipelineTask, trainers: list[dsl.PipelineTask]
+) -> None:
     """Resources, GPU placement, retries and environment of a cluster run (local runs leave them out)."""
     for task in [*data_tasks, *trainers]:
         kubernetes.use_config_map_as_env(
-            task, settings.env_config_map, {name: name for name in config.STEP_ENV}, optional=True)
+            task, settings.env_config_map, {name: name for name in config.STEP_ENV}, optional=True
+        )
         task.set_retry(num_retries=settings.retries, backoff_duration="60s", backoff_factor=2)
     for task in data_tasks:
         task.set_cpu_request(settings.data_cpu).set_cpu_limit(settings.data_cpu)
@@ -49,7 +50,7 @@ def place_on_cluster(settings: config.ClusterSettings, *data_tasks: dsl.Pipeline
             kubernetes.add_toleration(task, key=settings.gpu_toleration_key, operator="Exists", effect="NoSchedule")
 
 
-def make_pipeline(image: str = config.DEFAULT_IMAGE, cluster: Optional[config.ClusterSettings] = None):
+def make_pipeline(image: str = config.DEFAULT_IMAGE, cluster: config.ClusterSettings | None = None):
     """The pipeline, every task in ``image``; ``cluster`` adds resources, GPU placement and retries."""
 
     @dsl.pipeline(name="bloodcell", description="Train and compare CNNs classifying blood cell images (PBC).")
@@ -69,17 +70,27 @@ def make_pipeline(image: str = config.DEFAULT_IMAGE, cluster: Optional[config.Cl
         for name, component in TRAINERS.items():
             extra = {"vgg16_weights": vgg16_weights} if name == "vgg16" else {}
             trained[name] = component(
-                split_uri=split_task.outputs["Output"], run_id=run_id, experiment=experiment, **common, **extra,
+                split_uri=split_task.outputs["Output"],
+                run_id=run_id,
+                experiment=experiment,
+                **common,
+                **extra,
             )
         evaluate_task = evaluate(bucket=bucket, run_id=run_id, **{n: t.outputs["model"] for n, t in trained.items()})
-        report_task = report(run_id=run_id, split_uri=split_task.outputs["Output"], experiment=experiment,
-                             metrics=evaluate_task.outputs["metrics"], **common)
+        report_task = report(
+            run_id=run_id,
+            split_uri=split_task.outputs["Output"],
+            experiment=experiment,
+            metrics=evaluate_task.outputs["metrics"],
+            **common,
+        )
         tasks = [ingest_task, split_task, *trained.values(), evaluate_task, report_task]
         for task in tasks:
             task.set_container_image(image).set_env_variable("BLOODCELL_IMAGE", image)
         if cluster:
-            place_on_cluster(cluster, ingest_task, split_task, evaluate_task, report_task,
-                             trainers=list(trained.values()))
+            place_on_cluster(
+                cluster, ingest_task, split_task, evaluate_task, report_task, trainers=list(trained.values())
+            )
 
     return bloodcell
 
@@ -98,8 +109,13 @@ def pipeline_arguments(args: argparse.Namespace, run_id: str) -> dict[str, str]:
     overrides = config.parse_assignments(args.set or [])
     config.resolve(args.profile, overrides)  # reject a bad profile or override before anything starts
     return {
-        "run_id": run_id, "source": args.data, "bucket": args.bucket, "profile": args.profile,
-        "overrides": json.dumps(overrides), "experiment": args.experiment, "vgg16_weights": args.vgg16_weights,
+        "run_id": run_id,
+        "source": args.data,
+        "bucket": args.bucket,
+        "profile": args.profile,
+        "overrides": json.dumps(overrides),
+        "experiment": args.experiment,
+        "vgg16_weights": args.vgg16_weights,
     }
 
 
@@ -108,8 +124,14 @@ def run_local(args: argparse.Namespace) -> int:
     from bloodcell import local_pipeline
 
     options = local_pipeline.RunOptions(
-        state_dir=Path(args.state_dir), runner=args.runner, image=args.image, summary=args.summary,
-        gcs_port=args.gcs_port, mlflow_port=args.mlflow_port, resume=args.resume)
+        state_dir=Path(args.state_dir),
+        runner=args.runner,
+        image=args.image,
+        summary=args.summary,
+        gcs_port=args.gcs_port,
+        mlflow_port=args.mlflow_port,
+        resume=args.resume,
+    )
     if args.resume:
         return local_pipeline.run(make_pipeline, options)
     run_id = new_run_id()
@@ -134,40 +156,60 @@ def submit(args: argparse.Namespace) -> int:
     run_id = new_run_id()
     client = kfp.Client(host=args.host)
     run = client.create_run_from_pipeline_func(
-        cluster_pipeline(), arguments=pipeline_arguments(args, run_id), run_name=f"bloodcell-{run_id}",
-        experiment_name=args.experiment, pipeline_root=args.pipeline_root,
+        cluster_pipeline(),
+        arguments=pipeline_arguments(args, run_id),
+        run_name=f"bloodcell-{run_id}",
+        experiment_name=args.experiment,
+        pipeline_root=args.pipeline_root,
     )
     print(f"submitted run {run_id}: {args.host.rstrip('/')}/#/runs/details/{run.run_id}")
     return 0
 
 
-def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="pipeline.py", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="pipeline.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     commands = parser.add_subparsers(dest="command", required=True)
 
     def run_options(sub: argparse.ArgumentParser, default_profile: str) -> None:
         sub.add_argument("--profile", default=default_profile, choices=list(config.PROFILES))
-        sub.add_argument("--data", default=config.MENDELEY_URL,
-                         help="folder, zip, http(s) URL or gs:// URI (default: the official PBC zip)")
-        sub.add_argument("--set", action="append", metavar="KEY=VALUE",
-                         help="override a profile setting, e.g. --set cnn1.epochs=5 (repeatable)")
-        sub.add_argument("--vgg16-weights", default=os.environ.get("VGG16_WEIGHTS") or "imagenet",
-                         help="imagenet | none | path or gs:// URI of a no-top weights file")
+        sub.add_argument(
+            "--data",
+            default=config.MENDELEY_URL,
+            help="folder, zip, http(s) URL or gs:// URI (default: the official PBC zip)",
+        )
+        sub.add_argument(
+            "--set",
+            action="append",
+            metavar="KEY=VALUE",
+            help="override a profile setting, e.g. --set cnn1.epochs=5 (repeatable)",
+        )
+        sub.add_argument(
+            "--vgg16-weights",
+            default=os.environ.get("VGG16_WEIGHTS") or "imagenet",
+            help="imagenet | none | path or gs:// URI of a no-top weights file",
+        )
         sub.add_argument("--experiment", default=config.DEFAULT_EXPERIMENT)
         sub.add_argument("--bucket", default=config.DEFAULT_BUCKET)
 
     run = commands.add_parser("run", help="run the whole pipeline locally (embedded services)")
     run_options(run, "laptop")
     run.add_argument("--summary", help="write the run summary JSON here")
-    run.add_argument("--resume", metavar="RUN_ID",
-                     help="rerun a failed or interrupted run with its original arguments: finished steps are "
-                          "reused and trainers continue from their last checkpoint")
-    run.add_argument("--runner", choices=["subprocess", "docker"],
-                     help="run each step as a local process (default) or in a container of --image "
-                          "(a resumed run keeps its own)")
-    run.add_argument("--image", help=f"image for --runner docker (default {config.DEFAULT_IMAGE}; `make image` "
-                                     "builds it)")
+    run.add_argument(
+        "--resume",
+        metavar="RUN_ID",
+        help="rerun a failed or interrupted run with its original arguments: finished steps are "
+        "reused and trainers continue from their last checkpoint",
+    )
+    run.add_argument(
+        "--runner",
+        choices=["subprocess", "docker"],
+        help="run each step as a local process (default) or in a container of --image (a resumed run keeps its own)",
+    )
+    run.add_argument(
+        "--image", help=f"image for --runner docker (default {config.DEFAULT_IMAGE}; `make image` builds it)"
+    )
     run.add_argument("--state-dir", default=".bloodcell", help="local services' state (default .bloodcell/)")
     run.add_argument("--gcs-port", type=int, default=int(os.environ.get("BLOODCELL_GCS_PORT", 9023)))
     run.add_argument("--mlflow-port", type=int, default=int(os.environ.get("BLOODCELL_MLFLOW_PORT", 5023)))
@@ -191,7 +233,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def main(argv: Optional[list[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         return args.handler(args)

@@ -29,13 +29,17 @@ sys.path.insert(0, str(ROOT))
 PHASES = {
     "ingest (folder)": "from bloodcell import ingest; print(ingest.ingest({source!r}, 'bench-folder'))",
     "ingest (zip)": "from bloodcell import ingest; print(ingest.ingest({zip!r}, 'bench-zip'))",
-    "split": ("from bloodcell import config, split; "
-              "print(split.split('gs://bench-folder/datasets/' + {hash!r}, 'bench-folder', "
-              "config.resolve('laptop'), sizes=[]).counts)"),
+    "split": (
+        "from bloodcell import config, split; "
+        "print(split.split('gs://bench-folder/datasets/' + {hash!r}, 'bench-folder', "
+        "config.resolve('laptop'), sizes=[]).counts)"
+    ),
 }
-STORE = ("from bloodcell import config, split; "
-         "split.split('gs://bench-folder/datasets/' + {hash!r}, 'bench-folder', config.resolve('laptop'), "
-         "sizes=[{size}])")
+STORE = (
+    "from bloodcell import config, split; "
+    "split.split('gs://bench-folder/datasets/' + {hash!r}, 'bench-folder', config.resolve('laptop'), "
+    "sizes=[{size}])"
+)
 
 
 def tree_rss(pid: int) -> int:
@@ -62,8 +66,9 @@ def tree_rss(pid: int) -> int:
 
 def measure(code: str, env: dict[str, str]) -> tuple[float, int, str]:
     started = time.perf_counter()
-    process = subprocess.Popen([sys.executable, "-c", code], env=env, cwd=ROOT, stdout=subprocess.PIPE,
-                               stderr=subprocess.DEVNULL, text=True)
+    process = subprocess.Popen(
+        [sys.executable, "-c", code], env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True
+    )
     peak = 0
     done = threading.Event()
 
@@ -102,8 +107,10 @@ def main() -> None:
         with zipfile.ZipFile(archive, "w", zipfile.ZIP_STORED) as zf:
             for path in sorted(Path(args.data).rglob("*")):
                 zf.write(path, Path("PBC_dataset_normal_DIB") / path.relative_to(args.data))
-        print(f"made {archive.name}: {archive.stat().st_size / 2**20:.0f} MiB in {time.perf_counter() - started:.1f} s "
-              "(not counted)")
+        print(
+            f"made {archive.name}: {archive.stat().st_size / 2**20:.0f} MiB in {time.perf_counter() - started:.1f} s "
+            "(not counted)"
+        )
         rows = []
         try:
             seconds, peak, out = measure(PHASES["ingest (folder)"].format(source=args.data), env)

@@ -40,8 +40,15 @@ import keras  # noqa: E402
 import mlflow  # noqa: E402
 import numpy as np  # noqa: E402
 
-from bloodcell import arrays, feeding, hardware, models, tracking, train  # noqa: E402
-from bloodcell import config  # noqa: E402
+from bloodcell import (  # noqa: E402
+    arrays,
+    config,
+    feeding,
+    hardware,
+    models,
+    tracking,
+    train,
+)
 from bloodcell.config import ModelConfig  # noqa: E402
 
 
@@ -78,7 +85,7 @@ class Speed:
     per_epoch: float
     per_step: float
 
-    def __truediv__(self, other: "Speed") -> str:
+    def __truediv__(self, other: Speed) -> str:
         return f"{self.per_epoch / other.per_epoch:.2f}x per epoch, {self.per_step / other.per_step:.2f}x per step"
 
     def __str__(self) -> str:
@@ -92,7 +99,7 @@ def sample_files(data: Path, per_class: int, skip: int, target: Path) -> tuple[l
     for index, label in enumerate(classes):
         (target / label).mkdir(parents=True)
         names = sorted(p for p in (data / label).iterdir() if not p.name.startswith("."))
-        for path in names[skip:skip + per_class]:
+        for path in names[skip : skip + per_class]:
             (target / label / path.name).symlink_to(path)
             files.append(path)
             labels.append(index)
@@ -107,16 +114,20 @@ def images_per_second(count: int, batch: int, timer: EpochTimer) -> Speed:
 
 def original_augmentation() -> keras.Sequential:
     """The original notebooks' augmentation: random flips and rotations up to 90 degrees."""
-    return keras.Sequential([keras.layers.RandomFlip("horizontal_and_vertical", seed=777),
-                             keras.layers.RandomRotation(0.25, seed=777)], name="original_augmentation")
+    return keras.Sequential(
+        [keras.layers.RandomFlip("horizontal_and_vertical", seed=777), keras.layers.RandomRotation(0.25, seed=777)],
+        name="original_augmentation",
+    )
 
 
-def original_recipe(name: str, train_folder: Path, val_folder: Path, epochs: int, batch: int,
-                    augment: bool) -> Speed:
+def original_recipe(name: str, train_folder: Path, val_folder: Path, epochs: int, batch: int, augment: bool) -> Speed:
     keras.mixed_precision.set_global_policy("float32")
-    train_set, val_set = (keras.utils.image_dataset_from_directory(
-        folder, image_size=(128, 128), batch_size=batch, shuffle=folder == train_folder, seed=777,
-        verbose=False) for folder in (train_folder, val_folder))
+    train_set, val_set = (
+        keras.utils.image_dataset_from_directory(
+            folder, image_size=(128, 128), batch_size=batch, shuffle=folder == train_folder, seed=777, verbose=False
+        )
+        for folder in (train_folder, val_folder)
+    )
     count = len(train_set.file_paths)  # known from the listing; iterating would decode every image
     model = models.build_model(name, 8, 128, augment=False)
     if augment:
@@ -128,8 +139,9 @@ def original_recipe(name: str, train_folder: Path, val_folder: Path, epochs: int
     return images_per_second(count, batch, timer)
 
 
-def our_recipe(name: str, train_data: tuple, val_data: tuple, epochs: int, batch: int, bucket: str
-               ) -> tuple[Speed, str]:
+def our_recipe(
+    name: str, train_data: tuple, val_data: tuple, epochs: int, batch: int, bucket: str
+) -> tuple[Speed, str]:
     policy = hardware.apply_precision("auto")
     model = models.build_model(name, 8, 128, augment=True)
     train._compile(model, 1e-3)
@@ -137,21 +149,37 @@ def our_recipe(name: str, train_data: tuple, val_data: tuple, epochs: int, batch
     timer = EpochTimer()
     with mlflow.start_run() as run:
         epoch_logger = train.EpochMetricsLogger(tracking.Tracker(f"gs://{bucket}/bench", name), run.info.run_id)
-        train.fit(model, train_data, val_data, cfg, epochs, f"gs://{bucket}/bench/{name}-{time.time_ns()}",
-                  epoch_logger=epoch_logger, extra_callbacks=(timer,))
+        train.fit(
+            model,
+            train_data,
+            val_data,
+            cfg,
+            epochs,
+            f"gs://{bucket}/bench/{name}-{time.time_ns()}",
+            epoch_logger=epoch_logger,
+            extra_callbacks=(timer,),
+        )
     return images_per_second(len(train_data[0]), batch, timer), policy
 
 
 def vgg16_frozen(x: np.ndarray, y: np.ndarray, size: int, epochs: int, batch: int) -> tuple[float, float, float]:
     """(seconds per epoch recomputing the base, seconds once for the cached features, seconds per cached epoch)."""
     hardware.apply_precision("auto")
-    x = np.stack([keras.ops.convert_to_numpy(keras.ops.image.resize(img, (size, size))) for img in x]).astype(
-        np.uint8) if x.shape[1] != size else x
+    x = (
+        np.stack([keras.ops.convert_to_numpy(keras.ops.image.resize(img, (size, size))) for img in x]).astype(np.uint8)
+        if x.shape[1] != size
+        else x
+    )
     full = models.build_model("vgg16", 8, size, augment=False, weights=None)
     train._compile(full, 1e-3)
     timer = EpochTimer()
-    full.fit(feeding.batches(x, y, batch_size=batch, shuffle=True), epochs=epochs, verbose=0, callbacks=[timer],
-             shuffle=False)
+    full.fit(
+        feeding.batches(x, y, batch_size=batch, shuffle=True),
+        epochs=epochs,
+        verbose=0,
+        callbacks=[timer],
+        shuffle=False,
+    )
     recompute = float(np.median(timer.durations[1:]))
 
     base = models.vgg16_base(size, None)
@@ -164,8 +192,13 @@ def vgg16_frozen(x: np.ndarray, y: np.ndarray, size: int, epochs: int, batch: in
     head = models.vgg16_head(features.shape[1:], 8)
     train._compile(head, 1e-3)
     timer = EpochTimer()
-    head.fit(feeding.batches(features, y, batch_size=batch, shuffle=True), epochs=epochs, verbose=0,
-             callbacks=[timer], shuffle=False)
+    head.fit(
+        feeding.batches(features, y, batch_size=batch, shuffle=True),
+        epochs=epochs,
+        verbose=0,
+        callbacks=[timer],
+        shuffle=False,
+    )
     return recompute, once, float(np.median(timer.durations[1:]))
 
 
@@ -191,28 +224,38 @@ def main() -> None:
             train_folder, val_folder = Path(tmp, "train"), Path(tmp, "val")
             train_files, train_labels = sample_files(data, args.images_per_class, 0, train_folder)
             val_files, val_labels = sample_files(data, args.val_images_per_class, args.images_per_class, val_folder)
-            x, x_val = (np.stack([arrays.decode_resized(str(f), [128])[0] for f in files])
-                        for files in (train_files, val_files))
+            x, x_val = (
+                np.stack([arrays.decode_resized(str(f), [128])[0] for f in files]) for files in (train_files, val_files)
+            )
             y, y_val = (np.array(labels, dtype=np.int32) for labels in (train_labels, val_labels))
-            print(f"{len(x)} training and {len(x_val)} validation images, {args.epochs} epochs per measurement "
-                  f"(first excluded, median epoch), CPU bf16: {hardware.cpu_has_bf16()}")
+            print(
+                f"{len(x)} training and {len(x_val)} validation images, {args.epochs} epochs per measurement "
+                f"(first excluded, median epoch), CPU bf16: {hardware.cpu_has_bf16()}"
+            )
             ours_batch = {name: config.resolve("gpu").model(name).batch_size for name in ("cnn1", "cnn2")}
             for name in ("cnn1", "cnn2"):
-                as_trained, plain = (original_recipe(name, train_folder, val_folder, args.epochs,
-                                                     args.original_batch_size, augment) for augment in (True, False))
+                as_trained, plain = (
+                    original_recipe(name, train_folder, val_folder, args.epochs, args.original_batch_size, augment)
+                    for augment in (True, False)
+                )
                 ours, policy = our_recipe(name, (x, y), (x_val, y_val), args.epochs, ours_batch[name], "bench")
-                print(f"{name} @128px: ours ({policy}, batch {ours_batch[name]}, right-angle symmetries) {ours}\n"
-                      f"  original (float32, batch {args.original_batch_size}) with its flips + rotations "
-                      f"{as_trained} -> {ours / as_trained}\n"
-                      f"  original without augmentation {plain} -> {ours / plain}", flush=True)
+                print(
+                    f"{name} @128px: ours ({policy}, batch {ours_batch[name]}, right-angle symmetries) {ours}\n"
+                    f"  original (float32, batch {args.original_batch_size}) with its flips + rotations "
+                    f"{as_trained} -> {ours / as_trained}\n"
+                    f"  original without augmentation {plain} -> {ours / plain}",
+                    flush=True,
+                )
             for size in (int(s) for s in args.vgg_sizes.split(",")):
                 subset = slice(None) if size <= 128 else slice(0, 512)
                 batch = config.resolve("gpu").vgg16.batch_size
                 recompute, once, cached = vgg16_frozen(x[subset], y[subset], size, args.epochs, batch)
                 count = len(y[subset])
-                print(f"vgg16 frozen phase @{size}px, {count} images: recompute base {recompute:.2f} s/epoch | "
-                      f"cached features {cached:.3f} s/epoch (+{once:.1f} s once) | "
-                      f"{recompute / cached:.0f}x per epoch")
+                print(
+                    f"vgg16 frozen phase @{size}px, {count} images: recompute base {recompute:.2f} s/epoch | "
+                    f"cached features {cached:.3f} s/epoch (+{once:.1f} s once) | "
+                    f"{recompute / cached:.0f}x per epoch"
+                )
         finally:
             services.stop()
 

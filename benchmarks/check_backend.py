@@ -38,7 +38,7 @@ def main() -> None:
         sample = Path(tmp, "data")
         for class_dir in sorted(d for d in Path(args.data).iterdir() if d.is_dir()):
             (sample / class_dir.name).mkdir(parents=True)
-            for image in sorted(p for p in class_dir.iterdir() if not p.name.startswith("."))[:args.per_class]:
+            for image in sorted(p for p in class_dir.iterdir() if not p.name.startswith("."))[: args.per_class]:
                 shutil.copy(image, sample / class_dir.name / image.name)
         services = LocalServices(Path(tmp, "state"), "backend", free_port(), free_port())
         env = {**os.environ, **services.start(), "BLOODCELL_CACHE": str(Path(tmp, "cache"))}
@@ -53,11 +53,20 @@ def main() -> None:
                 common += ["--set", f"{model}.epochs={args.epochs}"]
             for model in config.MODEL_NAMES:
                 started = time.perf_counter()
-                subprocess.run([sys.executable, "-m", "bloodcell.cli", "train", model, split_uri, *common],
-                               env=env, check=True, stdout=subprocess.DEVNULL)
+                subprocess.run(
+                    [sys.executable, "-m", "bloodcell.cli", "train", model, split_uri, *common],
+                    env=env,
+                    check=True,
+                    stdout=subprocess.DEVNULL,
+                )
                 print(f"{backend}: trained {model} in {time.perf_counter() - started:.0f} s")
-            out = subprocess.run([sys.executable, "-m", "bloodcell.cli", "evaluate", "--bucket", "backend",
-                                  "--run-id", run_id], env=env, check=True, capture_output=True, text=True).stdout
+            out = subprocess.run(
+                [sys.executable, "-m", "bloodcell.cli", "evaluate", "--bucket", "backend", "--run-id", run_id],
+                env=env,
+                check=True,
+                capture_output=True,
+                text=True,
+            ).stdout
             results = json.loads(out.strip().splitlines()[-1])
             for model, result in results.items():
                 print(f"{backend}: {model} test accuracy {result['accuracy']:.3f} ({result['n_test']} images)")

@@ -19,11 +19,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import keras  # noqa: E402
-import numpy as np  # noqa: E402
+import keras
+import numpy as np
 
-from benchmarks.bench_training import EpochTimer  # noqa: E402
-from bloodcell import feeding, models, train  # noqa: E402
+from benchmarks.bench_training import EpochTimer
+from bloodcell import feeding, models, train
 
 
 def measure(label: str, fit_input: dict, epochs: int) -> None:
@@ -33,8 +33,11 @@ def measure(label: str, fit_input: dict, epochs: int) -> None:
     timer = EpochTimer()
     model.fit(**fit_input, epochs=epochs, verbose=0, callbacks=[timer])
     for index, (wall, steps) in enumerate(zip(timer.durations, timer.in_steps), 1):
-        print(f"{label}: epoch {index}: {wall:6.2f} s wall, {steps:6.2f} s in steps, "
-              f"{wall - steps:6.2f} s at the epoch's start and end", flush=True)
+        print(
+            f"{label}: epoch {index}: {wall:6.2f} s wall, {steps:6.2f} s in steps, "
+            f"{wall - steps:6.2f} s at the epoch's start and end",
+            flush=True,
+        )
 
 
 def main() -> None:
@@ -49,8 +52,11 @@ def main() -> None:
     y = rng.integers(0, 8, args.images).astype(np.int32)
     print(f"backend {keras.backend.backend()}, {args.images} images, batch {args.batch_size}")
     measure("numpy to Model.fit  ", {"x": x, "y": y, "batch_size": args.batch_size}, args.epochs)
-    measure("bloodcell.feeding   ", {"x": feeding.batches(x, y, batch_size=args.batch_size, shuffle=True),
-                                     "shuffle": False}, args.epochs)
+    measure(
+        "bloodcell.feeding   ",
+        {"x": feeding.batches(x, y, batch_size=args.batch_size, shuffle=True), "shuffle": False},
+        args.epochs,
+    )
 
 
 if __name__ == "__main__":

@@ -56,7 +56,7 @@ def load(path: Path) -> tuple[np.ndarray, np.ndarray]:
     jpeg, offsets = saved["jpeg"], saved["offsets"]
     x = np.empty(tuple(saved["shape"]), np.uint8)
     for i in range(len(x)):
-        x[i] = np.asarray(Image.open(io.BytesIO(jpeg[offsets[i]:offsets[i + 1]].tobytes())).convert("RGB"))
+        x[i] = np.asarray(Image.open(io.BytesIO(jpeg[offsets[i] : offsets[i + 1]].tobytes())).convert("RGB"))
     return x, saved["y"]
 
 
@@ -75,20 +75,31 @@ def run(args: argparse.Namespace) -> dict:
         y = rng.integers(0, 8, args.synthetic)
     policy = hardware.apply_precision("auto")
     model = models.build_model(args.model, 8, x.shape[1], augment=not args.no_augment)
-    model.compile(optimizer=keras.optimizers.Adam(cfg.learning_rate), loss="sparse_categorical_crossentropy",
-                  metrics=["accuracy"])
+    model.compile(
+        optimizer=keras.optimizers.Adam(cfg.learning_rate), loss="sparse_categorical_crossentropy", metrics=["accuracy"]
+    )
     durations: list[float] = []
     timer = keras.callbacks.LambdaCallback(
         on_epoch_begin=lambda epoch, logs: durations.append(-time.perf_counter()),
-        on_epoch_end=lambda epoch, logs: durations.__setitem__(-1, durations[-1] + time.perf_counter()))
+        on_epoch_end=lambda epoch, logs: durations.__setitem__(-1, durations[-1] + time.perf_counter()),
+    )
     model.fit(x, y, batch_size=batch, epochs=args.epochs, callbacks=[timer], verbose=2)
     steady = durations[1:] or durations
     per_epoch = sum(steady) / len(steady)
-    return {"backend": keras.backend.backend(), "device": hardware.device_name(), "precision": policy,
-            "model": args.model, "images": len(x), "image_size": int(x.shape[1]), "batch_size": batch,
-            "augment": not args.no_augment, "data": str(args.data or f"synthetic {args.synthetic}"),
-            "first_epoch_seconds": round(durations[0], 2), "seconds_per_epoch": round(per_epoch, 2),
-            "images_per_second": round(len(x) / per_epoch, 1)}
+    return {
+        "backend": keras.backend.backend(),
+        "device": hardware.device_name(),
+        "precision": policy,
+        "model": args.model,
+        "images": len(x),
+        "image_size": int(x.shape[1]),
+        "batch_size": batch,
+        "augment": not args.no_augment,
+        "data": str(args.data or f"synthetic {args.synthetic}"),
+        "first_epoch_seconds": round(durations[0], 2),
+        "seconds_per_epoch": round(per_epoch, 2),
+        "images_per_second": round(len(x) / per_epoch, 1),
+    }
 
 
 def main() -> None:

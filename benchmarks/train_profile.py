@@ -32,8 +32,9 @@ def step(name: str, args: list[str], log_dir: Path) -> dict:
     log_path = log_dir / f"{name}.log"
     started = time.perf_counter()
     with open(log_path, "w") as log:
-        proc = subprocess.run([sys.executable, "-m", "bloodcell.cli", *args], stdout=log,
-                              stderr=subprocess.STDOUT, cwd=ROOT)
+        proc = subprocess.run(
+            [sys.executable, "-m", "bloodcell.cli", *args], stdout=log, stderr=subprocess.STDOUT, cwd=ROOT
+        )
     seconds = time.perf_counter() - started
     lines = log_path.read_text().strip().splitlines()
     if proc.returncode != 0:
@@ -61,16 +62,34 @@ def main() -> None:
     profile_args = ["--profile", args.profile] + [f"--set={item}" for item in args.set]
     # Build arrays only for the sizes the chosen models need.
     profile = config.resolve(args.profile, config.parse_assignments(args.set))
-    size_args = [f"--set={name}.image_size={profile.model(args.models[0]).image_size}"
-                 for name in config.MODEL_NAMES if name not in args.models]
+    size_args = [
+        f"--set={name}.image_size={profile.model(args.models[0]).image_size}"
+        for name in config.MODEL_NAMES
+        if name not in args.models
+    ]
     run_id = time.strftime("bench-%Y%m%d-%H%M%S")
     bucket = ["--bucket", args.bucket]
     try:
         ingest = step("ingest", ["ingest", args.data, "--vgg16-weights", "none", *bucket], state)
         split = step("split", ["split", ingest["dataset_uri"], *bucket, *profile_args, *size_args], state)
-        trained = {name: step(f"train-{name}", ["train", name, split["split_uri"], "--run-id", run_id,
-                                                 "--vgg16-weights", "none", *bucket, *profile_args], state)
-                   for name in args.models}
+        trained = {
+            name: step(
+                f"train-{name}",
+                [
+                    "train",
+                    name,
+                    split["split_uri"],
+                    "--run-id",
+                    run_id,
+                    "--vgg16-weights",
+                    "none",
+                    *bucket,
+                    *profile_args,
+                ],
+                state,
+            )
+            for name in args.models
+        }
         evaluated = step("evaluate", ["evaluate", "--run-id", run_id, "--models", *args.models, *bucket], state)
     finally:
         services.stop()
@@ -78,10 +97,16 @@ def main() -> None:
     for name in args.models:
         metrics = evaluated[name]
         figures["models"][name] = {
-            "test_accuracy": metrics["accuracy"], "macro_f1": metrics["macro_f1"], "epochs": metrics["epochs"],
-            "image_size": metrics["image_size"], "train_step_seconds": trained[name]["seconds"]}
-        print(f"{name}: test accuracy {metrics['accuracy']:.2%} after {metrics['epochs']} epochs, "
-              f"train step {trained[name]['seconds'] / 60:.1f} min")
+            "test_accuracy": metrics["accuracy"],
+            "macro_f1": metrics["macro_f1"],
+            "epochs": metrics["epochs"],
+            "image_size": metrics["image_size"],
+            "train_step_seconds": trained[name]["seconds"],
+        }
+        print(
+            f"{name}: test accuracy {metrics['accuracy']:.2%} after {metrics['epochs']} epochs, "
+            f"train step {trained[name]['seconds'] / 60:.1f} min"
+        )
     print(json.dumps(figures, indent=2))
     if args.output:
         Path(args.output).write_text(json.dumps(figures, indent=2))

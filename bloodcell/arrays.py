@@ -33,16 +33,24 @@ def build(assignment: dict, dataset_uri: str, targets: dict[int, str]) -> dict[i
     classes = assignment["classes"]
     local_images = _download_images(assignment, dataset_uri)
     sizes = sorted(missing)
-    with tempfile.TemporaryDirectory(prefix="bloodcell-arrays-") as tmp, \
-            ProcessPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+    with (
+        tempfile.TemporaryDirectory(prefix="bloodcell-arrays-") as tmp,
+        ProcessPoolExecutor(max_workers=os.cpu_count() or 1) as pool,
+    ):
         for subset in SUBSETS:
             items = assignment[subset]
-            writers = {size: NpyWriter(Path(tmp, f"{size}_{subset}_x.npy"), (len(items), size, size, 3))
-                       for size in sizes}
+            writers = {
+                size: NpyWriter(Path(tmp, f"{size}_{subset}_x.npy"), (len(items), size, size, 3)) for size in sizes
+            }
             paths = [str(local_images / item["path"]) for item in items]
             decoded = pool.map(decode_resized, paths, [sizes] * len(paths), chunksize=32)
-            for images in tqdm(decoded, total=len(paths), unit=" img", mininterval=2,
-                               desc=f"arrays {subset} {'/'.join(map(str, sizes))}px"):
+            for images in tqdm(
+                decoded,
+                total=len(paths),
+                unit=" img",
+                mininterval=2,
+                desc=f"arrays {subset} {'/'.join(map(str, sizes))}px",
+            ):
                 for size, image in zip(sizes, images):
                     writers[size].write(image)
             labels = np.array([classes.index(item["label"]) for item in items], dtype=np.int32)
@@ -68,8 +76,9 @@ class NpyWriter:
         self.shape = shape
         self.rows = 0
         np.lib.format.write_array_header_1_0(
-            self.file, {"descr": np.lib.format.dtype_to_descr(np.dtype(np.uint8)), "fortran_order": False,
-                        "shape": shape})
+            self.file,
+            {"descr": np.lib.format.dtype_to_descr(np.dtype(np.uint8)), "fortran_order": False, "shape": shape},
+        )
 
     def write(self, row: np.ndarray) -> None:
         self.file.write(np.ascontiguousarray(row, dtype=np.uint8).tobytes())
@@ -95,10 +104,11 @@ def _download_images(assignment: dict, dataset_uri: str) -> Path:
     items = [item for subset in SUBSETS for item in assignment[subset]]
     pairs = [
         (storage.join(dataset_uri, "images", item["path"]), local / item["path"])
-        for item in items if not _matches(local / item["path"], item["bytes"])
+        for item in items
+        if not _matches(local / item["path"], item["bytes"])
     ]
     for start in tqdm(range(0, len(pairs), 512), desc="download images", unit=" batch", disable=not pairs):
-        storage.download_many(pairs[start:start + 512])
+        storage.download_many(pairs[start : start + 512])
     return local
 
 

@@ -21,8 +21,13 @@ def _common(parser: argparse.ArgumentParser, run: bool = True, profile: bool = T
         parser.add_argument("--run-id", required=True, help="pipeline run id (groups the run's outputs)")
     if profile:
         parser.add_argument("--profile", default="laptop", choices=list(config.PROFILES))
-        parser.add_argument("--set", action="append", metavar="KEY=VALUE", default=[],
-                            help="override a profile setting, e.g. --set cnn1.epochs=5")
+        parser.add_argument(
+            "--set",
+            action="append",
+            metavar="KEY=VALUE",
+            default=[],
+            help="override a profile setting, e.g. --set cnn1.epochs=5",
+        )
 
 
 def _overrides(args: argparse.Namespace) -> str:
@@ -30,13 +35,18 @@ def _overrides(args: argparse.Namespace) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="bloodcell", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="bloodcell", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     steps = parser.add_subparsers(dest="step", required=True)
 
     p = steps.add_parser("ingest", help="check and store a dataset source")
-    p.add_argument("source", nargs="?", default=config.MENDELEY_URL,
-                   help="folder, zip, http(s) URL or gs:// URI (default: the official PBC zip)")
+    p.add_argument(
+        "source",
+        nargs="?",
+        default=config.MENDELEY_URL,
+        help="folder, zip, http(s) URL or gs:// URI (default: the official PBC zip)",
+    )
     _common(p, run=False, profile=False)
     p.add_argument("--vgg16-weights", default="none", help="also check these VGG16 weights can be had")
     p.set_defaults(handler=lambda a: _steps().ingest(a.source, a.bucket, a.vgg16_weights))
@@ -53,8 +63,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--experiment", default=config.DEFAULT_EXPERIMENT)
     p.add_argument("--parent-run-id", default="", help="MLflow parent run (default: this run id's)")
     p.add_argument("--vgg16-weights", default="none")
-    p.set_defaults(handler=lambda a: _steps().train(a.model, a.split_uri, a.bucket, a.run_id, a.profile,
-                                                   _overrides(a), a.experiment, a.parent_run_id, a.vgg16_weights))
+    p.set_defaults(
+        handler=lambda a: _steps().train(
+            a.model,
+            a.split_uri,
+            a.bucket,
+            a.run_id,
+            a.profile,
+            _overrides(a),
+            a.experiment,
+            a.parent_run_id,
+            a.vgg16_weights,
+        )
+    )
 
     p = steps.add_parser("evaluate", help="evaluate a run's models on the test split")
     _common(p, profile=False)
@@ -67,8 +88,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--experiment", default=config.DEFAULT_EXPERIMENT)
     p.add_argument("--parent-run-id", default="", help="MLflow parent run (default: this run id's)")
     p.add_argument("--models", nargs="+", default=list(config.MODEL_NAMES))
-    p.set_defaults(handler=lambda a: _steps().report(a.bucket, a.run_id, a.split_uri, a.profile, a.experiment,
-                                                    a.parent_run_id, _overrides(a), a.models))
+    p.set_defaults(
+        handler=lambda a: _steps().report(
+            a.bucket, a.run_id, a.split_uri, a.profile, a.experiment, a.parent_run_id, _overrides(a), a.models
+        )
+    )
 
     p = steps.add_parser("compare", help="table of models across pipeline runs (from MLflow), best first")
     p.add_argument("--experiment", default=config.DEFAULT_EXPERIMENT)
@@ -79,8 +103,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = steps.add_parser("predict", help="classify image files or folders with a trained model")
     p.add_argument("paths", nargs="+")
     p.add_argument("--model", required=True, help="models:/..., gs://.../model.keras or a local .keras file")
-    p.add_argument("--labels-from-folders", action="store_true",
-                   help="treat each image's folder name as its true class; print accuracy and macro F1")
+    p.add_argument(
+        "--labels-from-folders",
+        action="store_true",
+        help="treat each image's folder name as its true class; print accuracy and macro F1",
+    )
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(handler=_predict)
     return parser

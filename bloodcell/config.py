@@ -112,13 +112,29 @@ PROFILES: dict[str, Profile] = {
     "laptop": Profile(
         name="laptop",
         # cosine over a fixed budget: with ReduceLROnPlateau cnn1 was still improving at epoch 34 (92.6%)
-        cnn1=ModelConfig(image_size=64, epochs=48, batch_size=64, early_stopping_patience=10,
-                         early_stopping_start=24, lr_schedule="cosine"),
-        cnn2=ModelConfig(image_size=96, epochs=12, batch_size=64, early_stopping_patience=4,
-                         early_stopping_start=6, lr_schedule="cosine"),
+        cnn1=ModelConfig(
+            image_size=64,
+            epochs=48,
+            batch_size=64,
+            early_stopping_patience=10,
+            early_stopping_start=24,
+            lr_schedule="cosine",
+        ),
+        cnn2=ModelConfig(
+            image_size=96,
+            epochs=12,
+            batch_size=64,
+            early_stopping_patience=4,
+            early_stopping_start=6,
+            lr_schedule="cosine",
+        ),
         vgg16=ModelConfig(
-            image_size=64, epochs=8, batch_size=64, learning_rate=1e-3,
-            fine_tune_epochs=4, fine_tune_learning_rate=1e-4,
+            image_size=64,
+            epochs=8,
+            batch_size=64,
+            learning_rate=1e-3,
+            fine_tune_epochs=4,
+            fine_tune_learning_rate=1e-4,
         ),
     ),
     # A cluster run on GPU nodes: the original resolutions and more epochs.
@@ -126,13 +142,28 @@ PROFILES: dict[str, Profile] = {
         name="gpu",
         # cnn1 at 128 px underfits when ReduceLROnPlateau halves the rate on noisy val_loss (measured:
         # lr 1e-5 by epoch 28, 91.9% test); a cosine decay over a fixed budget keeps it learning.
-        cnn1=ModelConfig(image_size=128, epochs=50, batch_size=128, early_stopping_patience=10,
-                         early_stopping_start=25, lr_schedule="cosine"),
-        cnn2=ModelConfig(image_size=128, epochs=20, batch_size=128, early_stopping_patience=8,
-                         early_stopping_start=8, lr_schedule="cosine"),
+        cnn1=ModelConfig(
+            image_size=128,
+            epochs=50,
+            batch_size=128,
+            early_stopping_patience=10,
+            early_stopping_start=25,
+            lr_schedule="cosine",
+        ),
+        cnn2=ModelConfig(
+            image_size=128,
+            epochs=20,
+            batch_size=128,
+            early_stopping_patience=8,
+            early_stopping_start=8,
+            lr_schedule="cosine",
+        ),
         vgg16=ModelConfig(
-            image_size=224, epochs=15, batch_size=64,
-            fine_tune_epochs=15, fine_tune_learning_rate=1e-5,
+            image_size=224,
+            epochs=15,
+            batch_size=64,
+            fine_tune_epochs=15,
+            fine_tune_learning_rate=1e-5,
         ),
     ),
 }
@@ -154,7 +185,7 @@ class ClusterSettings:
     retries: int = 3
 
     @classmethod
-    def from_env(cls) -> "ClusterSettings":
+    def from_env(cls) -> ClusterSettings:
         defaults = cls()
         values = {}
         for f in dataclasses.fields(cls):
@@ -237,15 +268,31 @@ def _coerce(value: typing.Any, hint: typing.Any, key: str) -> typing.Any:
             return ratio
         return hint(value)
     except (TypeError, ValueError):
-        expected = "three positive fractions summing to 1, e.g. 0.7,0.15,0.15" if typing.get_origin(
-            hint) is tuple else getattr(hint, "__name__", str(hint))
+        expected = (
+            "three positive fractions summing to 1, e.g. 0.7,0.15,0.15"
+            if typing.get_origin(hint) is tuple
+            else getattr(hint, "__name__", str(hint))
+        )
         raise ConfigError(f"setting {key!r}: cannot use {value!r}; expected {expected}") from None
 
 
 __all__ = [
-    "ClusterSettings", "ConfigError", "DEFAULT_BUCKET", "DEFAULT_EXPERIMENT", "DEFAULT_IMAGE", "IMAGE", "MENDELEY_URL",
-    "MENDELEY_ZIP_BYTES", "MODEL_NAMES", "ModelConfig", "PASSED_ENV", "PROFILES", "Profile", "STEP_ENV",
-    "parse_assignments", "resolve",
+    "ClusterSettings",
+    "ConfigError",
+    "DEFAULT_BUCKET",
+    "DEFAULT_EXPERIMENT",
+    "DEFAULT_IMAGE",
+    "IMAGE",
+    "MENDELEY_URL",
+    "MENDELEY_ZIP_BYTES",
+    "MODEL_NAMES",
+    "ModelConfig",
+    "PASSED_ENV",
+    "PROFILES",
+    "Profile",
+    "STEP_ENV",
+    "parse_assignments",
+    "resolve",
 ]
 
 if __name__ == "__main__":  # `python -m bloodcell.config image`: the image name, for make (stdlib only)

@@ -15,9 +15,10 @@ import json
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from bloodcell import config
 from bloodcell.errors import BloodcellError
@@ -74,7 +75,8 @@ def engine():
         raise BloodcellError(
             f"cannot reach a Docker engine at {where} ({_first_line(exc)}): start Docker (e.g. "
             "`sudo systemctl start docker`), set DOCKER_HOST, or run the steps as local processes "
-            "with --runner subprocess") from None
+            "with --runner subprocess"
+        ) from None
     return client
 
 
@@ -87,7 +89,8 @@ def image_id(client, image: str) -> str:
     except docker.errors.ImageNotFound:
         raise BloodcellError(
             f"image {image!r} is not in the local Docker engine: build it with `make image` "
-            f"(or `make image IMAGE={image}`), or name another with --image") from None
+            f"(or `make image IMAGE={image}`), or name another with --image"
+        ) from None
 
 
 def probe_here() -> dict[str, Any]:
@@ -106,8 +109,12 @@ def container_gid() -> int:
 def isolation(gid: int) -> dict[str, Any]:
     """``containers.run`` arguments every task (and the image check) runs with."""
     return {
-        "user": f"{IMAGE_UID}:{gid}", "read_only": True, "cap_drop": ["ALL"], "security_opt": ["no-new-privileges"],
-        "network_mode": "host", "init": True,
+        "user": f"{IMAGE_UID}:{gid}",
+        "read_only": True,
+        "cap_drop": ["ALL"],
+        "security_opt": ["no-new-privileges"],
+        "network_mode": "host",
+        "init": True,
         "tmpfs": {"/tmp": "rw,nosuid,nodev", "/home/bloodcell": f"rw,nosuid,nodev,uid={IMAGE_UID},gid={gid}"},
     }
 
@@ -124,26 +131,33 @@ def check(image: str) -> ContainerPlan:
     with contextlib.closing(client):
         found_id = image_id(client, image)
         try:
-            output = client.containers.run(image, ["python3", "-c", PROBE], remove=True, stdout=True, stderr=True,
-                                           **isolation(container_gid()))
+            output = client.containers.run(
+                image, ["python3", "-c", PROBE], remove=True, stdout=True, stderr=True, **isolation(container_gid())
+            )
             inside = json.loads(output.decode().strip().splitlines()[-1])
         except (docker.errors.ContainerError, docker.errors.APIError, ValueError, IndexError) as exc:
             raise BloodcellError(
                 f"image {image!r} cannot run the pipeline's steps (python3 in it failed: {_first_line(exc)}): "
-                "build the pipeline image with `make image`") from None
+                "build the pipeline image with `make image`"
+            ) from None
     missing = [name for name, found in inside["packages"].items() if not found] or ([] if inside["kfp"] else ["kfp"])
     if missing:
         raise BloodcellError(
             f"image {image!r} does not contain the {' and '.join(missing)} package(s) the steps need: "
-            "build the pipeline image with `make image` (BASE_IMAGE= selects its base)")
+            "build the pipeline image with `make image` (BASE_IMAGE= selects its base)"
+        )
     if inside["source_digest"] != probe_here()["source_digest"]:
-        print(f"warning: image {image!r} holds other bloodcell sources than this checkout (bloodcell "
-              f"{inside['bloodcell']}): its steps run the image's code; `make image` rebuilds it", file=sys.stderr)
+        print(
+            f"warning: image {image!r} holds other bloodcell sources than this checkout (bloodcell "
+            f"{inside['bloodcell']}): its steps run the image's code; `make image` rebuilds it",
+            file=sys.stderr,
+        )
     return ContainerPlan(image, found_id)
 
 
-def plan(checked: ContainerPlan, state_dir: Path, run_id: str, arguments: dict[str, str],
-         env: dict[str, str]) -> ContainerPlan:
+def plan(
+    checked: ContainerPlan, state_dir: Path, run_id: str, arguments: dict[str, str], env: dict[str, str]
+) -> ContainerPlan:
     """``checked`` with the arguments for kfp's DockerRunner: mounts, environment, labels."""
     from docker.types import Mount
 
@@ -152,17 +166,24 @@ def plan(checked: ContainerPlan, state_dir: Path, run_id: str, arguments: dict[s
     for folder in (kfp_root, cache):
         shared_folder(folder, gid)
     copy_cached_weights(cache / "keras")
-    mounts = [Mount(target=str(path), source=str(path), type="bind", read_only=True)
-              for path in input_paths(arguments, gid)]
+    mounts = [
+        Mount(target=str(path), source=str(path), type="bind", read_only=True) for path in input_paths(arguments, gid)
+    ]
     mounts.append(Mount(target=str(cache), source=str(cache), type="bind"))
     environment = {
         **{name: env[name] for name in config.STEP_ENV if env.get(name)},
         **{name: os.environ[name] for name in config.PASSED_ENV if os.environ.get(name)},
-        "BLOODCELL_CACHE": str(cache), "KERAS_HOME": str(cache / "keras"),
-        "BLOODCELL_IMAGE": checked.image, "BLOODCELL_IMAGE_ID": checked.image_id,
+        "BLOODCELL_CACHE": str(cache),
+        "KERAS_HOME": str(cache / "keras"),
+        "BLOODCELL_IMAGE": checked.image,
+        "BLOODCELL_IMAGE_ID": checked.image_id,
     }
-    run_args = {**isolation(gid), "environment": environment, "mounts": mounts,
-                "labels": {LABEL_RUN: run_id, LABEL_STATE: str(state_dir)}}
+    run_args = {
+        **isolation(gid),
+        "environment": environment,
+        "mounts": mounts,
+        "labels": {LABEL_RUN: run_id, LABEL_STATE: str(state_dir)},
+    }
     return ContainerPlan(checked.image, checked.image_id, run_args)
 
 
@@ -200,7 +221,8 @@ def readable_by_containers(path: Path, gid: int) -> None:
     if others & needed != needed and group & needed != needed:
         raise BloodcellError(
             f"{path} is not readable by the containers' user (uid {IMAGE_UID}, group {gid}): "
-            f"`chmod -R o+rX {path}`, or run the steps as local processes with --runner subprocess")
+            f"`chmod -R o+rX {path}`, or run the steps as local processes with --runner subprocess"
+        )
 
 
 def shared_folder(path: Path, gid: int) -> None:

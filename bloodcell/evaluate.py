@@ -48,17 +48,23 @@ def evaluate_one(model_dir: str, info: dict) -> dict:
     probabilities = feeding.predict(model, x_test, INFERENCE_BATCH)
     seconds = time.perf_counter() - started
     result = classification_metrics(y_test, probabilities, info["classes"])
-    result.update({
-        "model": info["model"], "params": int(info["params"]), "train_seconds": float(info["train_seconds"]),
-        "epochs": int(info["epochs"]), "image_size": int(info["image_size"]),
-        "inference_images_per_second": len(x_test) / seconds if seconds else 0.0,
-        "model_size_bytes": size_bytes, "model_uri": info["model_uri"],
-        "mlflow_run_id": info["mlflow_run_id"], "mlflow_model_uri": info["mlflow_model_uri"],
-    })
+    result.update(
+        {
+            "model": info["model"],
+            "params": int(info["params"]),
+            "train_seconds": float(info["train_seconds"]),
+            "epochs": int(info["epochs"]),
+            "image_size": int(info["image_size"]),
+            "inference_images_per_second": len(x_test) / seconds if seconds else 0.0,
+            "model_size_bytes": size_bytes,
+            "model_uri": info["model_uri"],
+            "mlflow_run_id": info["mlflow_run_id"],
+            "mlflow_model_uri": info["mlflow_model_uri"],
+        }
+    )
     buffer = io.BytesIO()
     np.savez_compressed(buffer, y_true=y_test, probabilities=probabilities)
-    result["predictions_uri"] = storage.upload_bytes(
-        buffer.getvalue(), storage.join(model_dir, "test_predictions.npz"))
+    result["predictions_uri"] = storage.upload_bytes(buffer.getvalue(), storage.join(model_dir, "test_predictions.npz"))
     return result
 
 
@@ -67,10 +73,10 @@ def classification_metrics(y_true: np.ndarray, probabilities: np.ndarray, classe
     labels = list(range(len(classes)))
     y_pred = probabilities.argmax(axis=1)
     macro = skm.precision_recall_fscore_support(y_true, y_pred, labels=labels, average="macro", zero_division=0)
-    weighted = skm.precision_recall_fscore_support(y_true, y_pred, labels=labels, average="weighted",
-                                                   zero_division=0)
-    report = skm.classification_report(y_true, y_pred, labels=labels, target_names=classes,
-                                       output_dict=True, zero_division=0)
+    weighted = skm.precision_recall_fscore_support(y_true, y_pred, labels=labels, average="weighted", zero_division=0)
+    report = skm.classification_report(
+        y_true, y_pred, labels=labels, target_names=classes, output_dict=True, zero_division=0
+    )
     try:
         auc = float(skm.roc_auc_score(y_true, probabilities, multi_class="ovr", labels=labels))
     except ValueError:  # a class absent from y_true
@@ -79,8 +85,11 @@ def classification_metrics(y_true: np.ndarray, probabilities: np.ndarray, classe
         "classes": classes,
         "n_test": int(len(y_true)),
         "accuracy": float(skm.accuracy_score(y_true, y_pred)),
-        "macro_precision": float(macro[0]), "macro_recall": float(macro[1]), "macro_f1": float(macro[2]),
-        "weighted_precision": float(weighted[0]), "weighted_recall": float(weighted[1]),
+        "macro_precision": float(macro[0]),
+        "macro_recall": float(macro[1]),
+        "macro_f1": float(macro[2]),
+        "weighted_precision": float(weighted[0]),
+        "weighted_recall": float(weighted[1]),
         "weighted_f1": float(weighted[2]),
         "roc_auc_ovr": auc,
         "per_class": {c: {k: float(v) for k, v in report[c].items()} for c in classes},
@@ -90,11 +99,20 @@ def classification_metrics(y_true: np.ndarray, probabilities: np.ndarray, classe
 
 def _log_to_mlflow(run_id: str, result: dict) -> None:
     with mlflow.start_run(run_id=run_id):
-        keys = ("accuracy", "macro_f1", "macro_precision", "macro_recall", "weighted_f1", "roc_auc_ovr",
-                "inference_images_per_second", "model_size_bytes")
+        keys = (
+            "accuracy",
+            "macro_f1",
+            "macro_precision",
+            "macro_recall",
+            "weighted_f1",
+            "roc_auc_ovr",
+            "inference_images_per_second",
+            "model_size_bytes",
+        )
         mlflow.log_metrics({f"test_{k}": float(result[k]) for k in keys if np.isfinite(result[k])})
-        mlflow.log_dict({k: result[k] for k in ("classes", "confusion_matrix", "per_class")},
-                        "evaluation/test_metrics.json")
+        mlflow.log_dict(
+            {k: result[k] for k in ("classes", "confusion_matrix", "per_class")}, "evaluation/test_metrics.json"
+        )
         mlflow.log_metrics({f"test_f1_{c}": v["f1-score"] for c, v in result["per_class"].items()})
         from bloodcell import report
 

@@ -42,8 +42,10 @@ def describe() -> str:
 
 def predict(model: keras.Model, x: np.ndarray, batch_size: int) -> np.ndarray:
     """Class probabilities for ``x``, batch by batch (no input pipeline to tear down)."""
-    outputs = [keras.ops.convert_to_numpy(model.predict_on_batch(x[start:start + batch_size]))
-               for start in range(0, len(x), batch_size)]
+    outputs = [
+        keras.ops.convert_to_numpy(model.predict_on_batch(x[start : start + batch_size]))
+        for start in range(0, len(x), batch_size)
+    ]
     return np.concatenate(outputs).astype(np.float32)
 
 
@@ -60,7 +62,7 @@ class ArrayBatches(keras.utils.PyDataset):
         return math.ceil(len(self.x) / self.batch_size)
 
     def __getitem__(self, index: int):
-        rows = np.sort(self.order[index * self.batch_size:(index + 1) * self.batch_size])
+        rows = np.sort(self.order[index * self.batch_size : (index + 1) * self.batch_size])
         return self.x[rows] if self.y is None else (self.x[rows], self.y[rows])
 
     def on_epoch_end(self) -> None:

@@ -78,10 +78,11 @@ def ingest(source: str, bucket: str, workdir: str | Path | None = None) -> Inges
             storage.write_json(manifest, manifest_uri)
         storage.write_json({"dataset_uri": dataset_uri, "source": source}, pointer_uri)
     classes = sorted({r.label for r in records})
-    print(f"dataset {dataset_hash}: {len(records)} images in {len(classes)} classes, "
-          f"{len(quarantined)} quarantined, {len(duplicates)} duplicates dropped")
-    return IngestResult(dataset_uri, dataset_hash, len(records), classes, len(quarantined),
-                        len(duplicates), cache_hit)
+    print(
+        f"dataset {dataset_hash}: {len(records)} images in {len(classes)} classes, "
+        f"{len(quarantined)} quarantined, {len(duplicates)} duplicates dropped"
+    )
+    return IngestResult(dataset_uri, dataset_hash, len(records), classes, len(quarantined), len(duplicates), cache_hit)
 
 
 def fingerprint(root: Path) -> str:
@@ -104,8 +105,15 @@ def _known_dataset(pointer_uri: str) -> IngestResult | None:
     manifest = storage.read_json(manifest_uri)
     _print_left_out(manifest["quarantined"], manifest["duplicates"])
     print(f"cache hit: these files were ingested before as dataset {manifest['dataset_hash']} ({dataset_uri})")
-    return IngestResult(dataset_uri, manifest["dataset_hash"], len(manifest["images"]), manifest["classes"],
-                        len(manifest["quarantined"]), len(manifest["duplicates"]), True)
+    return IngestResult(
+        dataset_uri,
+        manifest["dataset_hash"],
+        len(manifest["images"]),
+        manifest["classes"],
+        len(manifest["quarantined"]),
+        len(manifest["duplicates"]),
+        True,
+    )
 
 
 def _print_left_out(quarantined: list[dict], duplicates: list[dict]) -> None:
@@ -122,8 +130,7 @@ def find_class_root(path: Path) -> Path:
         entries = [e for e in current.iterdir() if not _ignored(e.name)]
         folders = [e for e in entries if e.is_dir()]
         files = [e for e in entries if e.is_file()]
-        if len(folders) == 1 and not files and any(e.is_dir() for e in folders[0].iterdir()
-                                                     if not _ignored(e.name)):
+        if len(folders) == 1 and not files and any(e.is_dir() for e in folders[0].iterdir() if not _ignored(e.name)):
             current = folders[0]  # a wrapper folder around the class folders
             continue
         if len(folders) < 2:
@@ -155,7 +162,11 @@ def scan(root: Path, workers: int | None = None) -> tuple[list[ImageRecord], lis
     with ProcessPoolExecutor(max_workers=workers or os.cpu_count() or 1) as pool:
         checked = pool.map(check_image, [c[2] for c in candidates], chunksize=64)
         for (label, relative, _), result in tqdm(
-            zip(candidates, checked), total=len(candidates), desc="decode-check", unit=" img", mininterval=2,
+            zip(candidates, checked),
+            total=len(candidates),
+            desc="decode-check",
+            unit=" img",
+            mininterval=2,
         ):
             if isinstance(result, str):
                 quarantined.append({"path": relative, "reason": result})
@@ -189,7 +200,7 @@ def check_image(path: str) -> tuple[str, int, int, int] | str:
                 img.load()
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         return f"decompression bomb: {exc}"
-    except Exception as exc:  # noqa: BLE001 - any decoder failure quarantines the file
+    except Exception as exc:
         return f"not a decodable image ({type(exc).__name__}: {exc})"
     return hashlib.sha256(data).hexdigest(), width, height, len(data)
 
@@ -203,8 +214,13 @@ def drop_duplicates(records: list[ImageRecord]) -> tuple[list[ImageRecord], list
         if first is record:
             kept.append(record)
         else:
-            duplicates.append({"path": record.path, "duplicate_of": first.path,
-                               **({"conflicting_label": first.label} if first.label != record.label else {})})
+            duplicates.append(
+                {
+                    "path": record.path,
+                    "duplicate_of": first.path,
+                    **({"conflicting_label": first.label} if first.label != record.label else {}),
+                }
+            )
     return kept, duplicates
 
 
@@ -218,8 +234,7 @@ def check_classes(root: Path, records: list[ImageRecord], quarantined: list[dict
         rejected = {name: sum(q["path"].startswith(name + "/") for q in quarantined) for name in empty}
         detail = ", ".join(f"{name}/ ({rejected[name]} files quarantined)" for name in empty)
         raise DataError(
-            f"class folder(s) with no usable image in {root}: {detail}. "
-            "Add images to them or remove the folders."
+            f"class folder(s) with no usable image in {root}: {detail}. Add images to them or remove the folders."
         )
 
 
@@ -233,6 +248,6 @@ def upload_images(root: Path, records: list[ImageRecord], dataset_uri: str) -> N
     pairs = [(root / r.path, storage.join(dataset_uri, "images", r.path)) for r in records]
     with tqdm(total=len(pairs), desc="upload", unit=" img", mininterval=2) as bar:
         for start in range(0, len(pairs), UPLOAD_BATCH):
-            batch = pairs[start:start + UPLOAD_BATCH]
+            batch = pairs[start : start + UPLOAD_BATCH]
             storage.upload_many(batch)
             bar.update(len(batch))

@@ -11,9 +11,10 @@ import os
 import signal
 import sys
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 from bloodcell import config, local_runs
 from bloodcell.errors import BloodcellError
@@ -38,8 +39,12 @@ class RunOptions:
 PipelineFactory = Callable[[str], Callable[..., Any]]  # image -> the kfp pipeline function
 
 
-def run(make_pipeline: PipelineFactory, options: RunOptions, arguments: dict[str, str] | None = None,
-        run_id: str | None = None) -> int:
+def run(
+    make_pipeline: PipelineFactory,
+    options: RunOptions,
+    arguments: dict[str, str] | None = None,
+    run_id: str | None = None,
+) -> int:
     """Run the pipeline (``arguments``, or a run's own with ``options.resume``); the exit status."""
     import kfp.local
 
@@ -72,8 +77,10 @@ def run(make_pipeline: PipelineFactory, options: RunOptions, arguments: dict[str
     if run_id in others:
         raise BloodcellError(f"run {run_id} is already in progress (pid {others[run_id]}); wait for it to end")
     if others:
-        print(f"note: run(s) {', '.join(others)} in progress too; this run shares their services, "
-              f"its outputs go under runs/{run_id}/")
+        print(
+            f"note: run(s) {', '.join(others)} in progress too; this run shares their services, "
+            f"its outputs go under runs/{run_id}/"
+        )
     services = LocalServices(state, arguments["bucket"], options.gcs_port, options.mlflow_port)
     env = services.start()
     os.environ.update(env)
@@ -93,10 +100,16 @@ def run(make_pipeline: PipelineFactory, options: RunOptions, arguments: dict[str
     kfp.local.init(runner=kfp_runner, pipeline_root=str(state / "kfp"), raise_on_error=True)
     started = time.perf_counter()
     where = f"containers of {image}" if checked else "local processes"
-    print(f"run {run_id}: profile {arguments['profile']}, data {arguments['source']}, steps in {where}"
-          + (" (resumed: finished steps and epochs are kept)" if options.resume else ""))
-    with local_runs.active(state, run_id), local_runs.TaskLog(sys.stdout).installed() as task_log, \
-            _containers_fixed(checked is not None), _sigterm_exits():
+    print(
+        f"run {run_id}: profile {arguments['profile']}, data {arguments['source']}, steps in {where}"
+        + (" (resumed: finished steps and epochs are kept)" if options.resume else "")
+    )
+    with (
+        local_runs.active(state, run_id),
+        local_runs.TaskLog(sys.stdout).installed() as task_log,
+        _containers_fixed(checked is not None),
+        _sigterm_exits(),
+    ):
         try:
             make_pipeline(image)(**arguments)
         except RuntimeError as exc:  # kfp.local: "Pipeline ... finished with status FAILURE. Inner task failed: ..."
@@ -136,14 +149,23 @@ def report_failure(run_id: str, task_log: local_runs.TaskLog, exc: Exception, st
     resume = f"python pipeline.py run --resume {run_id}"
     if str(state_dir) != DEFAULT_STATE_DIR:
         resume += f" --state-dir {state_dir}"
-    print(f"error: run {run_id} failed in step {task} ({local_runs.plain(str(exc)).strip()})\n"
-          f"last lines of {task}'s log:\n{tail}\n"
-          f"fix the cause, then resume: {resume} (finished steps and training epochs are kept)", file=sys.stderr)
+    print(
+        f"error: run {run_id} failed in step {task} ({local_runs.plain(str(exc)).strip()})\n"
+        f"last lines of {task}'s log:\n{tail}\n"
+        f"fix the cause, then resume: {resume} (finished steps and training epochs are kept)",
+        file=sys.stderr,
+    )
     return 1
 
 
-def finish(run_id: str, arguments: dict[str, str], state: Path, seconds: float, options: RunOptions,
-           runner_record: dict[str, str]) -> int:
+def finish(
+    run_id: str,
+    arguments: dict[str, str],
+    state: Path,
+    seconds: float,
+    options: RunOptions,
+    runner_record: dict[str, str],
+) -> int:
     """Write the run summary (the report step's, plus wall time and runner), print where things are."""
     from bloodcell import storage, tracking
 
@@ -164,8 +186,9 @@ def finish(run_id: str, arguments: dict[str, str], state: Path, seconds: float, 
     for line in tracking.describe_failures(summary.get("tracking_failures", {})):
         print(f"warning: MLflow logging failed in {line}")
     experiment_url = f"{summary['mlflow_tracking_uri']}/#/experiments"
-    print(f"MLflow UI: {experiment_url} (experiment {arguments['experiment']!r}); "
-          f"stop services: python pipeline.py stop")
+    print(
+        f"MLflow UI: {experiment_url} (experiment {arguments['experiment']!r}); stop services: python pipeline.py stop"
+    )
     return 0
 
 
@@ -178,8 +201,11 @@ def stop(state_dir: Path, bucket: str, force: bool = False) -> int:
     running = local_runs.in_progress(state)
     if running and not force:
         listing = ", ".join(f"{run} (pid {pid})" for run, pid in running.items())
-        print(f"error: run(s) in progress: {listing}. Stopping the services now would fail them; wait for them "
-              f"to end, or pass --force.", file=sys.stderr)
+        print(
+            f"error: run(s) in progress: {listing}. Stopping the services now would fail them; wait for them "
+            f"to end, or pass --force.",
+            file=sys.stderr,
+        )
         return 1
     stopped = containers.remove_containers(state, keep_runs=set() if force else set(running))
     stopped += LocalServices(state, bucket).stop()

@@ -14,8 +14,9 @@ import json
 import os
 import re
 import sys
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator, TextIO
+from typing import TextIO
 
 from bloodcell.errors import BloodcellError
 from bloodcell.services import command_line
@@ -39,8 +40,9 @@ def load_arguments(state_dir: Path, run_id: str) -> dict[str, str]:
     path = state_dir / "runs" / run_id / "arguments.json"
     if not path.is_file():
         known = sorted(p.parent.name for p in (state_dir / "runs").glob("*/arguments.json"))
-        raise BloodcellError(f"no local run {run_id!r} in {state_dir}/runs to resume; runs there: "
-                             f"{', '.join(known[-5:]) or 'none'}")
+        raise BloodcellError(
+            f"no local run {run_id!r} in {state_dir}/runs to resume; runs there: {', '.join(known[-5:]) or 'none'}"
+        )
     return json.loads(path.read_text())
 
 
@@ -117,7 +119,7 @@ class TaskLog(io.TextIOBase):
         return self.out.isatty()
 
     @contextlib.contextmanager
-    def installed(self) -> Iterator["TaskLog"]:
+    def installed(self) -> Iterator[TaskLog]:
         saved, sys.stdout = sys.stdout, self
         try:
             yield self

@@ -8,8 +8,8 @@ Adding a model is one builder function decorated with :func:`register`.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import keras
 from keras import layers, ops
@@ -38,6 +38,7 @@ def register(name: str, min_size: int, description: str):
     def decorator(build: Callable[..., keras.Model]) -> Callable[..., keras.Model]:
         REGISTRY[name] = ModelSpec(name, build, min_size, description)
         return build
+
     return decorator
 
 
@@ -127,21 +128,35 @@ class BatchNorm(layers.BatchNormalization):
         beta = tf.cast(self.beta, "float32") if self.center else tf.zeros(channels, "float32")
         if training and self.trainable:
             outputs, mean, variance = tf.compat.v1.nn.fused_batch_norm(
-                inputs, gamma, beta, epsilon=self.epsilon, is_training=True)
+                inputs, gamma, beta, epsilon=self.epsilon, is_training=True
+            )
             count = tf.cast(tf.reduce_prod(tf.shape(inputs)[:-1]), "float32")
             variance = variance * (count - 1) / count  # TF returns it Bessel-corrected; Keras keeps the biased one
             self.moving_mean.assign(self.moving_mean * self.momentum + mean * (1.0 - self.momentum))
             self.moving_variance.assign(self.moving_variance * self.momentum + variance * (1.0 - self.momentum))
         else:
             outputs, _, _ = tf.compat.v1.nn.fused_batch_norm(
-                inputs, gamma, beta, mean=tf.cast(self.moving_mean, "float32"),
-                variance=tf.cast(self.moving_variance, "float32"), epsilon=self.epsilon, is_training=False)
+                inputs,
+                gamma,
+                beta,
+                mean=tf.cast(self.moving_mean, "float32"),
+                variance=tf.cast(self.moving_variance, "float32"),
+                epsilon=self.epsilon,
+                is_training=False,
+            )
         return tf.cast(outputs, self.compute_dtype)
 
     def _fusable(self, inputs, mask) -> bool:
-        return (keras.backend.backend() == "tensorflow" and mask is None and len(inputs.shape) == 4
-                and self.axis in (3, -1, [3], [-1]) and not self.renorm and not self.synchronized
-                and self.epsilon >= 1.001e-5 and inputs.shape[-1] is not None)
+        return (
+            keras.backend.backend() == "tensorflow"
+            and mask is None
+            and len(inputs.shape) == 4
+            and self.axis in (3, -1, [3], [-1])
+            and not self.renorm
+            and not self.synchronized
+            and self.epsilon >= 1.001e-5
+            and inputs.shape[-1] is not None
+        )
 
 
 def augmentation(seed: int = 777) -> RandomSymmetry:

@@ -59,11 +59,11 @@ def main(model_uri: str, paths: list[str], labels_from_folders: bool = False, as
     files = image_files(paths)
     for start in range(0, len(files), BATCH):
         batch, kept = [], []
-        for path in files[start:start + BATCH]:
+        for path in files[start : start + BATCH]:
             try:
                 batch.append(decode_resized(str(path), [size])[0])
                 kept.append(path)
-            except Exception as exc:  # noqa: BLE001 - unreadable images are reported, not fatal
+            except Exception as exc:
                 unreadable.append({"path": str(path), "error": f"{type(exc).__name__}: {exc}"})
         if not batch:
             continue
@@ -72,8 +72,11 @@ def main(model_uri: str, paths: list[str], labels_from_folders: bool = False, as
             index = int(row.argmax())
             label = classes[index] if index < len(classes) else f"class_{index}"
             results.append({"path": str(path), "class": label, "probability": float(row[index])})
-    summary: dict = {"images": len(results), "unreadable": unreadable,
-                     "seconds": round(time.perf_counter() - started, 2)}
+    summary: dict = {
+        "images": len(results),
+        "unreadable": unreadable,
+        "seconds": round(time.perf_counter() - started, 2),
+    }
     if labels_from_folders and results:
         truth = [Path(r["path"]).parent.name for r in results]
         predicted = [r["class"] for r in results]

@@ -85,11 +85,14 @@ class LocalServices:
 
     def _ensure_bucket(self, url: str) -> None:
         """Create the bucket in the emulator (its JSON API) without touching this process's environment."""
-        response = requests.post(f"{url}/storage/v1/b", params={"project": "bloodcell-local"},
-                                 json={"name": self.bucket}, timeout=30)
+        response = requests.post(
+            f"{url}/storage/v1/b", params={"project": "bloodcell-local"}, json={"name": self.bucket}, timeout=30
+        )
         if response.status_code not in (200, 409):
-            raise BloodcellError(f"cannot create bucket {self.bucket!r} in the emulator at {url}: "
-                                 f"HTTP {response.status_code} {response.text[:200]}")
+            raise BloodcellError(
+                f"cannot create bucket {self.bucket!r} in the emulator at {url}: "
+                f"HTTP {response.status_code} {response.text[:200]}"
+            )
 
     # -- starting -----------------------------------------------------------------------------
     def _start_gcs(self) -> Service:
@@ -99,9 +102,21 @@ class LocalServices:
         root.mkdir(exist_ok=True)
         url = f"http://127.0.0.1:{self.gcs_port}"
         command = [
-            str(_get_binary_path()), "-scheme", "http", "-host", "127.0.0.1",
-            "-port", str(self.gcs_port), "-backend", "filesystem", "-filesystem-root", str(root),
-            "-public-host", f"127.0.0.1:{self.gcs_port}", "-log-level", "warn",
+            str(_get_binary_path()),
+            "-scheme",
+            "http",
+            "-host",
+            "127.0.0.1",
+            "-port",
+            str(self.gcs_port),
+            "-backend",
+            "filesystem",
+            "-filesystem-root",
+            str(root),
+            "-public-host",
+            f"127.0.0.1:{self.gcs_port}",
+            "-log-level",
+            "warn",
         ]
         service = self._spawn("gcs", command, self.gcs_port, url, marker="fake-gcs-server")
         self._wait(service, f"{url}/storage/v1/b")
@@ -110,17 +125,28 @@ class LocalServices:
     def _start_mlflow(self, env: dict[str, str]) -> Service:
         url = f"http://127.0.0.1:{self.mlflow_port}"
         command = [
-            sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1",
-            "--port", str(self.mlflow_port), "--workers", "1",
-            "--backend-store-uri", f"sqlite:///{self.state_dir / 'mlflow.db'}",
-            "--artifacts-destination", f"gs://{self.bucket}/mlflow",
+            sys.executable,
+            "-m",
+            "mlflow",
+            "server",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.mlflow_port),
+            "--workers",
+            "1",
+            "--backend-store-uri",
+            f"sqlite:///{self.state_dir / 'mlflow.db'}",
+            "--artifacts-destination",
+            f"gs://{self.bucket}/mlflow",
         ]
         service = self._spawn("mlflow", command, self.mlflow_port, url, marker="mlflow", env=env)
         self._wait(service, f"{url}/health")
         return service
 
-    def _spawn(self, name: str, command: list[str], port: int, url: str, marker: str,
-               env: dict[str, str] | None = None) -> Service:
+    def _spawn(
+        self, name: str, command: list[str], port: int, url: str, marker: str, env: dict[str, str] | None = None
+    ) -> Service:
         if _port_answers(port):
             raise BloodcellError(
                 f"port {port} on 127.0.0.1 is taken by a process this state directory did not start "
@@ -129,8 +155,12 @@ class LocalServices:
         log = self.state_dir / f"{name}.log"
         with open(log, "ab") as out:
             process = subprocess.Popen(
-                command, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                env={**os.environ, **(env or {})}, start_new_session=True,
+                command,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                env={**os.environ, **(env or {})},
+                start_new_session=True,
             )
         service = Service(name, process.pid, port, url, str(log), marker)
         self._save([*self._load(), service])
@@ -141,9 +171,7 @@ class LocalServices:
         deadline = time.monotonic() + START_TIMEOUT_S
         while time.monotonic() < deadline:
             if self._processes[service.name].poll() is not None:
-                raise BloodcellError(
-                    f"{service.name} exited while starting; see its log {service.log}"
-                )
+                raise BloodcellError(f"{service.name} exited while starting; see its log {service.log}")
             try:
                 if requests.get(health_url, timeout=2).ok:
                     return
@@ -152,8 +180,7 @@ class LocalServices:
             time.sleep(0.25)
         _terminate(service.pid)
         raise BloodcellError(
-            f"{service.name} did not answer on {health_url} within {START_TIMEOUT_S} s; "
-            f"see its log {service.log}"
+            f"{service.name} did not answer on {health_url} within {START_TIMEOUT_S} s; see its log {service.log}"
         )
 
     # -- the record -----------------------------------------------------------------------------

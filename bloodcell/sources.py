@@ -97,10 +97,17 @@ def _download_once(url: str, partial: Path) -> None:
         resumed = response.status_code == 206
         mode = "ab" if resumed else "wb"
         total = int(response.headers.get("Content-Length", 0)) + (offset if resumed else 0)
-        with open(partial, mode) as out, tqdm(
-            total=total or None, initial=offset if resumed else 0, unit="B", unit_scale=True,
-            desc=f"download {partial.name.removesuffix('.partial')}", mininterval=2,
-        ) as bar:
+        with (
+            open(partial, mode) as out,
+            tqdm(
+                total=total or None,
+                initial=offset if resumed else 0,
+                unit="B",
+                unit_scale=True,
+                desc=f"download {partial.name.removesuffix('.partial')}",
+                mininterval=2,
+            ) as bar,
+        ):
             for chunk in response.iter_content(chunk_size=1 << 20):
                 out.write(chunk)
                 bar.update(len(chunk))
@@ -108,8 +115,15 @@ def _download_once(url: str, partial: Path) -> None:
 
 def _offline(exc: Exception) -> bool:
     text = str(exc)
-    return any(s in text for s in ("NameResolutionError", "Name or service not known",
-                                   "Temporary failure in name resolution", "Network is unreachable"))
+    return any(
+        s in text
+        for s in (
+            "NameResolutionError",
+            "Name or service not known",
+            "Temporary failure in name resolution",
+            "Network is unreachable",
+        )
+    )
 
 
 def _reason(exc: Exception) -> str:
@@ -182,7 +196,7 @@ def _fetch_gcs(source: str, workdir: Path) -> Path:
     local = workdir / "gcs"
     pairs = []
     for uri in uris:
-        relative = uri[len(prefix):]
+        relative = uri[len(prefix) :]
         if ".." in PurePosixPath(relative).parts or relative.startswith("/"):
             raise DataError(f"object {uri} has an unsafe name; refusing to download it.")
         pairs.append((uri, local / relative))

@@ -9,8 +9,9 @@ from __future__ import annotations
 import functools
 import os
 import sys
+from collections.abc import Callable
 from dataclasses import asdict
-from typing import Callable, TypeVar
+from typing import TypeVar
 
 from bloodcell import config, storage
 from bloodcell.errors import BloodcellError
@@ -24,7 +25,9 @@ def runtime() -> dict:
     """Where this step runs: its user, whether in a container with a read-only root, the image."""
     in_container = os.path.exists("/.dockerenv") or "KUBERNETES_SERVICE_HOST" in os.environ
     return {
-        "uid": os.getuid(), "gid": os.getgid(), "container": in_container,
+        "uid": os.getuid(),
+        "gid": os.getgid(),
+        "container": in_container,
         "read_only_root": bool(os.statvfs("/").f_flag & os.ST_RDONLY),
         "image": os.environ.get("BLOODCELL_IMAGE", "") if in_container else "",
         "image_id": os.environ.get("BLOODCELL_IMAGE_ID", "") if in_container else "",
@@ -54,8 +57,9 @@ def user_errors(step: F) -> F:
         except OSError as exc:
             if exc.errno not in storage.DISK_FULL_ERRNOS:
                 raise
-            print(f"error in step {step.__name__}: {storage.disk_full_error(exc.filename)}", file=sys.stderr,
-                  flush=True)
+            print(
+                f"error in step {step.__name__}: {storage.disk_full_error(exc.filename)}", file=sys.stderr, flush=True
+            )
             raise SystemExit(2) from None
 
     return wrapper  # type: ignore[return-value]
@@ -81,25 +85,38 @@ def split(dataset_uri: str, bucket: str, profile: str = "laptop", overrides: str
     from bloodcell import split as split_lib
 
     result = split_lib.split(dataset_uri, bucket, config.resolve(profile, overrides))
-    return {"split_uri": result.split_uri, "counts": result.counts,
-            "array_uris": {str(k): v for k, v in result.array_uris.items()}}
+    return {
+        "split_uri": result.split_uri,
+        "counts": result.counts,
+        "array_uris": {str(k): v for k, v in result.array_uris.items()},
+    }
 
 
 @user_errors
-def train(model: str, split_uri: str, bucket: str, run_id: str, profile: str = "laptop", overrides: str = "{}",
-          experiment: str = config.DEFAULT_EXPERIMENT, parent_run_id: str = "",
-          vgg16_weights: str = "none") -> dict:
+def train(
+    model: str,
+    split_uri: str,
+    bucket: str,
+    run_id: str,
+    profile: str = "laptop",
+    overrides: str = "{}",
+    experiment: str = config.DEFAULT_EXPERIMENT,
+    parent_run_id: str = "",
+    vgg16_weights: str = "none",
+) -> dict:
     from bloodcell import split as split_lib
     from bloodcell import tracking
     from bloodcell import train as train_lib
 
     settings = config.resolve(profile, overrides)
     tracker = tracking.Tracker(run_uri(bucket, run_id), f"train-{model}")
-    parent_run_id = parent_run_id or open_parent_run(split_uri, bucket, run_id, settings, overrides, experiment,
-                                                     tracker)
+    parent_run_id = parent_run_id or open_parent_run(
+        split_uri, bucket, run_id, settings, overrides, experiment, tracker
+    )
     arrays_uri = split_lib.arrays_uri(split_uri, settings.model(model).image_size)
-    result = train_lib.train(model, arrays_uri, run_uri(bucket, run_id), settings, experiment, run_id,
-                             parent_run_id, vgg16_weights, tracker)
+    result = train_lib.train(
+        model, arrays_uri, run_uri(bucket, run_id), settings, experiment, run_id, parent_run_id, vgg16_weights, tracker
+    )
     return asdict(result)
 
 
@@ -110,8 +127,9 @@ def describe_model_artifact(artifact, result: dict) -> None:
         pointer.write(result["model_uri"])
 
 
-def open_parent_run(split_uri: str, bucket: str, run_id: str, settings: config.Profile, overrides: str,
-                    experiment: str, tracker) -> str | None:
+def open_parent_run(
+    split_uri: str, bucket: str, run_id: str, settings: config.Profile, overrides: str, experiment: str, tracker
+) -> str | None:
     """The MLflow parent run of ``run_id`` (created on first call), tagged and with the profile's params.
 
     None when MLflow cannot be reached (``tracker`` records it).
@@ -119,12 +137,26 @@ def open_parent_run(split_uri: str, bucket: str, run_id: str, settings: config.P
     from bloodcell import tracking
 
     dataset_uri = storage.read_json(storage.join(split_uri, "split.json"))["dataset_uri"]
-    parent = tracker.call("open the parent run", tracking.parent_run, experiment, run_id, run_uri(bucket, run_id),
-                          tags={"profile": settings.name, "dataset_hash": dataset_uri.rstrip("/").rsplit("/", 1)[-1],
-                                "dataset_uri": dataset_uri, "bucket": bucket})
+    parent = tracker.call(
+        "open the parent run",
+        tracking.parent_run,
+        experiment,
+        run_id,
+        run_uri(bucket, run_id),
+        tags={
+            "profile": settings.name,
+            "dataset_hash": dataset_uri.rstrip("/").rsplit("/", 1)[-1],
+            "dataset_uri": dataset_uri,
+            "bucket": bucket,
+        },
+    )
     if parent:
-        tracker.attempt("log the profile params", _log_parent_params, parent,
-                        {**settings.flat_params(), "overrides": overrides or "{}"})
+        tracker.attempt(
+            "log the profile params",
+            _log_parent_params,
+            parent,
+            {**settings.flat_params(), "overrides": overrides or "{}"},
+        )
     return parent
 
 
@@ -152,21 +184,32 @@ def evaluate(bucket: str, run_id: str, models: list[str] | None = None) -> dict:
 
 
 @user_errors
-def report(bucket: str, run_id: str, split_uri: str, profile: str = "laptop",
-           experiment: str = config.DEFAULT_EXPERIMENT, parent_run_id: str = "", overrides: str = "{}",
-           models: list[str] | None = None) -> dict:
+def report(
+    bucket: str,
+    run_id: str,
+    split_uri: str,
+    profile: str = "laptop",
+    experiment: str = config.DEFAULT_EXPERIMENT,
+    parent_run_id: str = "",
+    overrides: str = "{}",
+    models: list[str] | None = None,
+) -> dict:
     from bloodcell import report as report_lib
     from bloodcell import tracking
 
     settings = config.resolve(profile, overrides)
     tracker = tracking.Tracker(run_uri(bucket, run_id), "report")
-    parent_run_id = parent_run_id or open_parent_run(split_uri, bucket, run_id, settings, overrides, experiment,
-                                                     tracker)
+    parent_run_id = parent_run_id or open_parent_run(
+        split_uri, bucket, run_id, settings, overrides, experiment, tracker
+    )
     summary = {
-        "run_id": run_id, "profile": profile, "bucket": bucket, "run_uri": run_uri(bucket, run_id),
-        "mlflow_tracking_uri": os.environ.get("MLFLOW_TRACKING_URI", ""), "mlflow_experiment": experiment,
+        "run_id": run_id,
+        "profile": profile,
+        "bucket": bucket,
+        "run_uri": run_uri(bucket, run_id),
+        "mlflow_tracking_uri": os.environ.get("MLFLOW_TRACKING_URI", ""),
+        "mlflow_experiment": experiment,
         "mlflow_parent_run_id": parent_run_id,
     }
-    result = report_lib.build_report(run_uri(bucket, run_id), split_uri, list(models or MODEL_NAMES), summary,
-                                     tracker)
+    result = report_lib.build_report(run_uri(bucket, run_id), split_uri, list(models or MODEL_NAMES), summary, tracker)
     return result.summary

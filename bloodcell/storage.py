@@ -13,8 +13,9 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 from google.api_core import exceptions as gexc
 from google.cloud import storage
@@ -91,6 +92,7 @@ def upload_file(path: str | Path, uri: str, content_type: str | None = None) -> 
 
 def create_if_absent(data: bytes | str, uri: str) -> bool:
     """Atomically create ``uri`` holding ``data``; False when it already exists (someone else won)."""
+
     def create() -> bool:
         try:
             blob(uri).upload_from_string(data, if_generation_match=0, retry=RETRY)
@@ -154,8 +156,11 @@ def upload_many(files: Iterable[tuple[Path, str]], workers: int = UPLOAD_WORKERS
     if not pairs:
         return
     results = transfer_manager.upload_many(
-        pairs, max_workers=workers, worker_type=transfer_manager.THREAD,
-        upload_kwargs={"retry": RETRY}, raise_exception=False,
+        pairs,
+        max_workers=workers,
+        worker_type=transfer_manager.THREAD,
+        upload_kwargs={"retry": RETRY},
+        raise_exception=False,
     )
     for (path, target), result in zip(pairs, results):
         if isinstance(result, Exception):
@@ -171,8 +176,11 @@ def download_many(pairs: list[tuple[str, Path]], workers: int = UPLOAD_WORKERS) 
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         jobs.append((blob(uri), str(path)))
     results = transfer_manager.download_many(
-        jobs, max_workers=workers, worker_type=transfer_manager.THREAD,
-        download_kwargs={"retry": RETRY}, raise_exception=False,
+        jobs,
+        max_workers=workers,
+        worker_type=transfer_manager.THREAD,
+        download_kwargs={"retry": RETRY},
+        raise_exception=False,
     )
     for (uri, _), result in zip(pairs, results):
         if isinstance(result, Exception):
@@ -183,7 +191,9 @@ def download_many(pairs: list[tuple[str, Path]], workers: int = UPLOAD_WORKERS) 
 
 def disk_full_error(path: str | Path | None, what: str = "") -> DiskFullError:
     """A clear error for a full disk: which folder, how much is free, what to do."""
-    candidates = [Path(path)] if path else [Path(p) for p in (os.environ.get(LOCAL_STORE_ENV), tempfile.gettempdir()) if p]
+    candidates = (
+        [Path(path)] if path else [Path(p) for p in (os.environ.get(LOCAL_STORE_ENV), tempfile.gettempdir()) if p]
+    )
     places = []
     for place in candidates:
         probe = next((p for p in [place, *place.parents] if p.exists()), place)
@@ -196,7 +206,8 @@ def disk_full_error(path: str | Path | None, what: str = "") -> DiskFullError:
         f"no space left on device{' ' + what if what else ''}: {' or '.join(places)}. Free space there, or put "
         "the folder on a larger disk (--state-dir for the local services' data, BLOODCELL_CACHE for downloads, "
         "TMPDIR for temporary files), then resume the run. Objects already in the bucket are intact: an upload "
-        "is committed only when complete.")
+        "is committed only when complete."
+    )
 
 
 def _call(uri: str, action: Any) -> Any:

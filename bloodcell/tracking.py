@@ -10,12 +10,16 @@ import subprocess
 import time
 import urllib.error
 import urllib.request
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 # A down tracking server must cost seconds per call, not MLflow's default of minutes of retries
 # (7 retries, backoff factor 2, 120 s timeout). Values set by the user win.
-for _name, _value in {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
-                      "MLFLOW_HTTP_REQUEST_TIMEOUT": "30"}.items():
+for _name, _value in {
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "30",
+}.items():
     os.environ.setdefault(_name, _value)
 
 import mlflow  # noqa: E402
@@ -42,11 +46,20 @@ def parent_run(experiment: str, pipeline_run_id: str, run_uri: str, tags: dict[s
     claim = storage.join(run_uri, "mlflow_parent_run_id")
     if storage.exists(claim):
         return storage.read_bytes(claim).decode()
-    run_id = MlflowClient().create_run(
-        experiment_id(experiment), run_name=f"pipeline-{pipeline_run_id}",
-        tags={PIPELINE_RUN_TAG: pipeline_run_id, ROLE_TAG: "pipeline", "code_version": code_version(),
-              **(tags or {})},
-    ).info.run_id
+    run_id = (
+        MlflowClient()
+        .create_run(
+            experiment_id(experiment),
+            run_name=f"pipeline-{pipeline_run_id}",
+            tags={
+                PIPELINE_RUN_TAG: pipeline_run_id,
+                ROLE_TAG: "pipeline",
+                "code_version": code_version(),
+                **(tags or {}),
+            },
+        )
+        .info.run_id
+    )
     if storage.create_if_absent(run_id, claim):
         return run_id
     winner = storage.read_bytes(claim).decode()
@@ -61,9 +74,14 @@ def model_run(experiment: str, pipeline_run_id: str, parent_run_id: str, model: 
     if found:
         return found
     run = MlflowClient().create_run(
-        experiment_id(experiment), run_name=model,
-        tags={PIPELINE_RUN_TAG: pipeline_run_id, ROLE_TAG: "model", MODEL_TAG: model,
-              "mlflow.parentRunId": parent_run_id},
+        experiment_id(experiment),
+        run_name=model,
+        tags={
+            PIPELINE_RUN_TAG: pipeline_run_id,
+            ROLE_TAG: "model",
+            MODEL_TAG: model,
+            "mlflow.parentRunId": parent_run_id,
+        },
     )
     return run.info.run_id
 
@@ -72,8 +90,9 @@ def _find(experiment: str, pipeline_run_id: str, role: str, model: str | None = 
     query = f"tags.`{PIPELINE_RUN_TAG}` = '{pipeline_run_id}' and tags.`{ROLE_TAG}` = '{role}'"
     if model:
         query += f" and tags.`{MODEL_TAG}` = '{model}'"
-    runs = MlflowClient().search_runs([experiment_id(experiment)], filter_string=query,
-                                      order_by=["attributes.start_time ASC"], max_results=1)
+    runs = MlflowClient().search_runs(
+        [experiment_id(experiment)], filter_string=query, order_by=["attributes.start_time ASC"], max_results=1
+    )
     return runs[0].info.run_id if runs else None
 
 
@@ -81,8 +100,16 @@ def code_version() -> str:
     if os.environ.get("BLOODCELL_CODE_VERSION"):
         return os.environ["BLOODCELL_CODE_VERSION"]
     try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              timeout=5, cwd=os.path.dirname(__file__)).stdout.strip() or "unknown"
+        return (
+            subprocess.run(
+                ["git", "rev-parse", "--short", "HEAD"],
+                capture_output=True,
+                text=True,
+                timeout=5,
+                cwd=os.path.dirname(__file__),
+            ).stdout.strip()
+            or "unknown"
+        )
     except (OSError, subprocess.SubprocessError):
         return "unknown"
 
@@ -104,14 +131,15 @@ def log_metric_steps(run_id: str, steps: list[tuple[dict[str, float], int]]) -> 
     now = int(time.time() * 1000)
     batch = [Metric(k, float(v), now, step) for metrics, step in steps for k, v in metrics.items()]
     for start in range(0, len(batch), 1000):  # the REST API takes at most 1000 metrics per batch
-        MlflowClient().log_batch(run_id, metrics=batch[start:start + 1000])
+        MlflowClient().log_batch(run_id, metrics=batch[start : start + 1000])
 
 
 def log_keras_model(run_id: str, model: Any, classes: list[str], pip_requirements: list[str]) -> str:
     """Log ``model`` to ``run_id``; return its logged-model URI (``models:/m-...``)."""
     with mlflow.start_run(run_id=run_id):
-        return mlflow.keras.log_model(model, name="model", metadata={"classes": classes},
-                                      pip_requirements=pip_requirements).model_uri
+        return mlflow.keras.log_model(
+            model, name="model", metadata={"classes": classes}, pip_requirements=pip_requirements
+        ).model_uri
 
 
 def wait_timeout() -> float:
@@ -167,8 +195,7 @@ class Tracker:
         started with) seconds for it to return, so a step's final logging survives a short outage."""
         if self.down:
             wait_s = self.wait_s if wait_s is None else wait_s
-            print(f"MLflow was unreachable at the last call; waiting up to {wait_s:.0f} s for it to return",
-                  flush=True)
+            print(f"MLflow was unreachable at the last call; waiting up to {wait_s:.0f} s for it to return", flush=True)
             self.down = not wait_for_server(wait_s)
         return not self.down
 
@@ -186,7 +213,7 @@ class Tracker:
             return False, None
         try:
             value = fn(*args, **kwargs)
-        except Exception as exc:  # noqa: BLE001 - any tracking failure is recorded, never fatal
+        except Exception as exc:
             self.down = True
             self._record(what, _one_line(exc))
             return False, None
@@ -205,9 +232,11 @@ class Tracker:
 
     def _save(self) -> None:
         try:
-            storage.write_json({"step": self.step, "failures": list(self.failures.values())},
-                               storage.join(self.run_uri, FAILURES, f"{self.step}.json"))
-        except Exception as exc:  # noqa: BLE001 - the bucket may be failing too; the log still says it
+            storage.write_json(
+                {"step": self.step, "failures": list(self.failures.values())},
+                storage.join(self.run_uri, FAILURES, f"{self.step}.json"),
+            )
+        except Exception as exc:
             print(f"warning: could not record the MLflow failure in the bucket: {exc}", flush=True)
 
 
@@ -230,8 +259,9 @@ def describe_failures(failures: dict[str, list[dict[str, Any]]]) -> list[str]:
     """One sentence per step, for the report."""
     lines = []
     for step, entries in failures.items():
-        parts = [f"{e['what']} ({'recovered later' if e['recovered'] else 'not logged'}: {e['last_error']})"
-                 for e in entries]
+        parts = [
+            f"{e['what']} ({'recovered later' if e['recovered'] else 'not logged'}: {e['last_error']})" for e in entries
+        ]
         lines.append(f"{step}: " + "; ".join(parts))
     return lines
 
@@ -262,9 +292,15 @@ def register_best(model_uri: str, model: str, test_accuracy: float, pipeline_run
     promoted = should_promote(test_accuracy, champion_accuracy)
     if promoted:
         client.set_registered_model_alias(REGISTERED_MODEL, CHAMPION, version)
-    return {"registered_model": REGISTERED_MODEL, "version": str(version), "promoted": promoted,
-            "previous_champion_version": champion_version, "previous_champion_accuracy": champion_accuracy,
-            "test_accuracy": test_accuracy, "model": model}
+    return {
+        "registered_model": REGISTERED_MODEL,
+        "version": str(version),
+        "promoted": promoted,
+        "previous_champion_version": champion_version,
+        "previous_champion_accuracy": champion_accuracy,
+        "test_accuracy": test_accuracy,
+        "model": model,
+    }
 
 
 def compare(experiment: str, last: int = 10) -> list[dict[str, Any]]:
@@ -273,32 +309,51 @@ def compare(experiment: str, last: int = 10) -> list[dict[str, Any]]:
     if exp is None:
         return []
     client = MlflowClient()
-    parents = client.search_runs([exp.experiment_id], filter_string=f"tags.`{ROLE_TAG}` = 'pipeline'",
-                                 order_by=["attributes.start_time DESC"], max_results=last)
+    parents = client.search_runs(
+        [exp.experiment_id],
+        filter_string=f"tags.`{ROLE_TAG}` = 'pipeline'",
+        order_by=["attributes.start_time DESC"],
+        max_results=last,
+    )
     rows = []
     for parent in parents:
         children = client.search_runs(
             [exp.experiment_id],
-            filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}' and tags.`{ROLE_TAG}` = 'model'")
+            filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}' and tags.`{ROLE_TAG}` = 'model'",
+        )
         for child in children:
             metrics, params = child.data.metrics, child.data.params
-            rows.append({
-                "pipeline_run": parent.data.tags.get(PIPELINE_RUN_TAG, ""),
-                "profile": parent.data.tags.get("profile", ""),
-                "model": child.data.tags.get(MODEL_TAG, child.info.run_name),
-                "test_accuracy": metrics.get("test_accuracy"), "macro_f1": metrics.get("test_macro_f1"),
-                "params": params.get("params"), "image_size": params.get("image_size"),
-                "epochs": params.get("epochs_run"), "train_minutes": (metrics.get("train_seconds") or 0) / 60,
-                "mlflow_run_id": child.info.run_id,
-            })
+            rows.append(
+                {
+                    "pipeline_run": parent.data.tags.get(PIPELINE_RUN_TAG, ""),
+                    "profile": parent.data.tags.get("profile", ""),
+                    "model": child.data.tags.get(MODEL_TAG, child.info.run_name),
+                    "test_accuracy": metrics.get("test_accuracy"),
+                    "macro_f1": metrics.get("test_macro_f1"),
+                    "params": params.get("params"),
+                    "image_size": params.get("image_size"),
+                    "epochs": params.get("epochs_run"),
+                    "train_minutes": (metrics.get("train_seconds") or 0) / 60,
+                    "mlflow_run_id": child.info.run_id,
+                }
+            )
     return sorted(rows, key=lambda r: -(r["test_accuracy"] if r["test_accuracy"] is not None else -1))
 
 
 def format_table(rows: list[dict[str, Any]]) -> str:
     if not rows:
         return "no pipeline run with evaluated models in this experiment"
-    columns = ["pipeline_run", "profile", "model", "test_accuracy", "macro_f1", "params", "image_size", "epochs",
-               "train_minutes"]
+    columns = [
+        "pipeline_run",
+        "profile",
+        "model",
+        "test_accuracy",
+        "macro_f1",
+        "params",
+        "image_size",
+        "epochs",
+        "train_minutes",
+    ]
 
     def cell(column: str, value: Any) -> str:
         if value is None or (column == "train_minutes" and not value):

@@ -8,9 +8,15 @@ from bloodcell.config import DEFAULT_IMAGE
 
 @dsl.component(base_image=DEFAULT_IMAGE, install_kfp_package=False)
 def evaluate(
-    bucket: str, run_id: str, cnn1: Input[Model], cnn2: Input[Model], vgg16: Input[Model],
-    metrics: Output[Metrics], cnn1_confusion: Output[ClassificationMetrics],
-    cnn2_confusion: Output[ClassificationMetrics], vgg16_confusion: Output[ClassificationMetrics],
+    bucket: str,
+    run_id: str,
+    cnn1: Input[Model],
+    cnn2: Input[Model],
+    vgg16: Input[Model],
+    metrics: Output[Metrics],
+    cnn1_confusion: Output[ClassificationMetrics],
+    cnn2_confusion: Output[ClassificationMetrics],
+    vgg16_confusion: Output[ClassificationMetrics],
 ):
     """Test-split metrics for the three models (kfp Metrics, confusion matrices, bucket JSON, MLflow)."""
     from bloodcell import steps

@@ -8,8 +8,15 @@ from bloodcell.config import DEFAULT_IMAGE
 
 @dsl.component(base_image=DEFAULT_IMAGE, install_kfp_package=False)
 def report(
-    bucket: str, run_id: str, split_uri: str, profile: str, overrides: str, experiment: str,
-    metrics: Input[Metrics], report_html: Output[HTML], report_markdown: Output[Markdown],
+    bucket: str,
+    run_id: str,
+    split_uri: str,
+    profile: str,
+    overrides: str,
+    experiment: str,
+    metrics: Input[Metrics],
+    report_html: Output[HTML],
+    report_markdown: Output[Markdown],
 ) -> str:
     """Comparison report (HTML + Markdown) and the run summary; returns the report's URI."""
     from bloodcell import steps, storage

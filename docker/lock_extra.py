@@ -9,7 +9,6 @@ import json
 import re
 import sys
 
-
 TOOLS = {"pip", "setuptools", "wheel"}  # unpinned, as `pip freeze` leaves them
 
 
@@ -22,8 +21,11 @@ def main(report_path: str, lock_path: str) -> None:
         pinned = {normalized(line.split("==")[0]) for line in lock if "==" in line}
     with open(report_path) as report:
         resolved = {item["metadata"]["name"]: item["metadata"]["version"] for item in json.load(report)["install"]}
-    extra = sorted(f"{name}=={version}" for name, version in resolved.items()
-                   if normalized(name) not in pinned | TOOLS and normalized(name) != "bloodcell")
+    extra = sorted(
+        f"{name}=={version}"
+        for name, version in resolved.items()
+        if normalized(name) not in pinned | TOOLS and normalized(name) != "bloodcell"
+    )
     if extra:
         print("# the gpu extra only (make image-gpu)")
         print("\n".join(extra))

@@ -30,9 +30,15 @@ class PipelineRun:
 
     def __init__(self, args: list[str], env: dict[str, str]):
         self.lines: list[str] = []
-        self.process = subprocess.Popen([sys.executable, "pipeline.py", "run", *args], cwd=ROOT, env=env,
-                                        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                        start_new_session=True)
+        self.process = subprocess.Popen(
+            [sys.executable, "pipeline.py", "run", *args],
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            start_new_session=True,
+        )
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
 

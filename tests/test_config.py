@@ -14,21 +14,27 @@ def test_profiles_cover_the_original_settings_on_gpu():
 
 
 def test_overrides_are_typed():
-    profile = config.resolve("laptop", '{"cnn1.epochs": "5", "cnn2.augment": "false", "seed": 1, '
-                                       '"split_ratio": "0.8,0.1,0.1", "vgg16.learning_rate": "3e-4"}')
+    profile = config.resolve(
+        "laptop",
+        '{"cnn1.epochs": "5", "cnn2.augment": "false", "seed": 1, '
+        '"split_ratio": "0.8,0.1,0.1", "vgg16.learning_rate": "3e-4"}',
+    )
     assert profile.cnn1.epochs == 5 and profile.cnn2.augment is False and profile.seed == 1
     assert profile.split_ratio == (0.8, 0.1, 0.1) and profile.vgg16.learning_rate == 3e-4
     assert config.resolve("laptop").cnn1.epochs != 5  # profiles themselves are untouched
 
 
-@pytest.mark.parametrize("overrides, message", [
-    ({"cnn1.epoch": 3}, r"unknown setting 'cnn1.epoch'; settings are: .*cnn1.epochs"),
-    ({"cnn1.epochs": "many"}, r"setting 'cnn1.epochs': cannot use 'many'; expected int"),
-    ({"split_ratio": "0.5,0.5"}, r"three positive fractions summing to 1"),
-    ({"cnn1": 3}, r"'cnn1' is a group; set one of its fields"),
-    ({"name": "x"}, r"unknown setting 'name'"),
-    ({"cnn2.lr_schedule": "step"}, r"lr_schedule 'step' is not one of: plateau, cosine"),
-])
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"cnn1.epoch": 3}, r"unknown setting 'cnn1.epoch'; settings are: .*cnn1.epochs"),
+        ({"cnn1.epochs": "many"}, r"setting 'cnn1.epochs': cannot use 'many'; expected int"),
+        ({"split_ratio": "0.5,0.5"}, r"three positive fractions summing to 1"),
+        ({"cnn1": 3}, r"'cnn1' is a group; set one of its fields"),
+        ({"name": "x"}, r"unknown setting 'name'"),
+        ({"cnn2.lr_schedule": "step"}, r"lr_schedule 'step' is not one of: plateau, cosine"),
+    ],
+)
 def test_bad_overrides_say_what_to_do(overrides, message):
     with pytest.raises(config.ConfigError, match=message):
         config.resolve("smoke", overrides)

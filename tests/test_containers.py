@@ -18,8 +18,8 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 import yaml
@@ -54,24 +54,46 @@ def our_containers(client, state: Path) -> list:
 
 
 def pipeline(*args: str, env: dict | None = None, timeout: float = 900) -> tuple[subprocess.CompletedProcess, str]:
-    process = subprocess.run([sys.executable, "pipeline.py", *args], cwd=ROOT, env=env or os.environ.copy(),
-                             capture_output=True, text=True, timeout=timeout)
+    process = subprocess.run(
+        [sys.executable, "pipeline.py", *args],
+        cwd=ROOT,
+        env=env or os.environ.copy(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
     return process, plain(process.stdout + process.stderr)
 
 
 def run_args(state: Path, data: Path, *extra: str) -> list[str]:
-    return ["--profile", "smoke", "--data", str(data), "--vgg16-weights", "none", "--state-dir", str(state),
-            "--gcs-port", str(free_port()), "--mlflow-port", str(free_port()), *extra]
+    return [
+        "--profile",
+        "smoke",
+        "--data",
+        str(data),
+        "--vgg16-weights",
+        "none",
+        "--state-dir",
+        str(state),
+        "--gcs-port",
+        str(free_port()),
+        "--mlflow-port",
+        str(free_port()),
+        *extra,
+    ]
 
 
 # --- the image -------------------------------------------------------------------------------
+
 
 def test_image_runs_its_commands_as_its_user_on_a_read_only_root(engine):
     isolation = containers.isolation(containers.container_gid())
     usage = engine.containers.run(IMAGE, ["bloodcell", "--help"], remove=True, **isolation).decode()
     assert usage.startswith("usage: bloodcell")
-    probe = ("import os, bloodcell, kfp, mlflow, keras, tensorflow; "
-             "print(os.getuid(), bloodcell.__version__, keras.backend.backend(), tensorflow.__version__)")
+    probe = (
+        "import os, bloodcell, kfp, mlflow, keras, tensorflow; "
+        "print(os.getuid(), bloodcell.__version__, keras.backend.backend(), tensorflow.__version__)"
+    )
     facts = engine.containers.run(IMAGE, ["python", "-c", probe], remove=True, **isolation).decode().split()
     assert facts[:3] == ["10001", "0.1.0", "tensorflow"], facts
     import docker
@@ -85,29 +107,53 @@ def test_compiled_component_command_runs_in_the_image(engine, services, sample_d
     from docker.types import Mount
 
     compiled = tmp_path / "pipeline.yaml"
-    subprocess.run([sys.executable, "pipeline.py", "compile", "--output", str(compiled)], cwd=ROOT, check=True,
-                   capture_output=True, env={**os.environ, "BLOODCELL_IMAGE": IMAGE})
+    subprocess.run(
+        [sys.executable, "pipeline.py", "compile", "--output", str(compiled)],
+        cwd=ROOT,
+        check=True,
+        capture_output=True,
+        env={**os.environ, "BLOODCELL_IMAGE": IMAGE},
+    )
     spec = next(yaml.safe_load_all(compiled.read_text()))
     container = spec["deploymentSpec"]["executors"]["exec-ingest"]["container"]
     assert container["image"] == IMAGE
     outputs = tmp_path / "outputs"
     containers.shared_folder(outputs, containers.container_gid())
     executor_input = {
-        "inputs": {"parameterValues": {"source": str(sample_dataset), "bucket": services["bucket"],
-                                       "vgg16_weights": "none"}},
+        "inputs": {
+            "parameterValues": {"source": str(sample_dataset), "bucket": services["bucket"], "vgg16_weights": "none"}
+        },
         "outputs": {
             "parameters": {"Output": {"outputFile": str(outputs / "Output")}},
-            "artifacts": {"stats": {"artifacts": [{"name": "stats", "type": {"schemaTitle": "system.Metrics"},
-                                                   "uri": str(outputs / "stats"), "metadata": {}}]}},
+            "artifacts": {
+                "stats": {
+                    "artifacts": [
+                        {
+                            "name": "stats",
+                            "type": {"schemaTitle": "system.Metrics"},
+                            "uri": str(outputs / "stats"),
+                            "metadata": {},
+                        }
+                    ]
+                }
+            },
             "outputFile": str(outputs / "executor_output.json"),
         },
     }
     args = [json.dumps(executor_input) if a == "{{$}}" else a for a in container["args"]]
     env = {name: services["env"][name] for name in config.STEP_ENV if name in services["env"]}
-    mounts = [Mount(str(sample_dataset), str(sample_dataset), type="bind", read_only=True),
-              Mount(str(outputs), str(outputs), type="bind")]
-    log = engine.containers.run(IMAGE, [*container["command"], *args], remove=True, environment=env, mounts=mounts,
-                                **containers.isolation(containers.container_gid())).decode()
+    mounts = [
+        Mount(str(sample_dataset), str(sample_dataset), type="bind", read_only=True),
+        Mount(str(outputs), str(outputs), type="bind"),
+    ]
+    log = engine.containers.run(
+        IMAGE,
+        [*container["command"], *args],
+        remove=True,
+        environment=env,
+        mounts=mounts,
+        **containers.isolation(containers.container_gid()),
+    ).decode()
     assert "step ingest: uid 10001, in a container (read-only root filesystem)" in log
     result = json.loads((outputs / "executor_output.json").read_text())
     assert result["parameterValues"]["Output"].startswith(f"gs://{services['bucket']}/datasets/")
@@ -119,8 +165,7 @@ def test_compiled_component_command_runs_in_the_image(engine, services, sample_d
 def test_run_container_returns_the_real_exit_status(engine, tmp_path):
     """kfp's own runner reported some fast failing containers as exit 0 (kubeflow/pipelines#13332)."""
     labels = {containers.LABEL_STATE: str(tmp_path)}
-    statuses = [containers.run_container(engine, IMAGE, ["sh", "-c", "exit 3"], {}, labels=labels)
-                for _ in range(10)]
+    statuses = [containers.run_container(engine, IMAGE, ["sh", "-c", "exit 3"], {}, labels=labels) for _ in range(10)]
     assert statuses == [3] * 10
     assert containers.run_container(engine, IMAGE, ["true"], {}, labels=labels) == 0
     assert our_containers(engine, tmp_path) == []
@@ -128,13 +173,17 @@ def test_run_container_returns_the_real_exit_status(engine, tmp_path):
 
 # --- the pipeline in containers ----------------------------------------------------------------
 
+
 class ContainerEvents:
     """Docker's events for the containers of one state directory, collected in the background."""
 
     def __init__(self, client, state: Path):
         self.events: list[dict] = []
-        self._stream = client.events(decode=True, since=int(time.time()) - 1, filters={
-            "type": "container", "label": f"{containers.LABEL_STATE}={state.resolve()}"})
+        self._stream = client.events(
+            decode=True,
+            since=int(time.time()) - 1,
+            filters={"type": "container", "label": f"{containers.LABEL_STATE}={state.resolve()}"},
+        )
         self._thread = threading.Thread(target=self._collect, daemon=True)
         self._thread.start()
 
@@ -165,25 +214,45 @@ def runs(engine, sample_dataset, tmp_path_factory):
     for name in ("STORAGE_EMULATOR_HOST", "MLFLOW_TRACKING_URI", "BLOODCELL_CACHE"):
         env.pop(name, None)
     ports = ["--gcs-port", str(free_port()), "--mlflow-port", str(free_port())]
-    common = ["--profile", "smoke", "--data", str(sample_dataset), "--vgg16-weights", "none",
-              "--state-dir", str(state), *ports]
+    common = [
+        "--profile",
+        "smoke",
+        "--data",
+        str(sample_dataset),
+        "--vgg16-weights",
+        "none",
+        "--state-dir",
+        str(state),
+        *ports,
+    ]
     events = ContainerEvents(engine, state)
     started = time.monotonic()
-    docker_run, docker_log = pipeline("run", *common, "--runner", "docker", "--image", IMAGE,
-                                      "--summary", str(state / "docker.json"), env=env)
+    docker_run, docker_log = pipeline(
+        "run", *common, "--runner", "docker", "--image", IMAGE, "--summary", str(state / "docker.json"), env=env
+    )
     docker_seconds = time.monotonic() - started
     seen = events.stop()
     roots = sorted((state / "kfp").iterdir())
     started = time.monotonic()
     local_run, local_log = pipeline("run", *common, "--summary", str(state / "local.json"), env=env)
     local_seconds = time.monotonic() - started
-    print(f"smoke pipeline: {docker_seconds:.0f} s in containers, {local_seconds:.0f} s as local processes "
-          "(services already running for the second)")
-    summaries = {key: json.loads((state / f"{key}.json").read_text()) if (state / f"{key}.json").exists() else {}
-                 for key in ("docker", "local")}
-    yield {"state": state, "env": env, "events": seen, "docker": (docker_run, docker_log),
-           "local": (local_run, local_log), "pipeline_root": roots[0] if len(roots) == 1 else None,
-           "summaries": summaries}
+    print(
+        f"smoke pipeline: {docker_seconds:.0f} s in containers, {local_seconds:.0f} s as local processes "
+        "(services already running for the second)"
+    )
+    summaries = {
+        key: json.loads((state / f"{key}.json").read_text()) if (state / f"{key}.json").exists() else {}
+        for key in ("docker", "local")
+    }
+    yield {
+        "state": state,
+        "env": env,
+        "events": seen,
+        "docker": (docker_run, docker_log),
+        "local": (local_run, local_log),
+        "pipeline_root": roots[0] if len(roots) == 1 else None,
+        "summaries": summaries,
+    }
     pipeline("stop", "--state-dir", str(state), env=env, timeout=120)
 
 
@@ -233,13 +302,18 @@ def test_containers_give_the_results_of_local_processes(runs):
         bucket = gcs.Client(project="test").bucket(docker["bucket"])
 
         def run_objects(run_id: str) -> set[str]:
-            return {b.name.replace(run_id, "RUN") for b in bucket.list_blobs(prefix=f"runs/{run_id}/")
-                    if "/checkpoints/" not in b.name}
+            return {
+                b.name.replace(run_id, "RUN")
+                for b in bucket.list_blobs(prefix=f"runs/{run_id}/")
+                if "/checkpoints/" not in b.name
+            }
 
         assert run_objects(docker["run_id"]) == run_objects(local["run_id"])
         for model in config.MODEL_NAMES:  # the same data, split and training settings reached both
-            trained = [json.loads(bucket.blob(f"runs/{s['run_id']}/models/{model}/train.json").download_as_text())
-                       for s in (docker, local)]
+            trained = [
+                json.loads(bucket.blob(f"runs/{s['run_id']}/models/{model}/train.json").download_as_text())
+                for s in (docker, local)
+            ]
             assert trained[0]["arrays_uri"] == trained[1]["arrays_uri"]
             assert trained[0]["epochs"] == trained[1]["epochs"]
     finally:
@@ -251,18 +325,19 @@ def test_containers_give_the_results_of_local_processes(runs):
     for summary in (docker, local):
         parent = client.get_run(summary["mlflow_parent_run_id"])
         assert parent.info.status == "FINISHED"
-        nested = client.search_runs([parent.info.experiment_id],
-                                    f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+        nested = client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
         children[summary["runner"]] = {r.data.tags["bloodcell.model"]: r for r in nested}
     for model in config.MODEL_NAMES:
         in_container, in_process = children["docker"][model], children["subprocess"][model]
         assert set(in_container.data.metrics) == set(in_process.data.metrics)
         ignore = {"input_pipeline"}
-        assert ({k: v for k, v in in_container.data.params.items() if k not in ignore}
-                == {k: v for k, v in in_process.data.params.items() if k not in ignore})
+        assert {k: v for k, v in in_container.data.params.items() if k not in ignore} == {
+            k: v for k, v in in_process.data.params.items() if k not in ignore
+        }
 
 
 # --- what goes wrong -------------------------------------------------------------------------------
+
 
 def bad_case(tmp_path, data: Path, extra: list[str], env: dict | None = None) -> tuple[int, str, float]:
     state = tmp_path / "state"
@@ -301,8 +376,13 @@ def image_without_bloodcell(engine):
     except docker.errors.ImageNotFound:
         pass
     stripped = "bloodcell-test-without-package:0"
-    container = engine.containers.run(IMAGE, ["sh", "-c", "rm -rf /opt/venv/lib/python3*/site-packages/bloodcell"],
-                                      user="0", entrypoint=[], detach=True)
+    container = engine.containers.run(
+        IMAGE,
+        ["sh", "-c", "rm -rf /opt/venv/lib/python3*/site-packages/bloodcell"],
+        user="0",
+        entrypoint=[],
+        detach=True,
+    )
     container.wait()
     container.commit(*stripped.split(":"))
     container.remove()
@@ -310,8 +390,9 @@ def image_without_bloodcell(engine):
     engine.images.remove(stripped, force=True)
 
 
-def test_an_image_without_our_package_stops_the_run_before_anything_starts(tmp_path, sample_dataset,
-                                                                            image_without_bloodcell):
+def test_an_image_without_our_package_stops_the_run_before_anything_starts(
+    tmp_path, sample_dataset, image_without_bloodcell
+):
     code, error, seconds = bad_case(tmp_path, sample_dataset, ["--image", image_without_bloodcell])
     assert code == 2 and "build the pipeline image with `make image`" in error
     print(f"image {image_without_bloodcell}: exit {code} in {seconds:.1f} s: {error}")
@@ -335,8 +416,21 @@ def test_a_failing_step_fails_the_run_and_leaves_no_container(engine, tmp_path):
 def training_in_a_container(tmp_path: Path, data: Path, epoch: int) -> Iterator[tuple[PipelineRun, str, Path]]:
     """A docker run whose cnn1 trains 40 epochs, from its epoch ``epoch`` on; stopped (--force) afterwards."""
     state = tmp_path / "state"
-    run = PipelineRun(run_args(state, data, "--runner", "docker", "--image", IMAGE, "--set", "cnn1.epochs=40",
-                               "--set", "cnn1.early_stopping_patience=1000"), {**os.environ, "PYTHONUNBUFFERED": "1"})
+    run = PipelineRun(
+        run_args(
+            state,
+            data,
+            "--runner",
+            "docker",
+            "--image",
+            IMAGE,
+            "--set",
+            "cnn1.epochs=40",
+            "--set",
+            "cnn1.early_stopping_patience=1000",
+        ),
+        {**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
     try:
         run_id = run.wait_for(r"^run (\S+): profile smoke").group(1)
         run.wait_for(rf"Epoch {epoch}/40", timeout=600)

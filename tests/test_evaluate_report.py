@@ -63,8 +63,17 @@ def synthetic_results():
     results = {}
     for index, name in enumerate(["cnn1", "cnn2", "vgg16"]):
         result = evaluate.classification_metrics(y_true, np.roll(probabilities, index, axis=0), CLASSES)
-        result.update({"model": name, "params": 1000 * (index + 1), "train_seconds": 60.0, "epochs": 3,
-                       "image_size": 64, "inference_images_per_second": 500.0, "model_size_bytes": 2**20})
+        result.update(
+            {
+                "model": name,
+                "params": 1000 * (index + 1),
+                "train_seconds": 60.0,
+                "epochs": 3,
+                "image_size": 64,
+                "inference_images_per_second": 500.0,
+                "model_size_bytes": 2**20,
+            }
+        )
         results[name] = result
     return results
 
@@ -72,20 +81,37 @@ def synthetic_results():
 def test_html_report_has_every_section_with_embedded_images():
     results = synthetic_results()
     best = max(results, key=lambda n: results[n]["accuracy"])
-    plots = {"comparison": report.plot_comparison(results, best),
-             "confusion": report.plot_confusion_matrices(results),
-             "per_class_f1": report.plot_per_class_f1(results),
-             "curves": report.plot_training_curves({n: {"loss": [1.0, 0.5], "val_loss": [1.1, 0.7],
-                                                        "accuracy": [0.5, 0.8], "val_accuracy": [0.4, 0.7]}
-                                                    for n in results}),
-             "misclassified": report.plot_comparison(results, best)}
+    plots = {
+        "comparison": report.plot_comparison(results, best),
+        "confusion": report.plot_confusion_matrices(results),
+        "per_class_f1": report.plot_per_class_f1(results),
+        "curves": report.plot_training_curves(
+            {
+                n: {"loss": [1.0, 0.5], "val_loss": [1.1, 0.7], "accuracy": [0.5, 0.8], "val_accuracy": [0.4, 0.7]}
+                for n in results
+            }
+        ),
+        "misclassified": report.plot_comparison(results, best),
+    }
     counts = {"train": {"a": 14, "b": 14}, "val": {"a": 3, "b": 3}, "test": {"a": 3, "b": 3}}
     manifest = {"quarantined": [{"path": "b/.DS_1.jpg", "reason": "hidden file"}], "duplicates": []}
-    registry = {"registered_model": "bloodcell-classifier", "version": "2", "promoted": False, "model": best,
-                "test_accuracy": results[best]["accuracy"], "previous_champion_version": "1",
-                "previous_champion_accuracy": 0.99}
-    page = report.render_html(report.comparison_rows(results, best), plots, counts, manifest, best,
-                              {"run_id": "r1", "profile": "smoke", "registry": registry})
+    registry = {
+        "registered_model": "bloodcell-classifier",
+        "version": "2",
+        "promoted": False,
+        "model": best,
+        "test_accuracy": results[best]["accuracy"],
+        "previous_champion_version": "1",
+        "previous_champion_accuracy": 0.99,
+    }
+    page = report.render_html(
+        report.comparison_rows(results, best),
+        plots,
+        counts,
+        manifest,
+        best,
+        {"run_id": "r1", "profile": "smoke", "registry": registry},
+    )
     parser = Collector()
     parser.feed(page)
     parser.close()
@@ -93,8 +119,13 @@ def test_html_report_has_every_section_with_embedded_images():
     assert {"comparison", "per_class_f1", "confusion", "curves", "misclassified", "dataset", "registry"} <= parser.ids
     assert len(parser.images) == 5 and all(src.startswith("data:image/png;base64,") for src in parser.images)
     assert "b/.DS_1.jpg" in page and "stays on version 1" in page and f"{best} (best)" in page
-    markdown = report.render_markdown(report.comparison_rows(results, best), counts, manifest, best,
-                                      {"run_id": "r1", "profile": "smoke", "registry": registry})
+    markdown = report.render_markdown(
+        report.comparison_rows(results, best),
+        counts,
+        manifest,
+        best,
+        {"run_id": "r1", "profile": "smoke", "registry": registry},
+    )
     assert "| model |" in markdown and "![Confusion matrices](plots/confusion.png)" in markdown
 
 
@@ -142,17 +173,28 @@ def test_compare_lists_models_across_runs_best_first(experiment):
     client = MlflowClient()
     experiment_id = mlflow.get_experiment_by_name(experiment).experiment_id
     for run, accuracies in (("run-a", {"cnn1": 0.80, "cnn2": 0.93}), ("run-b", {"cnn1": 0.88, "vgg16": 0.97})):
-        parent = client.create_run(experiment_id, tags={tracking.PIPELINE_RUN_TAG: run, tracking.ROLE_TAG: "pipeline",
-                                                       "profile": "smoke"}).info.run_id
+        parent = client.create_run(
+            experiment_id, tags={tracking.PIPELINE_RUN_TAG: run, tracking.ROLE_TAG: "pipeline", "profile": "smoke"}
+        ).info.run_id
         for model, accuracy in accuracies.items():
-            child = client.create_run(experiment_id, tags={
-                tracking.PIPELINE_RUN_TAG: run, tracking.ROLE_TAG: "model", tracking.MODEL_TAG: model,
-                "mlflow.parentRunId": parent}).info.run_id
+            child = client.create_run(
+                experiment_id,
+                tags={
+                    tracking.PIPELINE_RUN_TAG: run,
+                    tracking.ROLE_TAG: "model",
+                    tracking.MODEL_TAG: model,
+                    "mlflow.parentRunId": parent,
+                },
+            ).info.run_id
             client.log_metric(child, "test_accuracy", accuracy)
             client.log_metric(child, "test_macro_f1", accuracy - 0.01)
     rows = tracking.compare(experiment, last=5)
     assert [(r["pipeline_run"], r["model"]) for r in rows] == [
-        ("run-b", "vgg16"), ("run-a", "cnn2"), ("run-b", "cnn1"), ("run-a", "cnn1")]
+        ("run-b", "vgg16"),
+        ("run-a", "cnn2"),
+        ("run-b", "cnn1"),
+        ("run-a", "cnn1"),
+    ]
     assert [r["pipeline_run"] for r in tracking.compare(experiment, last=1)] == ["run-b", "run-b"]
     table = tracking.format_table(rows)
     assert table.splitlines()[1].split()[:4] == ["run-b", "smoke", "vgg16", "0.9700"]

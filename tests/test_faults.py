@@ -23,7 +23,6 @@ from mlflow.tracking import MlflowClient
 
 from bloodcell import config, ingest, split, storage
 from bloodcell.services import LocalServices, free_port
-
 from conftest import ROOT, PipelineRun
 
 pytestmark = pytest.mark.faults
@@ -53,15 +52,34 @@ def local_pipeline(tmp_path, sample_dataset, monkeypatch):
     """Arguments for smoke pipeline runs with their own state and ports; the test reads their bucket."""
     gcs_port, mlflow_port = free_port(), free_port()
     state = tmp_path / "state"
-    args = ["--profile", "smoke", "--data", str(sample_dataset), "--vgg16-weights", "none", "--bucket", "faults",
-            "--state-dir", str(state), "--gcs-port", str(gcs_port), "--mlflow-port", str(mlflow_port)]
+    args = [
+        "--profile",
+        "smoke",
+        "--data",
+        str(sample_dataset),
+        "--vgg16-weights",
+        "none",
+        "--bucket",
+        "faults",
+        "--state-dir",
+        str(state),
+        "--gcs-port",
+        str(gcs_port),
+        "--mlflow-port",
+        str(mlflow_port),
+    ]
     env = {**os.environ, "BLOODCELL_CACHE": str(tmp_path / "cache")}
     monkeypatch.setenv("STORAGE_EMULATOR_HOST", f"http://127.0.0.1:{gcs_port}")
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{mlflow_port}")
     storage.client.cache_clear()
     yield {"args": args, "env": env, "state": state, "ports": (gcs_port, mlflow_port)}
-    subprocess.run([sys.executable, "pipeline.py", "stop", "--force", "--state-dir", str(state)], cwd=ROOT,
-                   env=env, capture_output=True, timeout=120)
+    subprocess.run(
+        [sys.executable, "pipeline.py", "stop", "--force", "--state-dir", str(state)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        timeout=120,
+    )
     storage.client.cache_clear()
 
 
@@ -118,11 +136,29 @@ def test_object_store_restart_during_training_loses_nothing(own_services):
     local, split_uri = own_services
     run_id = f"faults-{time.time_ns()}"
     state_uri = f"gs://faults/runs/{run_id}/checkpoints/cnn1/main/state.json"
-    command = [sys.executable, "-m", "bloodcell.cli", "train", "cnn1", split_uri, "--bucket", "faults", "--run-id",
-               run_id, "--profile", "smoke", "--set", "cnn1.epochs=25", "--set", "cnn1.early_stopping_patience=1000"]
-    trainer = subprocess.Popen(command, cwd=ROOT, env=os.environ.copy(), stdout=subprocess.PIPE,
-                               stderr=subprocess.STDOUT, text=True)
+    command = [
+        sys.executable,
+        "-m",
+        "bloodcell.cli",
+        "train",
+        "cnn1",
+        split_uri,
+        "--bucket",
+        "faults",
+        "--run-id",
+        run_id,
+        "--profile",
+        "smoke",
+        "--set",
+        "cnn1.epochs=25",
+        "--set",
+        "cnn1.early_stopping_patience=1000",
+    ]
+    trainer = subprocess.Popen(
+        command, cwd=ROOT, env=os.environ.copy(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
     deadline = time.monotonic() + 300
+
     def epochs_done() -> int:
         return storage.read_json(state_uri)["epoch"] if storage.exists(state_uri) else 0
 
@@ -148,14 +184,22 @@ def test_object_store_restart_during_training_loses_nothing(own_services):
         if name.startswith(IMMUTABLE):
             assert after.get(name) == md5, f"{name} changed or vanished during the outage"
     assert_readable("faults", sorted(after))
-    print(f"object store down {recovered_after:.1f} s; trainer finished all 25 epochs; "
-          f"{len(before)} objects before, {len(after)} after, all readable, none of the data changed")
+    print(
+        f"object store down {recovered_after:.1f} s; trainer finished all 25 epochs; "
+        f"{len(before)} objects before, {len(after)} after, all readable, none of the data changed"
+    )
 
 
 def run_step(*args: str, timeout: float = 600) -> tuple[subprocess.CompletedProcess, float]:
     started = time.monotonic()
-    process = subprocess.run([sys.executable, "-m", "bloodcell.cli", *args], cwd=ROOT, env=os.environ.copy(),
-                             capture_output=True, text=True, timeout=timeout)
+    process = subprocess.run(
+        [sys.executable, "-m", "bloodcell.cli", *args],
+        cwd=ROOT,
+        env=os.environ.copy(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
     return process, time.monotonic() - started
 
 
@@ -166,8 +210,7 @@ def test_mlflow_down_when_steps_start(own_services, monkeypatch):
     monkeypatch.setenv("BLOODCELL_MLFLOW_WAIT_S", "5")
     run_id = f"faults-{time.time_ns()}"
     common = ["--bucket", "faults", "--run-id", run_id]
-    train, train_seconds = run_step("train", "cnn1", split_uri, *common, "--profile", "smoke",
-                                    "--set", "cnn1.epochs=3")
+    train, train_seconds = run_step("train", "cnn1", split_uri, *common, "--profile", "smoke", "--set", "cnn1.epochs=3")
     assert train.returncode == 0, train.stderr[-3000:]
     assert "MLflow: connect failed" in train.stdout
     evaluate, evaluate_seconds = run_step("evaluate", *common, "--models", "cnn1")
@@ -187,19 +230,37 @@ def test_mlflow_down_when_steps_start(own_services, monkeypatch):
     page = storage.read_bytes(f"{run_uri}/report/report.html").decode()
     assert "MLflow logging failed" in page and "train-cnn1: connect (not logged" in page
     assert "Registering the best model in MLflow failed: cnn1 has no MLflow model" in page
-    print(f"MLflow down from the start: train {train_seconds:.0f} s, evaluate {evaluate_seconds:.0f} s, "
-          f"report {report_seconds:.0f} s, all exit 0; the report lists the failed logging")
+    print(
+        f"MLflow down from the start: train {train_seconds:.0f} s, evaluate {evaluate_seconds:.0f} s, "
+        f"report {report_seconds:.0f} s, all exit 0; the report lists the failed logging"
+    )
 
 
 def test_mlflow_outage_during_training_is_backfilled(own_services):
     local, split_uri = own_services
     run_id = f"faults-{time.time_ns()}"
     epochs = 60
-    command = [sys.executable, "-m", "bloodcell.cli", "train", "cnn1", split_uri, "--bucket", "faults", "--run-id",
-               run_id, "--profile", "smoke", "--set", f"cnn1.epochs={epochs}",
-               "--set", "cnn1.early_stopping_patience=1000"]
-    trainer = subprocess.Popen(command, cwd=ROOT, env=os.environ.copy(), stdout=subprocess.PIPE,
-                               stderr=subprocess.STDOUT, text=True)
+    command = [
+        sys.executable,
+        "-m",
+        "bloodcell.cli",
+        "train",
+        "cnn1",
+        split_uri,
+        "--bucket",
+        "faults",
+        "--run-id",
+        run_id,
+        "--profile",
+        "smoke",
+        "--set",
+        f"cnn1.epochs={epochs}",
+        "--set",
+        "cnn1.early_stopping_patience=1000",
+    ]
+    trainer = subprocess.Popen(
+        command, cwd=ROOT, env=os.environ.copy(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
     state_uri = f"gs://faults/runs/{run_id}/checkpoints/cnn1/main/state.json"
     wait_until(lambda: checkpoint_epoch(state_uri) >= 2, 300, "two epochs")
     mlflow_service = next(s for s in local.status() if s.name == "mlflow")
@@ -222,14 +283,18 @@ def test_mlflow_outage_during_training_is_backfilled(own_services):
     history = MlflowClient().get_metric_history(info["mlflow_run_id"], "val_loss")
     assert sorted(m.step for m in history) == list(range(epochs))  # no gap: epochs of the outage backfilled
     assert MlflowClient().get_run(info["mlflow_run_id"]).info.status == "FINISHED"
-    print(f"MLflow down {outage:.1f} s from epoch {killed_at_epoch} to {back_at_epoch}: training went on, "
-          f"{per_epoch['count']} logging attempts failed, all {epochs} epochs backfilled")
+    print(
+        f"MLflow down {outage:.1f} s from epoch {killed_at_epoch} to {back_at_epoch}: training went on, "
+        f"{per_epoch['count']} logging attempts failed, all {epochs} epochs backfilled"
+    )
 
 
 def test_killed_trainer_resumes_when_the_run_is_resumed(local_pipeline):
     epochs = 30
-    run = PipelineRun([*local_pipeline["args"], "--set", f"cnn1.epochs={epochs}",
-                       "--set", "cnn1.early_stopping_patience=1000"], local_pipeline["env"])
+    run = PipelineRun(
+        [*local_pipeline["args"], "--set", f"cnn1.epochs={epochs}", "--set", "cnn1.early_stopping_patience=1000"],
+        local_pipeline["env"],
+    )
     run_id = run.wait_for(r"^run (\S+): profile smoke").group(1)
     state_uri = f"gs://faults/runs/{run_id}/checkpoints/cnn1/main/state.json"
     wait_until(lambda: checkpoint_epoch(state_uri) >= 3, 600, "three epochs of cnn1")
@@ -244,9 +309,21 @@ def test_killed_trainer_resumes_when_the_run_is_resumed(local_pipeline):
     assert re.search(r"last lines of train-cnn1's log:\n\s+\S", output)
     assert_readable("faults", sorted(snapshot("faults")))
 
-    resume = subprocess.run([sys.executable, "pipeline.py", "run", "--resume", run_id,
-                             *local_pipeline["args"][local_pipeline["args"].index("--state-dir"):]],
-                            cwd=ROOT, env=local_pipeline["env"], capture_output=True, text=True, timeout=900)
+    resume = subprocess.run(
+        [
+            sys.executable,
+            "pipeline.py",
+            "run",
+            "--resume",
+            run_id,
+            *local_pipeline["args"][local_pipeline["args"].index("--state-dir") :],
+        ],
+        cwd=ROOT,
+        env=local_pipeline["env"],
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     recovered = time.monotonic() - killed_at
     log = resume.stdout + resume.stderr
     assert resume.returncode == 0, log[-3000:]
@@ -260,8 +337,10 @@ def test_killed_trainer_resumes_when_the_run_is_resumed(local_pipeline):
     for name, md5 in before.items():
         if name.startswith(IMMUTABLE):
             assert after[name] == md5, f"{name} was rewritten"
-    print(f"trainer killed after epoch {epoch_at_kill}; resumed run finished {recovered:.0f} s after the kill "
-          f"with {epochs} epochs; ingest and split were cache hits")
+    print(
+        f"trainer killed after epoch {epoch_at_kill}; resumed run finished {recovered:.0f} s after the kill "
+        f"with {epochs} epochs; ingest and split were cache hits"
+    )
 
 
 def test_two_runs_at_once_both_complete(local_pipeline):
@@ -284,23 +363,32 @@ def test_two_runs_at_once_both_complete(local_pipeline):
     parents = MlflowClient().search_runs([experiment.experiment_id], "tags.`bloodcell.role` = 'pipeline'")
     assert sorted(p.data.tags["bloodcell.pipeline_run_id"] for p in parents) == sorted(run_ids)
     for parent in parents:
-        children = MlflowClient().search_runs([experiment.experiment_id],
-                                              f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+        children = MlflowClient().search_runs(
+            [experiment.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'"
+        )
         assert len(children) == 3 and parent.info.status == "FINISHED"
     print(f"two runs at once: {run_ids} both exit 0, two parent runs with three model runs each")
 
 
 def test_stop_is_refused_during_a_run_and_cleans_up_after_a_crash(local_pipeline):
-    run = PipelineRun([*local_pipeline["args"], "--set", "cnn1.epochs=500", "--set",
-                       "cnn1.early_stopping_patience=1000"], local_pipeline["env"])
+    run = PipelineRun(
+        [*local_pipeline["args"], "--set", "cnn1.epochs=500", "--set", "cnn1.early_stopping_patience=1000"],
+        local_pipeline["env"],
+    )
     run_id = run.wait_for(r"^run (\S+): profile smoke").group(1)
     run.wait_for(r"training cnn1")
     state = local_pipeline["state"]
     stop = [sys.executable, "pipeline.py", "stop", "--state-dir", str(state)]
     refused = subprocess.run(stop, cwd=ROOT, env=local_pipeline["env"], capture_output=True, text=True, timeout=120)
     assert refused.returncode == 1 and f"run(s) in progress: {run_id}" in refused.stderr
-    second = subprocess.run([sys.executable, "pipeline.py", "run", "--resume", run_id, "--state-dir", str(state)],
-                            cwd=ROOT, env=local_pipeline["env"], capture_output=True, text=True, timeout=120)
+    second = subprocess.run(
+        [sys.executable, "pipeline.py", "run", "--resume", run_id, "--state-dir", str(state)],
+        cwd=ROOT,
+        env=local_pipeline["env"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert second.returncode == 2 and f"run {run_id} is already in progress" in second.stderr
 
     os.killpg(run.process.pid, signal.SIGKILL)  # the runner and its task; services run in their own sessions
@@ -313,17 +401,22 @@ def test_stop_is_refused_during_a_run_and_cleans_up_after_a_crash(local_pipeline
     assert f"removed the stale record of run {run_id}" in stopped.stdout
     for service in services:
         assert f"{service['name']} (pid {service['pid']})" in stopped.stdout
-        assert not Path(f"/proc/{service['pid']}").exists() or "zombie" in Path(
-            f"/proc/{service['pid']}/status").read_text().lower()
+        assert (
+            not Path(f"/proc/{service['pid']}").exists()
+            or "zombie" in Path(f"/proc/{service['pid']}/status").read_text().lower()
+        )
     assert not list((state / "active").glob("*.json"))
-    print(f"stop refused during run {run_id}; after SIGKILL of the runner, stop cleaned the stale record and "
-          f"ended {len(services)} services in {time.monotonic() - started:.1f} s")
+    print(
+        f"stop refused during run {run_id}; after SIGKILL of the runner, stop cleaned the stale record and "
+        f"ended {len(services)} services in {time.monotonic() - started:.1f} s"
+    )
 
 
 def mount_small_tmpfs(path: Path, size: str) -> None:
     path.mkdir(parents=True, exist_ok=True)
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True,
-                             text=True)
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True, text=True
+    )
     if mounted.returncode != 0:
         pytest.skip(f"cannot mount a size-limited tmpfs here (needs root): {mounted.stderr.strip()}")
 
@@ -346,19 +439,38 @@ def test_disk_full_in_the_state_directory(local_pipeline):
 
         subprocess.run(["mount", "-o", "remount,size=1g", str(state)], check=True)
         started = time.monotonic()
-        resume = subprocess.run([sys.executable, "pipeline.py", "run", "--resume", run_id,
-                                 *local_pipeline["args"][local_pipeline["args"].index("--state-dir"):]],
-                                cwd=ROOT, env=local_pipeline["env"], capture_output=True, text=True, timeout=900)
+        resume = subprocess.run(
+            [
+                sys.executable,
+                "pipeline.py",
+                "run",
+                "--resume",
+                run_id,
+                *local_pipeline["args"][local_pipeline["args"].index("--state-dir") :],
+            ],
+            cwd=ROOT,
+            env=local_pipeline["env"],
+            capture_output=True,
+            text=True,
+            timeout=900,
+        )
         assert resume.returncode == 0, (resume.stdout + resume.stderr)[-3000:]
         after = snapshot("faults")
         for name, md5 in before.items():
             if name.startswith(IMMUTABLE) or "/models/" in name:
                 assert after[name] == md5, f"{name} changed"
         assert_readable("faults", sorted(after))
-        print(f"state directory full (40 MiB) in step {failed_step}: clear error; {len(before)} objects intact; "
-              f"after freeing space the resumed run completed in {time.monotonic() - started:.0f} s\n"
-              f"  {error_line.group(0)}")
+        print(
+            f"state directory full (40 MiB) in step {failed_step}: clear error; {len(before)} objects intact; "
+            f"after freeing space the resumed run completed in {time.monotonic() - started:.0f} s\n"
+            f"  {error_line.group(0)}"
+        )
     finally:
-        subprocess.run([sys.executable, "pipeline.py", "stop", "--force", "--state-dir", str(state)], cwd=ROOT,
-                       env=local_pipeline["env"], capture_output=True, timeout=120)
+        subprocess.run(
+            [sys.executable, "pipeline.py", "stop", "--force", "--state-dir", str(state)],
+            cwd=ROOT,
+            env=local_pipeline["env"],
+            capture_output=True,
+            timeout=120,
+        )
         subprocess.run(["umount", "-l", str(state)], capture_output=True)

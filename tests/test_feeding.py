@@ -21,10 +21,14 @@ def epoch(batches) -> list[tuple[np.ndarray, np.ndarray]]:
     return [tuple(np.asarray(part) for part in item) for item in items]
 
 
-@pytest.mark.parametrize("make", [
-    lambda x, y, shuffle: feeding.batches(x, y, batch_size=5, shuffle=shuffle),
-    lambda x, y, shuffle: feeding.ArrayBatches(x, y, 5, shuffle),
-], ids=["backend", "pydataset"])
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda x, y, shuffle: feeding.batches(x, y, batch_size=5, shuffle=shuffle),
+        lambda x, y, shuffle: feeding.ArrayBatches(x, y, 5, shuffle),
+    ],
+    ids=["backend", "pydataset"],
+)
 def test_each_epoch_feeds_every_image_once_with_its_label(make):
     x, y = labelled_images()
     keras.utils.set_random_seed(7)
@@ -49,8 +53,9 @@ def test_shuffled_order_is_reproducible_from_the_seed():
     firsts = []
     for _ in range(2):
         keras.utils.set_random_seed(777)
-        firsts.append([images[:, 0, 0, 0].tolist() for images, _ in epoch(feeding.batches(x, y, batch_size=5,
-                                                                                           shuffle=True))])
+        firsts.append(
+            [images[:, 0, 0, 0].tolist() for images, _ in epoch(feeding.batches(x, y, batch_size=5, shuffle=True))]
+        )
     assert firsts[0] == firsts[1]
 
 

@@ -18,7 +18,6 @@ from PIL import Image
 
 from bloodcell import config, ingest, sources, split
 from bloodcell.errors import DataError
-
 from conftest import UNDECODABLE, make_sample
 
 
@@ -171,7 +170,7 @@ def test_plain_file_that_is_not_a_zip(tmp_path):
 
 def test_url_returning_html(tmp_path, monkeypatch):
     class Handler(http.server.BaseHTTPRequestHandler):
-        def do_GET(self):  # noqa: N802
+        def do_GET(self):
             body = b"<html><body>Please log in</body></html>"
             self.send_response(200)
             self.send_header("Content-Type", "text/html; charset=utf-8")
@@ -207,7 +206,15 @@ def test_real_sample_quarantines_the_undecodable_file(shared_data, tmp_path):
     assert quarantined == [{"path": UNDECODABLE, "reason": "hidden file"}]
     assert len(records) == 40
     assert {r.label for r in records} == {
-        "basophil", "eosinophil", "erythroblast", "ig", "lymphocyte", "monocyte", "neutrophil", "platelet"}
+        "basophil",
+        "eosinophil",
+        "erythroblast",
+        "ig",
+        "lymphocyte",
+        "monocyte",
+        "neutrophil",
+        "platelet",
+    }
     assert all(350 <= r.width <= 370 and 350 <= r.height <= 370 for r in records)
 
 

@@ -10,8 +10,9 @@ from bloodcell import models
 from bloodcell.errors import BloodcellError
 
 
-@pytest.mark.parametrize("name, size", [("cnn1", 46), ("cnn1", 64), ("cnn2", 94), ("cnn2", 128),
-                                        ("vgg16", 32), ("vgg16", 48)])
+@pytest.mark.parametrize(
+    "name, size", [("cnn1", 46), ("cnn1", 64), ("cnn2", 94), ("cnn2", 128), ("vgg16", 32), ("vgg16", 48)]
+)
 @pytest.mark.parametrize("n_classes", [2, 8])
 def test_builds_for_any_class_count_and_size(name, size, n_classes):
     model = models.build_model(name, n_classes, size)
@@ -52,8 +53,9 @@ def test_trains_one_step_and_round_trips(name, size, tmp_path: Path):
 def test_augmentation_gives_each_image_a_random_right_angle_symmetry():
     image = np.arange(4 * 4 * 3, dtype="uint8").reshape(1, 4, 4, 3)
     out = keras.ops.convert_to_numpy(models.augmentation(seed=1)(np.repeat(image, 64, axis=0), training=True))
-    symmetries = [np.rot90(image[0], k) for k in range(4)] + [np.rot90(image[0].transpose(1, 0, 2), k)
-                                                               for k in range(4)]
+    symmetries = [np.rot90(image[0], k) for k in range(4)] + [
+        np.rot90(image[0].transpose(1, 0, 2), k) for k in range(4)
+    ]
     assert out.dtype == np.uint8
     seen = [next(i for i, s in enumerate(symmetries) if np.array_equal(o, s)) for o in out]  # each is one
     assert sorted(set(seen)) == list(range(8))  # drawn per image: all eight occur in one batch
@@ -86,8 +88,15 @@ def test_fused_batch_norm_matches_keras_batch_normalization(policy):
                 tape.watch(x)
                 outputs = tf.cast(layer(x, training=True), "float32")
                 loss = tf.reduce_sum(outputs * tf.range(outputs.shape[-1], dtype="float32"))
-            results.append((outputs, tape.gradient(loss, x), layer.moving_mean, layer.moving_variance,
-                            tf.cast(layer(x, training=False), "float32")))
+            results.append(
+                (
+                    outputs,
+                    tape.gradient(loss, x),
+                    layer.moving_mean,
+                    layer.moving_variance,
+                    tf.cast(layer(x, training=False), "float32"),
+                )
+            )
         tolerance = 1e-4 if policy == "float32" else 5e-2
         for mine, theirs in zip(*results):
             np.testing.assert_allclose(np.asarray(mine), np.asarray(theirs), rtol=tolerance, atol=tolerance)

@@ -13,8 +13,13 @@ TRAINERS = {"train-cnn1", "train-cnn2", "train-vgg16"}
 
 def compile_pipeline(tmp_path, env=None):
     output = tmp_path / "pipeline.yaml"
-    subprocess.run([sys.executable, "pipeline.py", "compile", "--output", str(output)], cwd=ROOT, check=True,
-                   env=env, capture_output=True)
+    subprocess.run(
+        [sys.executable, "pipeline.py", "compile", "--output", str(output)],
+        cwd=ROOT,
+        check=True,
+        env=env,
+        capture_output=True,
+    )
     documents = list(yaml.safe_load_all(output.read_text()))
     return documents[0], (documents[1] if len(documents) > 1 else {})
 
@@ -25,8 +30,7 @@ def test_seven_tasks_and_parallel_gpu_trainers(tmp_path):
     assert set(tasks) == TASKS
     for name in TRAINERS:
         assert tasks[name]["dependentTasks"] == ["split"]
-        executor = spec["deploymentSpec"]["executors"][tasks[name]["componentRef"]["name"].replace(
-            "comp-", "exec-")]
+        executor = spec["deploymentSpec"]["executors"][tasks[name]["componentRef"]["name"].replace("comp-", "exec-")]
         accelerator = executor["container"]["resources"]["accelerator"]
         assert accelerator["resourceType"] == "nvidia.com/gpu" and str(accelerator["resourceCount"]) == "1"
     assert set(tasks["evaluate"]["dependentTasks"]) == TRAINERS
@@ -43,8 +47,12 @@ def test_seven_tasks_and_parallel_gpu_trainers(tmp_path):
 def test_image_and_placement_come_from_the_environment(tmp_path):
     import os
 
-    env = {**os.environ, "BLOODCELL_IMAGE": "registry.example/bloodcell:test", "BLOODCELL_GPU_RESOURCE": "",
-           "BLOODCELL_TRAINER_MEMORY": "6Gi"}
+    env = {
+        **os.environ,
+        "BLOODCELL_IMAGE": "registry.example/bloodcell:test",
+        "BLOODCELL_GPU_RESOURCE": "",
+        "BLOODCELL_TRAINER_MEMORY": "6Gi",
+    }
     spec, platform = compile_pipeline(tmp_path, env)
     executors = spec["deploymentSpec"]["executors"]
     assert len(executors) == 7
