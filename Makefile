@@ -17,7 +17,7 @@ help:
 	@echo "              DATA=folder|zip|URL|gs:// (default: the official PBC zip)  PROFILE=smoke|laptop|gpu"
 	@echo "              VGG16_WEIGHTS=imagenet|none|FILE"
 	@echo "              RUNNER=docker: each step in a container of IMAGE=$(IMAGE) (build it: make image)"
-	@echo "make setup    install only;  make test  run the tests;  make stop  stop local services"
+	@echo "make setup    install only;  make test  run the tests;  make lint  ruff + mypy;  make stop  stop local services"
 	@echo "make image    build the CPU image (image-gpu: GPU; base-image: a base from Debian packages)"
 	@echo "make compile  write pipeline.yaml;  make cluster-up / submit  see docs/cluster.md"
 
@@ -34,6 +34,12 @@ compile: setup
 
 test: setup
 	$(PYTHON) -m pytest $(PYTEST_ARGS)
+
+# ruff (lint and format check) and mypy over the package, components, pipeline.py and tests (pyproject.toml).
+lint: setup
+	$(PYTHON) -m ruff check .
+	$(PYTHON) -m ruff format --check .
+	$(PYTHON) -m mypy
 
 test-faults: setup
 	$(PYTHON) -m pytest -m faults $(PYTEST_ARGS)

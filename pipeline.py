@@ -10,7 +10,6 @@ python pipeline.py submit --host URL [--profile gpu] [--experiment NAME] [--pipe
 """
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -19,11 +18,8 @@ from pathlib import Path
 
 from kfp import compiler, dsl, kubernetes
 
-from bloodcell import config
-from bloodcell.errors import BloodcellError
-from components import evaluate, ingest, report, split, train_cnn1, train_cnn2, train_vgg16
-
-TRAINERS = {"cnn1": train_cnn1, "cnn2": train_cnn2, "vgg16": train_vgg16}
+from bloodcell import config, errors, options
+from components import evaluate, ingest, report, split, trainer
 
 
 def place_on_cluster(
@@ -66,16 +62,17 @@ def make_pipeline(image: str = config.DEFAULT_IMAGE, cluster: config.ClusterSett
         common = {"bucket": bucket, "profile": profile, "overrides": overrides}
         ingest_task = ingest(source=source, bucket=bucket, vgg16_weights=vgg16_weights)
         split_task = split(dataset_uri=ingest_task.outputs["Output"], **common)
-        trained = {}
-        for name, component in TRAINERS.items():
-            extra = {"vgg16_weights": vgg16_weights} if name == "vgg16" else {}
-            trained[name] = component(
+        trained = {
+            name: trainer(name)(
+                model_name=name,
                 split_uri=split_task.outputs["Output"],
                 run_id=run_id,
                 experiment=experiment,
+                vgg16_weights=vgg16_weights,
                 **common,
-                **extra,
-            )
+            ).set_display_name(f"train-{name}")
+            for name in config.MODEL_NAMES
+        }
         evaluate_task = evaluate(bucket=bucket, run_id=run_id, **{n: t.outputs["model"] for n, t in trained.items()})
         report_task = report(
             run_id=run_id,
@@ -106,14 +103,14 @@ def new_run_id() -> str:
 
 
 def pipeline_arguments(args: argparse.Namespace, run_id: str) -> dict[str, str]:
-    overrides = config.parse_assignments(args.set or [])
+    overrides = options.overrides(args)
     config.resolve(args.profile, overrides)  # reject a bad profile or override before anything starts
     return {
         "run_id": run_id,
         "source": args.data,
         "bucket": args.bucket,
         "profile": args.profile,
-        "overrides": json.dumps(overrides),
+        "overrides": overrides,
         "experiment": args.experiment,
         "vgg16_weights": args.vgg16_weights,
     }
@@ -173,25 +170,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     commands = parser.add_subparsers(dest="command", required=True)
 
     def run_options(sub: argparse.ArgumentParser, default_profile: str) -> None:
-        sub.add_argument("--profile", default=default_profile, choices=list(config.PROFILES))
-        sub.add_argument(
-            "--data",
-            default=config.MENDELEY_URL,
-            help="folder, zip, http(s) URL or gs:// URI (default: the official PBC zip)",
-        )
-        sub.add_argument(
-            "--set",
-            action="append",
-            metavar="KEY=VALUE",
-            help="override a profile setting, e.g. --set cnn1.epochs=5 (repeatable)",
-        )
-        sub.add_argument(
-            "--vgg16-weights",
-            default=os.environ.get("VGG16_WEIGHTS") or "imagenet",
-            help="imagenet | none | path or gs:// URI of a no-top weights file",
-        )
-        sub.add_argument("--experiment", default=config.DEFAULT_EXPERIMENT)
-        sub.add_argument("--bucket", default=config.DEFAULT_BUCKET)
+        options.add_profile(sub, default_profile)
+        options.add_data(sub)
+        options.add_vgg16_weights(sub)
+        options.add_experiment(sub)
+        options.add_bucket(sub)
 
     run = commands.add_parser("run", help="run the whole pipeline locally (embedded services)")
     run_options(run, "laptop")
@@ -217,7 +200,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
     stop = commands.add_parser("stop", help="stop the local services started by `run`")
     stop.add_argument("--state-dir", default=".bloodcell")
-    stop.add_argument("--bucket", default=config.DEFAULT_BUCKET)
+    options.add_bucket(stop)
     stop.add_argument("--force", action="store_true", help="stop the services even while a run is in progress")
     stop.set_defaults(handler=stop_local)
 
@@ -235,18 +218,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    try:
+    with errors.exits_on_user_error():
         return args.handler(args)
-    except (BloodcellError, config.ConfigError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except OSError as exc:
-        from bloodcell import storage
-
-        if exc.errno not in storage.DISK_FULL_ERRNOS:
-            raise
-        print(f"error: {storage.disk_full_error(exc.filename)}", file=sys.stderr)
-        return 2
 
 
 if __name__ == "__main__":

@@ -6,8 +6,7 @@
 Phases (each in its own process, against a fresh local GCS emulator): ingest from the folder,
 ingest from a zip of it (into a second bucket, so no cache hit), split, and the decode-once array
 store at 64, 128 and 224 px. Peak memory is the largest sum of RSS over the phase's process tree
-(worker processes included), sampled every 50 ms. Targets (issue 3): ingest + split <= 60 s,
-each store <= 90 s, peak memory <= 2 GiB.
+(worker processes included), sampled every 50 ms. The output compares them with the targets.
 """
 
 from __future__ import annotations

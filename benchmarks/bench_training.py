@@ -133,7 +133,7 @@ def original_recipe(name: str, train_folder: Path, val_folder: Path, epochs: int
     if augment:
         images = keras.Input((128, 128, 3))
         model = keras.Model(images, model(original_augmentation()(images)))
-    train._compile(model, 1e-3)
+    train.compile_model(model, 1e-3)
     timer = EpochTimer()
     model.fit(train_set, validation_data=val_set, epochs=epochs, verbose=0, callbacks=[timer])
     return images_per_second(count, batch, timer)
@@ -144,11 +144,11 @@ def our_recipe(
 ) -> tuple[Speed, str]:
     policy = hardware.apply_precision("auto")
     model = models.build_model(name, 8, 128, augment=True)
-    train._compile(model, 1e-3)
+    train.compile_model(model, 1e-3)
     cfg = ModelConfig(image_size=128, epochs=epochs, batch_size=batch, early_stopping_patience=100)
     timer = EpochTimer()
     with mlflow.start_run() as run:
-        epoch_logger = train.EpochMetricsLogger(tracking.Tracker(f"gs://{bucket}/bench", name), run.info.run_id)
+        epoch_logger = tracking.EpochMetricsLogger(tracking.Tracker(f"gs://{bucket}/bench", name), run.info.run_id)
         train.fit(
             model,
             train_data,
@@ -171,7 +171,7 @@ def vgg16_frozen(x: np.ndarray, y: np.ndarray, size: int, epochs: int, batch: in
         else x
     )
     full = models.build_model("vgg16", 8, size, augment=False, weights=None)
-    train._compile(full, 1e-3)
+    train.compile_model(full, 1e-3)
     timer = EpochTimer()
     full.fit(
         feeding.batches(x, y, batch_size=batch, shuffle=True),
@@ -182,15 +182,15 @@ def vgg16_frozen(x: np.ndarray, y: np.ndarray, size: int, epochs: int, batch: in
     )
     recompute = float(np.median(timer.durations[1:]))
 
-    base = models.vgg16_base(size, None)
+    stem, block5 = models.vgg16_base(size, None)
     images = keras.Input((size, size, 3))
-    extractor = keras.Model(images, base(models.VGGPreprocess()(images)))
+    extractor = keras.Model(images, block5(stem(models.VGGPreprocess()(images))))
     feeding.predict(extractor, x[:batch], batch)
     started = time.perf_counter()
     features = feeding.predict(extractor, x, batch)
     once = time.perf_counter() - started
     head = models.vgg16_head(features.shape[1:], 8)
-    train._compile(head, 1e-3)
+    train.compile_model(head, 1e-3)
     timer = EpochTimer()
     head.fit(
         feeding.batches(features, y, batch_size=batch, shuffle=True),

@@ -48,7 +48,7 @@ def main() -> None:
             dataset = ingest.ingest(str(sample), "backend")
             split_uri = split.split(dataset.dataset_uri, "backend", config.resolve("smoke")).split_uri
             run_id = f"backend-{backend}-{time.time_ns()}"
-            common = ["--bucket", "backend", "--run-id", run_id, "--profile", "smoke"]
+            common = ["--bucket", "backend", "--run-id", run_id, "--profile", "smoke", "--vgg16-weights", "none"]
             for model in config.MODEL_NAMES:
                 common += ["--set", f"{model}.epochs={args.epochs}"]
             for model in config.MODEL_NAMES:

@@ -29,10 +29,10 @@ from bloodcell import feeding, models, train
 def measure(label: str, fit_input: dict, epochs: int) -> None:
     keras.utils.set_random_seed(777)
     model = models.build_model("cnn1", 8, 128, augment=False)
-    train._compile(model, 1e-3)
+    train.compile_model(model, 1e-3)
     timer = EpochTimer()
     model.fit(**fit_input, epochs=epochs, verbose=0, callbacks=[timer])
-    for index, (wall, steps) in enumerate(zip(timer.durations, timer.in_steps), 1):
+    for index, (wall, steps) in enumerate(zip(timer.durations, timer.in_steps, strict=True), 1):
         print(
             f"{label}: epoch {index}: {wall:6.2f} s wall, {steps:6.2f} s in steps, "
             f"{wall - steps:6.2f} s at the epoch's start and end",

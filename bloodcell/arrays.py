@@ -17,9 +17,9 @@ from PIL import Image
 from tqdm import tqdm
 
 from bloodcell import sources, storage
+from bloodcell.config import SUBSETS
 from bloodcell.errors import DataError
 
-SUBSETS = ("train", "val", "test")
 COMPLETE = "_COMPLETE"
 
 
@@ -51,7 +51,7 @@ def build(assignment: dict, dataset_uri: str, targets: dict[int, str]) -> dict[i
                 mininterval=2,
                 desc=f"arrays {subset} {'/'.join(map(str, sizes))}px",
             ):
-                for size, image in zip(sizes, images):
+                for size, image in zip(sizes, images, strict=True):
                     writers[size].write(image)
             labels = np.array([classes.index(item["label"]) for item in items], dtype=np.int32)
             for size, writer in writers.items():
@@ -72,7 +72,7 @@ class NpyWriter:
     """Write a uint8 ``.npy`` file row by row, so memory stays flat however large the array."""
 
     def __init__(self, path: Path, shape: tuple[int, ...]):
-        self.file = open(path, "wb")
+        self.file = open(path, "wb")  # noqa: SIM115 - closed by close(), which also checks the row count
         self.shape = shape
         self.rows = 0
         np.lib.format.write_array_header_1_0(

@@ -11,27 +11,15 @@ import argparse
 import json
 import sys
 
-from bloodcell import config
-from bloodcell.errors import BloodcellError
+from bloodcell import config, errors, options
 
 
 def _common(parser: argparse.ArgumentParser, run: bool = True, profile: bool = True) -> None:
-    parser.add_argument("--bucket", default=config.DEFAULT_BUCKET)
+    options.add_bucket(parser)
     if run:
         parser.add_argument("--run-id", required=True, help="pipeline run id (groups the run's outputs)")
     if profile:
-        parser.add_argument("--profile", default="laptop", choices=list(config.PROFILES))
-        parser.add_argument(
-            "--set",
-            action="append",
-            metavar="KEY=VALUE",
-            default=[],
-            help="override a profile setting, e.g. --set cnn1.epochs=5",
-        )
-
-
-def _overrides(args: argparse.Namespace) -> str:
-    return json.dumps(config.parse_assignments(args.set))
+        options.add_profile(parser, "laptop")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -40,29 +28,24 @@ def build_parser() -> argparse.ArgumentParser:
     )
     steps = parser.add_subparsers(dest="step", required=True)
 
-    p = steps.add_parser("ingest", help="check and store a dataset source")
-    p.add_argument(
-        "source",
-        nargs="?",
-        default=config.MENDELEY_URL,
-        help="folder, zip, http(s) URL or gs:// URI (default: the official PBC zip)",
-    )
+    p = steps.add_parser("ingest", help="check and store a dataset source (and that the VGG16 weights can be had)")
+    options.add_data(p, positional=True)
     _common(p, run=False, profile=False)
-    p.add_argument("--vgg16-weights", default="none", help="also check these VGG16 weights can be had")
+    options.add_vgg16_weights(p)
     p.set_defaults(handler=lambda a: _steps().ingest(a.source, a.bucket, a.vgg16_weights))
 
     p = steps.add_parser("split", help="split an ingested dataset and build its arrays")
     p.add_argument("dataset_uri", help="gs://<bucket>/datasets/<hash> (printed by ingest)")
     _common(p, run=False)
-    p.set_defaults(handler=lambda a: _steps().split(a.dataset_uri, a.bucket, a.profile, _overrides(a)))
+    p.set_defaults(handler=lambda a: _steps().split(a.dataset_uri, a.bucket, a.profile, options.overrides(a)))
 
     p = steps.add_parser("train", help="train one model")
     p.add_argument("model", choices=list(config.MODEL_NAMES))
     p.add_argument("split_uri", help="gs://<bucket>/splits/<key> (printed by split)")
     _common(p)
-    p.add_argument("--experiment", default=config.DEFAULT_EXPERIMENT)
-    p.add_argument("--parent-run-id", default="", help="MLflow parent run (default: this run id's)")
-    p.add_argument("--vgg16-weights", default="none")
+    options.add_experiment(p)
+    options.add_mlflow_parent_run(p)
+    options.add_vgg16_weights(p)
     p.set_defaults(
         handler=lambda a: _steps().train(
             a.model,
@@ -70,9 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
             a.bucket,
             a.run_id,
             a.profile,
-            _overrides(a),
+            options.overrides(a),
             a.experiment,
-            a.parent_run_id,
+            a.mlflow_parent_run_id,
             a.vgg16_weights,
         )
     )
@@ -85,17 +68,24 @@ def build_parser() -> argparse.ArgumentParser:
     p = steps.add_parser("report", help="build a run's comparison report")
     p.add_argument("split_uri")
     _common(p)
-    p.add_argument("--experiment", default=config.DEFAULT_EXPERIMENT)
-    p.add_argument("--parent-run-id", default="", help="MLflow parent run (default: this run id's)")
+    options.add_experiment(p)
+    options.add_mlflow_parent_run(p)
     p.add_argument("--models", nargs="+", default=list(config.MODEL_NAMES))
     p.set_defaults(
         handler=lambda a: _steps().report(
-            a.bucket, a.run_id, a.split_uri, a.profile, a.experiment, a.parent_run_id, _overrides(a), a.models
+            a.bucket,
+            a.run_id,
+            a.split_uri,
+            a.profile,
+            a.experiment,
+            a.mlflow_parent_run_id,
+            options.overrides(a),
+            a.models,
         )
     )
 
     p = steps.add_parser("compare", help="table of models across pipeline runs (from MLflow), best first")
-    p.add_argument("--experiment", default=config.DEFAULT_EXPERIMENT)
+    options.add_experiment(p)
     p.add_argument("--last", type=int, default=10, help="how many recent pipeline runs (default 10)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(handler=_compare)
@@ -120,28 +110,28 @@ def _steps():
 
 
 def _compare(args: argparse.Namespace) -> list | None:
-    from bloodcell import tracking
+    from bloodcell import comparison
 
-    rows = tracking.compare(args.experiment, args.last)
+    rows = comparison.compare(args.experiment, args.last)
     if args.json:
         return rows
-    print(tracking.format_table(rows))
+    print(comparison.format_table(rows))
     return None
 
 
-def _predict(args: argparse.Namespace) -> dict | None:
+def _predict(args: argparse.Namespace) -> None:
     from bloodcell import predict
 
-    return predict.main(args.model, args.paths, args.labels_from_folders, args.json)
+    predict.main(args.model, args.paths, args.labels_from_folders, args.json)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
+    from bloodcell import tracking
+
+    tracking.configure_client()
+    with errors.exits_on_user_error():
         result = args.handler(args)
-    except (BloodcellError, config.ConfigError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
     if result is not None:
         print(json.dumps(result, default=str))
     return 0

@@ -13,6 +13,7 @@ import typing
 from dataclasses import dataclass
 
 from bloodcell import __version__
+from bloodcell.errors import ConfigError
 
 MENDELEY_URL = (
     "https://data.mendeley.com/public-files/datasets/snkd93bnjr/files/"
@@ -28,6 +29,8 @@ IMAGE = f"bloodcell:{__version__}"
 DEFAULT_IMAGE = os.environ.get("BLOODCELL_IMAGE") or IMAGE
 DEFAULT_BUCKET = os.environ.get("BLOODCELL_BUCKET", "bloodcell")
 DEFAULT_EXPERIMENT = os.environ.get("BLOODCELL_EXPERIMENT", "bloodcell")
+DEFAULT_VGG16_WEIGHTS = os.environ.get("VGG16_WEIGHTS") or "imagenet"
+SUBSETS = ("train", "val", "test")  # in the order of Profile.split_ratio
 
 
 # What every step reads from its environment: on a cluster from ConfigMap `bloodcell-env`, in local
@@ -35,10 +38,6 @@ DEFAULT_EXPERIMENT = os.environ.get("BLOODCELL_EXPERIMENT", "bloodcell")
 STEP_ENV = ("MLFLOW_TRACKING_URI", "STORAGE_EMULATOR_HOST", "MLFLOW_TRACKING_USERNAME")
 # Settings of this machine's environment that local containers get too.
 PASSED_ENV = ("BLOODCELL_MLFLOW_WAIT_S", "MLFLOW_TRACKING_PASSWORD", "GOOGLE_CLOUD_PROJECT")
-
-
-class ConfigError(ValueError):
-    """A profile name or override that cannot be applied."""
 
 
 @dataclass(frozen=True)
@@ -108,10 +107,10 @@ PROFILES: dict[str, Profile] = {
         cnn2=ModelConfig(image_size=96, epochs=1, batch_size=32, lr_schedule="cosine"),
         vgg16=ModelConfig(image_size=32, epochs=1, batch_size=32, fine_tune_epochs=1),
     ),
-    # The full data at reduced resolution, sized for a 2-core CPU (measured: 20 minutes, all three models).
+    # The full data at reduced resolution, sized for a 2-core CPU (README: measured costs).
     "laptop": Profile(
         name="laptop",
-        # cosine over a fixed budget: with ReduceLROnPlateau cnn1 was still improving at epoch 34 (92.6%)
+        # A cosine decay over a fixed budget: ReduceLROnPlateau stopped cnn1 while it was still improving.
         cnn1=ModelConfig(
             image_size=64,
             epochs=48,
@@ -140,8 +139,8 @@ PROFILES: dict[str, Profile] = {
     # A cluster run on GPU nodes: the original resolutions and more epochs.
     "gpu": Profile(
         name="gpu",
-        # cnn1 at 128 px underfits when ReduceLROnPlateau halves the rate on noisy val_loss (measured:
-        # lr 1e-5 by epoch 28, 91.9% test); a cosine decay over a fixed budget keeps it learning.
+        # A cosine decay over a fixed budget: ReduceLROnPlateau, halving the rate on a noisy val_loss,
+        # left cnn1 underfitting at 128 px.
         cnn1=ModelConfig(
             image_size=128,
             epochs=50,
@@ -198,13 +197,16 @@ def resolve(profile: str, overrides: str | dict[str, typing.Any] | None = None) 
     """The named profile with ``overrides`` (a dict or JSON object of dotted keys) applied."""
     if profile not in PROFILES:
         raise ConfigError(f"unknown profile {profile!r}; choose one of: {', '.join(PROFILES)}")
+    values: dict[str, typing.Any]
     if isinstance(overrides, str):
         try:
-            overrides = json.loads(overrides or "{}")
+            values = json.loads(overrides or "{}")
         except json.JSONDecodeError as exc:
             raise ConfigError(f"overrides are not a JSON object: {exc}") from None
+    else:
+        values = overrides or {}
     result = PROFILES[profile]
-    for key, value in (overrides or {}).items():
+    for key, value in values.items():
         result = _override(result, key, value)
     return result
 
@@ -282,6 +284,7 @@ __all__ = [
     "DEFAULT_BUCKET",
     "DEFAULT_EXPERIMENT",
     "DEFAULT_IMAGE",
+    "DEFAULT_VGG16_WEIGHTS",
     "IMAGE",
     "MENDELEY_URL",
     "MENDELEY_ZIP_BYTES",
@@ -291,6 +294,7 @@ __all__ = [
     "PROFILES",
     "Profile",
     "STEP_ENV",
+    "SUBSETS",
     "parse_assignments",
     "resolve",
 ]

@@ -15,7 +15,7 @@ import json
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -286,7 +286,7 @@ def reliable_exit_codes() -> Iterator[None]:
         docker_task_handler.run_docker_container = saved
 
 
-def remove_containers(state_dir: Path, keep_runs: set[str] = frozenset()) -> list[str]:
+def remove_containers(state_dir: Path, keep_runs: Collection[str] = ()) -> list[str]:
     """Remove this state directory's task containers, except those of ``keep_runs``; describe each removed."""
     import docker
 

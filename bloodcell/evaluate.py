@@ -16,20 +16,22 @@ import mlflow
 import numpy as np
 from sklearn import metrics as skm
 
-from bloodcell import arrays, feeding, models, storage, tracking  # noqa: F401 - models registers custom layers
+from bloodcell import arrays, feeding, models, plots, storage, tracking  # noqa: F401 - models registers custom layers
 
 INFERENCE_BATCH = 128
 
 
-def evaluate(model_dirs: list[str], run_uri: str, tracker: tracking.Tracker | None = None) -> dict[str, dict]:
-    """Evaluate each ``<run_uri>/models/<name>`` on its test arrays; return metrics by model name."""
+def evaluate(trained: list[dict], run_uri: str, tracker: tracking.Tracker | None = None) -> dict[str, dict]:
+    """Evaluate each trained model (its ``train.json``) on its test arrays; metrics by model name.
+
+    Each model's metrics go to ``<run_uri>/metrics/<name>.json`` (``metrics_uri`` in the result).
+    """
     tracker = tracker or tracking.Tracker(run_uri, "evaluate")
     results = {}
-    for model_dir in model_dirs:
-        info = storage.read_json(storage.join(model_dir, "train.json"))
-        result = evaluate_one(model_dir, info)
+    for info in trained:
+        result = evaluate_one(info)
         name = info["model"]
-        storage.write_json(result, storage.join(run_uri, "metrics", f"{name}.json"))
+        result["metrics_uri"] = storage.write_json(result, storage.join(run_uri, "metrics", f"{name}.json"))
         results[name] = result
         print(f"{name}: test accuracy {result['accuracy']:.4f}, macro F1 {result['macro_f1']:.4f}")
         if info.get("mlflow_run_id"):
@@ -37,7 +39,8 @@ def evaluate(model_dirs: list[str], run_uri: str, tracker: tracking.Tracker | No
     return results
 
 
-def evaluate_one(model_dir: str, info: dict) -> dict:
+def evaluate_one(info: dict) -> dict:
+    """Test-split metrics of one trained model, its inference speed and size; predictions stored beside it."""
     x_test, y_test = arrays.load(info["arrays_uri"], "test")
     with tempfile.TemporaryDirectory() as tmp:
         path = storage.download_file(info["model_uri"], Path(tmp, "model.keras"))
@@ -64,6 +67,7 @@ def evaluate_one(model_dir: str, info: dict) -> dict:
     )
     buffer = io.BytesIO()
     np.savez_compressed(buffer, y_true=y_test, probabilities=probabilities)
+    model_dir = info["model_uri"].rsplit("/", 1)[0]
     result["predictions_uri"] = storage.upload_bytes(buffer.getvalue(), storage.join(model_dir, "test_predictions.npz"))
     return result
 
@@ -114,9 +118,7 @@ def _log_to_mlflow(run_id: str, result: dict) -> None:
             {k: result[k] for k in ("classes", "confusion_matrix", "per_class")}, "evaluation/test_metrics.json"
         )
         mlflow.log_metrics({f"test_f1_{c}": v["f1-score"] for c, v in result["per_class"].items()})
-        from bloodcell import report
-
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp, "confusion_matrix.png")
-            path.write_bytes(report.plot_confusion_matrices({result["model"]: result}))
+            path.write_bytes(plots.confusion_matrices({result["model"]: result}))
             mlflow.log_artifact(str(path), "evaluation")

@@ -3,10 +3,9 @@
 Under TensorFlow, ``Model.fit`` wraps numpy arrays (and ``PyDataset``s) in a ``tf.data`` pipeline
 with autotuning on. Destroying such an iterator, which Keras does at the end of every epoch and
 every validation or prediction pass, waits for tf.data's autotuning thread to finish its current
-sleep, and those sleeps double up to 60 s. Measured here (TF 2.21, 2 cores, cnn2 at 128 px,
-batch 32): 1,024 images train in about 22 s, then the epoch stalls for another 19.5 s with the
-CPU idle; with autotuning off the stall is gone. So under TensorFlow the arrays go through a
-small ``tf.data`` pipeline of our own with autotuning off; other backends get a ``PyDataset``.
+sleep, and those sleeps double up to 60 s (README: measured speeds; ``benchmarks/epoch_stall.py``).
+So under TensorFlow the arrays go through a small ``tf.data`` pipeline of our own with autotuning
+off; other backends get a ``PyDataset``.
 """
 
 from __future__ import annotations

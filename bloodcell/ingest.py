@@ -162,7 +162,7 @@ def scan(root: Path, workers: int | None = None) -> tuple[list[ImageRecord], lis
     with ProcessPoolExecutor(max_workers=workers or os.cpu_count() or 1) as pool:
         checked = pool.map(check_image, [c[2] for c in candidates], chunksize=64)
         for (label, relative, _), result in tqdm(
-            zip(candidates, checked),
+            zip(candidates, checked, strict=True),
             total=len(candidates),
             desc="decode-check",
             unit=" img",

@@ -1,8 +1,9 @@
 """Bookkeeping of local pipeline runs: which are in progress, their arguments, their tasks' logs.
 
 ``<state>/runs/<run_id>/arguments.json`` keeps a run's arguments (and ``runner.json`` how its steps
-run) so ``run --resume RUN_ID`` repeats it exactly; ``<state>/active/<run_id>.json`` marks a run in progress (its pid, checked
-against the process's command line, so a crashed run's record is recognised as stale).
+run) so ``run --resume RUN_ID`` repeats it exactly; ``<state>/active/<run_id>.json`` marks a run in
+progress (its pid, checked against the process's command line, so a crashed run's record is
+recognised as stale).
 """
 
 from __future__ import annotations

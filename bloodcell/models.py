@@ -63,9 +63,8 @@ class RandomSymmetry(layers.Layer):
 
     Three coin flips per image (horizontal flip, vertical flip, transpose) reach all eight,
     which are label-preserving for cell images and need no interpolation. Each flip selects whole
-    images with one gather along the batch axis, on the raw uint8 input: on this project's CPUs
-    that is about 4x cheaper than ``RandomFlip`` plus an element-wise select (which cost cnn1
-    a fifth of its training step). Images must be square.
+    images with one gather along the batch axis, on the raw uint8 input, which is much cheaper than
+    ``RandomFlip``'s element-wise selects (README: measured speeds). Images must be square.
     """
 
     TRANSFORMS = (
@@ -112,9 +111,8 @@ class BatchNorm(layers.BatchNormalization):
     """Keras' ``BatchNormalization`` (same math, weights and config), fused under TensorFlow.
 
     Keras computes batch statistics, normalisation and their gradients as a dozen separate float32
-    passes over the activations (after an up-cast from bfloat16); TensorFlow's ``FusedBatchNormV3``
-    does each direction in one kernel. On cnn2 at 128 px (2 CPU cores, bf16) that took a training
-    step from 77 to 101 images/s. Other backends (XLA fuses these itself), masks and the
+    passes over the activations; TensorFlow's ``FusedBatchNormV3`` does each direction in one kernel
+    (README: measured speeds). Other backends (XLA fuses these itself), masks and the
     renorm/synchronized variants use Keras' own code.
     """
 
@@ -217,19 +215,30 @@ def cnn2(n_classes: int, image_size: int, augment: bool = True) -> keras.Model:
 
 @register("vgg16", min_size=32, description="the VGG16 base pools five times")
 def vgg16(n_classes: int, image_size: int, augment: bool = True, weights: str | None = None) -> keras.Model:
-    """VGG16 base (ImageNet preprocessing) with a pooled dropout head; the base starts frozen."""
+    """VGG16 transfer learning: ImageNet preprocessing, the VGG16 convolutional base in two frozen parts
+    (blocks 1-4 ``vgg16_stem``, block 5 ``vgg16_block5``) and a pooled dropout ``head``.
+
+    :func:`bloodcell.train.fit_vgg16` trains it in two phases: the head, then block 5 with it.
+    """
     inputs, x = _inputs(image_size, augment)
-    x = VGGPreprocess(name="vgg_preprocess")(x)
-    base = vgg16_base(image_size, weights)
-    x = base(x, training=False)
-    head = vgg16_head(base.output_shape[1:], n_classes)
-    return keras.Model(inputs, head(x), name="vgg16")
+    stem, block5 = vgg16_base(image_size, weights)
+    features = block5(stem(VGGPreprocess(name="vgg_preprocess")(x)))
+    head = vgg16_head(block5.output_shape[1:], n_classes)
+    return keras.Model(inputs, head(features), name="vgg16")
 
 
-def vgg16_base(image_size: int, weights: str | None) -> keras.Model:
+def vgg16_base(image_size: int, weights: str | None) -> tuple[keras.Model, keras.Model]:
+    """The VGG16 convolutional base (``weights``: a Keras weights argument), frozen, cut after block 4."""
     base = keras.applications.VGG16(include_top=False, weights=weights, input_shape=(image_size, image_size, 3))
-    base.trainable = False
-    return base
+    cut = base.get_layer("block4_pool")
+    stem = keras.Model(base.input, cut.output, name="vgg16_stem")
+    block_input = keras.Input(cut.output.shape[1:], name="block4_features")
+    x = block_input
+    for layer in base.layers[base.layers.index(cut) + 1 :]:
+        x = layer(x)
+    block5 = keras.Model(block_input, x, name="vgg16_block5")
+    stem.trainable = block5.trainable = False
+    return stem, block5
 
 
 def vgg16_head(feature_shape: tuple[int, ...], n_classes: int) -> keras.Model:

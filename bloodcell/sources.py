@@ -149,7 +149,7 @@ def extract_zip(archive: Path, dest: Path) -> Path:
     except zipfile.BadZipFile as exc:
         raise DataError(
             f"{archive} is not a readable zip archive ({exc}); it is probably truncated or corrupt. "
-            "Download it again (the official zip has 281,366,219 bytes)."
+            f"Download it again (the official zip has {MENDELEY_ZIP_BYTES:,} bytes)."
         ) from None
     except (zipfile.LargeZipFile, EOFError, OSError) as exc:
         raise DataError(f"{archive} could not be extracted ({exc}); download it again.") from None

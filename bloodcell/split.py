@@ -16,14 +16,13 @@ import tempfile
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import splitfolders
 
 from bloodcell import arrays, storage
-from bloodcell.config import Profile
+from bloodcell.config import SUBSETS, Profile
 from bloodcell.errors import DataError
-
-SUBSETS = ("train", "val", "test")
 
 
 @dataclass(frozen=True)
@@ -82,7 +81,7 @@ def sample(images: list[dict], per_class: int, seed: int) -> list[dict]:
     return chosen
 
 
-def assign(images: list[dict], ratio: tuple[float, float, float], seed: int) -> dict[str, list[dict]]:
+def assign(images: list[dict], ratio: tuple[float, float, float], seed: int) -> dict[str, Any]:
     """Run ``splitfolders.ratio`` over placeholder files and read back which image went where."""
     by_token = {}
     with tempfile.TemporaryDirectory(prefix="bloodcell-split-") as tmp:

@@ -8,17 +8,13 @@ from __future__ import annotations
 
 import functools
 import os
-import sys
 from collections.abc import Callable
 from dataclasses import asdict
-from typing import TypeVar
+from typing import Any, TypeVar
 
-from bloodcell import config, storage
-from bloodcell.errors import BloodcellError
+from bloodcell import config, errors, storage
 
 F = TypeVar("F", bound=Callable)
-
-MODEL_NAMES = config.MODEL_NAMES
 
 
 def runtime() -> dict:
@@ -44,23 +40,13 @@ def describe_runtime(facts: dict) -> str:
 
 
 def user_errors(step: F) -> F:
-    """Report a :class:`BloodcellError` as one clear line and exit 2, instead of a traceback."""
+    """The step reports an error the user can act on as one line (``error in step <name>: ...``), exit 2."""
 
     @functools.wraps(step)
     def wrapper(*args, **kwargs):
         print(f"step {step.__name__}: {describe_runtime(runtime())}", flush=True)
-        try:
+        with errors.exits_on_user_error(f"error in step {step.__name__}"):
             return step(*args, **kwargs)
-        except (BloodcellError, config.ConfigError) as exc:
-            print(f"error in step {step.__name__}: {exc}", file=sys.stderr, flush=True)
-            raise SystemExit(2) from None
-        except OSError as exc:
-            if exc.errno not in storage.DISK_FULL_ERRNOS:
-                raise
-            print(
-                f"error in step {step.__name__}: {storage.disk_full_error(exc.filename)}", file=sys.stderr, flush=True
-            )
-            raise SystemExit(2) from None
 
     return wrapper  # type: ignore[return-value]
 
@@ -70,7 +56,7 @@ def run_uri(bucket: str, run_id: str) -> str:
 
 
 @user_errors
-def ingest(source: str, bucket: str, vgg16_weights: str = "imagenet") -> dict:
+def ingest(source: str, bucket: str, vgg16_weights: str = config.DEFAULT_VGG16_WEIGHTS) -> dict:
     """Check the VGG16 weights can be had (fail in seconds, before training), then ingest ``source``."""
     from bloodcell import ingest as ingest_lib
     from bloodcell import models
@@ -101,30 +87,38 @@ def train(
     profile: str = "laptop",
     overrides: str = "{}",
     experiment: str = config.DEFAULT_EXPERIMENT,
-    parent_run_id: str = "",
-    vgg16_weights: str = "none",
+    mlflow_parent_run_id: str = "",
+    vgg16_weights: str = config.DEFAULT_VGG16_WEIGHTS,
 ) -> dict:
+    """Train ``model`` for pipeline run ``run_id``; its training record (``train.json``)."""
     from bloodcell import split as split_lib
     from bloodcell import tracking
     from bloodcell import train as train_lib
 
     settings = config.resolve(profile, overrides)
     tracker = tracking.Tracker(run_uri(bucket, run_id), f"train-{model}")
-    parent_run_id = parent_run_id or open_parent_run(
+    parent_run = mlflow_parent_run_id or open_parent_run(
         split_uri, bucket, run_id, settings, overrides, experiment, tracker
     )
     arrays_uri = split_lib.arrays_uri(split_uri, settings.model(model).image_size)
     result = train_lib.train(
-        model, arrays_uri, run_uri(bucket, run_id), settings, experiment, run_id, parent_run_id, vgg16_weights, tracker
+        model,
+        arrays_uri,
+        run_uri(bucket, run_id),
+        settings,
+        experiment,
+        run_id,
+        parent_run,
+        vgg16_weights,
+        tracker,
     )
     return asdict(result)
 
 
-def describe_model_artifact(artifact, result: dict) -> None:
-    """Fill a kfp ``Model`` output: the trained model's metadata, and its bucket URI as the file's content."""
-    artifact.metadata.update(result, runtime=runtime())
-    with open(artifact.path, "w") as pointer:
-        pointer.write(result["model_uri"])
+def fill_model_artifact(artifact: Any, result: dict) -> None:
+    """A kfp ``Model`` output: the trained model.keras itself, its training record as metadata."""
+    storage.download_file(result["model_uri"], artifact.path)
+    artifact.metadata.update(result, format="keras", runtime=runtime())
 
 
 def open_parent_run(
@@ -174,13 +168,17 @@ def _log_parent_params(parent: str, params: dict) -> None:
 
 
 @user_errors
-def evaluate(bucket: str, run_id: str, models: list[str] | None = None) -> dict:
+def evaluate(bucket: str, run_id: str, models: list[str] | None = None, trained: list[dict] | None = None) -> dict:
+    """Evaluate the ``trained`` models (training records), or those of ``models`` stored in run ``run_id``."""
     from bloodcell import evaluate as evaluate_lib
     from bloodcell import tracking
 
     base = run_uri(bucket, run_id)
-    dirs = [storage.join(base, "models", name) for name in (models or MODEL_NAMES)]
-    return evaluate_lib.evaluate(dirs, base, tracking.Tracker(base, "evaluate"))
+    if trained is None:
+        trained = [
+            storage.read_json(storage.join(base, "models", name, "train.json")) for name in models or config.MODEL_NAMES
+        ]
+    return evaluate_lib.evaluate(trained, base, tracking.Tracker(base, "evaluate"))
 
 
 @user_errors
@@ -190,26 +188,35 @@ def report(
     split_uri: str,
     profile: str = "laptop",
     experiment: str = config.DEFAULT_EXPERIMENT,
-    parent_run_id: str = "",
+    mlflow_parent_run_id: str = "",
     overrides: str = "{}",
     models: list[str] | None = None,
+    metrics_uris: dict[str, str] | None = None,
 ) -> dict:
+    """Register the best of the evaluated models (``metrics_uris``, or those of ``models`` in run ``run_id``)
+    and build the report; the run summary."""
+    from bloodcell import registry, tracking
     from bloodcell import report as report_lib
-    from bloodcell import tracking
 
     settings = config.resolve(profile, overrides)
-    tracker = tracking.Tracker(run_uri(bucket, run_id), "report")
-    parent_run_id = parent_run_id or open_parent_run(
+    base = run_uri(bucket, run_id)
+    tracker = tracking.Tracker(base, "report")
+    parent_run = mlflow_parent_run_id or open_parent_run(
         split_uri, bucket, run_id, settings, overrides, experiment, tracker
     )
+    metrics_uris = metrics_uris or {
+        name: storage.join(base, "metrics", f"{name}.json") for name in models or config.MODEL_NAMES
+    }
+    results = {name: storage.read_json(uri) for name, uri in metrics_uris.items()}
+    best = results[report_lib.best_model(results)]
     summary = {
         "run_id": run_id,
         "profile": profile,
         "bucket": bucket,
-        "run_uri": run_uri(bucket, run_id),
+        "run_uri": base,
         "mlflow_tracking_uri": os.environ.get("MLFLOW_TRACKING_URI", ""),
         "mlflow_experiment": experiment,
-        "mlflow_parent_run_id": parent_run_id,
+        "mlflow_parent_run_id": parent_run,
+        "registry": registry.register_run_best(best, run_id, tracker),
     }
-    result = report_lib.build_report(run_uri(bucket, run_id), split_uri, list(models or MODEL_NAMES), summary, tracker)
-    return result.summary
+    return report_lib.build_report(base, split_uri, results, summary, tracker).summary

@@ -7,7 +7,7 @@ result as complete.
 
 from __future__ import annotations
 
-import errno
+import contextlib
 import functools
 import json
 import os
@@ -20,20 +20,23 @@ from typing import Any
 from google.api_core import exceptions as gexc
 from google.cloud import storage
 from google.cloud.storage import transfer_manager
+
+# The storage client's own retry predicate: it has no public name, and ours must add to it.
 from google.cloud.storage.retry import DEFAULT_RETRY, _should_retry
 
-from bloodcell.errors import DiskFullError, StorageError
+from bloodcell.errors import DISK_FULL_ERRNOS, DiskFullError, StorageError
 
 LOCAL_STORE_ENV = "BLOODCELL_LOCAL_STORE"  # the local emulator's data folder (set by `pipeline.py run`)
 FULL_BELOW_BYTES = 64 * 2**20
-DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
 
 
 def local_store_full() -> bool:
     """Whether the local emulator's data folder is (nearly) out of space: its 5xx are then not transient."""
     root = os.environ.get(LOCAL_STORE_ENV)
+    if not root:
+        return False
     try:
-        return bool(root) and shutil.disk_usage(root).free < FULL_BELOW_BYTES
+        return shutil.disk_usage(root).free < FULL_BELOW_BYTES
     except OSError:
         return False
 
@@ -69,16 +72,14 @@ def join(uri: str, *parts: str) -> str:
 
 
 def blob(uri: str) -> storage.Blob:
-    bucket, name = split_uri(uri)
-    return client().bucket(bucket).blob(name)
+    split_uri(uri)  # a clear error for what is not gs://bucket/name
+    return storage.Blob.from_uri(uri, client=client())
 
 
 def ensure_bucket(name: str) -> None:
     """Create ``name`` if it does not exist (the emulator starts empty)."""
-    try:
+    with contextlib.suppress(gexc.Conflict):
         client().create_bucket(name)
-    except gexc.Conflict:
-        pass
 
 
 def exists(uri: str) -> bool:
@@ -162,7 +163,7 @@ def upload_many(files: Iterable[tuple[Path, str]], workers: int = UPLOAD_WORKERS
         upload_kwargs={"retry": RETRY},
         raise_exception=False,
     )
-    for (path, target), result in zip(pairs, results):
+    for (path, target), result in zip(pairs, results, strict=True):
         if isinstance(result, Exception):
             uri = f"gs://{target.bucket.name}/{target.name}"
             _raise_if_local_store_full(uri, result)
@@ -182,7 +183,7 @@ def download_many(pairs: list[tuple[str, Path]], workers: int = UPLOAD_WORKERS) 
         download_kwargs={"retry": RETRY},
         raise_exception=False,
     )
-    for (uri, _), result in zip(pairs, results):
+    for (uri, _), result in zip(pairs, results, strict=True):
         if isinstance(result, Exception):
             if isinstance(result, OSError) and result.errno in DISK_FULL_ERRNOS:
                 raise disk_full_error(result.filename, f"while downloading {uri}") from result

@@ -1,6 +1,8 @@
-"""MLflow tracking: one experiment, one parent run per pipeline run, one nested run per model.
+"""MLflow tracking of runs: one experiment, one parent run per pipeline run, one nested run per model;
+the :class:`Tracker` that keeps MLflow failures from sinking a step, and the per-epoch logger.
 
 Runs are found by tags, so a restarted step reuses its run instead of creating a second one.
+The model registry is :mod:`bloodcell.registry`; comparing runs, :mod:`bloodcell.comparison`.
 """
 
 from __future__ import annotations
@@ -13,24 +15,34 @@ import urllib.request
 from collections.abc import Callable
 from typing import Any
 
+import keras
+import mlflow
+from mlflow.entities import Metric, Param
+from mlflow.tracking import MlflowClient
+
+from bloodcell import storage
+
 # A down tracking server must cost seconds per call, not MLflow's default of minutes of retries
-# (7 retries, backoff factor 2, 120 s timeout). Values set by the user win.
-for _name, _value in {
+# (7 retries, backoff factor 2, 120 s timeout).
+CLIENT_SETTINGS = {
     "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
     "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
     "MLFLOW_HTTP_REQUEST_TIMEOUT": "30",
-}.items():
-    os.environ.setdefault(_name, _value)
-
-import mlflow  # noqa: E402
-from mlflow.entities import Metric, Param  # noqa: E402
-from mlflow.tracking import MlflowClient  # noqa: E402
-
-from bloodcell import storage  # noqa: E402
+}
 
 PIPELINE_RUN_TAG = "bloodcell.pipeline_run_id"
 ROLE_TAG = "bloodcell.role"
 MODEL_TAG = "bloodcell.model"
+
+
+def configure_client() -> None:
+    """Apply :data:`CLIENT_SETTINGS` to this process's MLflow client (values the user set win).
+
+    MLflow reads these settings from the environment at each request; every :class:`Tracker` and the
+    ``bloodcell`` command call this.
+    """
+    for name, value in CLIENT_SETTINGS.items():
+        os.environ.setdefault(name, value)
 
 
 def experiment_id(name: str) -> str:
@@ -129,9 +141,9 @@ def log_metrics(run_id: str, metrics: dict[str, float], step: int = 0) -> None:
 def log_metric_steps(run_id: str, steps: list[tuple[dict[str, float], int]]) -> None:
     """Log several steps' metrics in one request (used to backfill epochs logged while the server was down)."""
     now = int(time.time() * 1000)
-    batch = [Metric(k, float(v), now, step) for metrics, step in steps for k, v in metrics.items()]
-    for start in range(0, len(batch), 1000):  # the REST API takes at most 1000 metrics per batch
-        MlflowClient().log_batch(run_id, metrics=batch[start : start + 1000])
+    MlflowClient().log_batch(
+        run_id, metrics=[Metric(k, float(v), now, step) for metrics, step in steps for k, v in metrics.items()]
+    )
 
 
 def log_keras_model(run_id: str, model: Any, classes: list[str], pip_requirements: list[str]) -> str:
@@ -183,6 +195,7 @@ class Tracker:
     """
 
     def __init__(self, run_uri: str, step: str, wait_s: float | None = None):
+        configure_client()
         self.run_uri, self.step = run_uri, step
         self.failures: dict[str, dict[str, Any]] = {}
         self.wait_s = wait_timeout() if wait_s is None else wait_s
@@ -266,102 +279,26 @@ def describe_failures(failures: dict[str, list[dict[str, Any]]]) -> list[str]:
     return lines
 
 
-REGISTERED_MODEL = "bloodcell-classifier"
-CHAMPION = "champion"
+class EpochMetricsLogger(keras.callbacks.Callback):
+    """Log each epoch's metrics (and learning rate) to an MLflow run.
 
+    Epochs that cannot be logged (server down) are kept and sent with the next epoch that can,
+    so a short outage leaves no gap in the run's metric history.
+    """
 
-def should_promote(candidate_accuracy: float, champion_accuracy: float | None) -> bool:
-    """The champion alias moves only to a model with strictly better test accuracy."""
-    return champion_accuracy is None or candidate_accuracy > champion_accuracy
+    def __init__(self, tracker: Tracker, run_id: str | None, step_offset: int = 0):
+        super().__init__()
+        self.tracker, self.run_id, self.step_offset = tracker, run_id, step_offset
+        self.pending: list[tuple[dict[str, float], int]] = []
 
+    def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
+        if not self.run_id:
+            return
+        metrics = {k: float(v) for k, v in (logs or {}).items()}
+        metrics["learning_rate"] = float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate))
+        self.pending.append((metrics, self.step_offset + epoch))
+        self.flush()
 
-def register_best(model_uri: str, model: str, test_accuracy: float, pipeline_run_id: str) -> dict[str, Any]:
-    """Register ``model_uri`` as a new version of ``bloodcell-classifier``; move ``champion`` if it is better."""
-    from mlflow.exceptions import MlflowException
-
-    client = MlflowClient()
-    try:
-        current = client.get_model_version_by_alias(REGISTERED_MODEL, CHAMPION)
-        champion_accuracy = float(current.tags.get("test_accuracy", "nan"))
-        champion_version = current.version
-    except MlflowException:
-        champion_accuracy, champion_version = None, None
-    version = mlflow.register_model(model_uri, REGISTERED_MODEL).version
-    for key, value in {"test_accuracy": test_accuracy, "model": model, "pipeline_run_id": pipeline_run_id}.items():
-        client.set_model_version_tag(REGISTERED_MODEL, version, key, str(value))
-    promoted = should_promote(test_accuracy, champion_accuracy)
-    if promoted:
-        client.set_registered_model_alias(REGISTERED_MODEL, CHAMPION, version)
-    return {
-        "registered_model": REGISTERED_MODEL,
-        "version": str(version),
-        "promoted": promoted,
-        "previous_champion_version": champion_version,
-        "previous_champion_accuracy": champion_accuracy,
-        "test_accuracy": test_accuracy,
-        "model": model,
-    }
-
-
-def compare(experiment: str, last: int = 10) -> list[dict[str, Any]]:
-    """Models of the ``last`` pipeline runs of ``experiment``, best test accuracy first."""
-    exp = mlflow.get_experiment_by_name(experiment)
-    if exp is None:
-        return []
-    client = MlflowClient()
-    parents = client.search_runs(
-        [exp.experiment_id],
-        filter_string=f"tags.`{ROLE_TAG}` = 'pipeline'",
-        order_by=["attributes.start_time DESC"],
-        max_results=last,
-    )
-    rows = []
-    for parent in parents:
-        children = client.search_runs(
-            [exp.experiment_id],
-            filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}' and tags.`{ROLE_TAG}` = 'model'",
-        )
-        for child in children:
-            metrics, params = child.data.metrics, child.data.params
-            rows.append(
-                {
-                    "pipeline_run": parent.data.tags.get(PIPELINE_RUN_TAG, ""),
-                    "profile": parent.data.tags.get("profile", ""),
-                    "model": child.data.tags.get(MODEL_TAG, child.info.run_name),
-                    "test_accuracy": metrics.get("test_accuracy"),
-                    "macro_f1": metrics.get("test_macro_f1"),
-                    "params": params.get("params"),
-                    "image_size": params.get("image_size"),
-                    "epochs": params.get("epochs_run"),
-                    "train_minutes": (metrics.get("train_seconds") or 0) / 60,
-                    "mlflow_run_id": child.info.run_id,
-                }
-            )
-    return sorted(rows, key=lambda r: -(r["test_accuracy"] if r["test_accuracy"] is not None else -1))
-
-
-def format_table(rows: list[dict[str, Any]]) -> str:
-    if not rows:
-        return "no pipeline run with evaluated models in this experiment"
-    columns = [
-        "pipeline_run",
-        "profile",
-        "model",
-        "test_accuracy",
-        "macro_f1",
-        "params",
-        "image_size",
-        "epochs",
-        "train_minutes",
-    ]
-
-    def cell(column: str, value: Any) -> str:
-        if value is None or (column == "train_minutes" and not value):
-            return "-"
-        if isinstance(value, float):
-            return f"{value:.1f}" if column == "train_minutes" else f"{value:.4f}"
-        return str(value)
-
-    table = [columns] + [[cell(c, r[c]) for c in columns] for r in rows]
-    widths = [max(len(row[i]) for row in table) for i in range(len(columns))]
-    return "\n".join("  ".join(v.ljust(w) for v, w in zip(row, widths)) for row in table)
+    def flush(self) -> None:
+        if self.pending and self.tracker.attempt("log per-epoch metrics", log_metric_steps, self.run_id, self.pending):
+            self.pending = []

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import keras
@@ -21,13 +21,31 @@ from bloodcell.config import ModelConfig, Profile
 
 @dataclass(frozen=True)
 class TrainResult:
+    """A trained model: what ``<run_uri>/models/<model>/train.json`` holds."""
+
     model: str
-    model_uri: str
-    mlflow_run_id: str
-    mlflow_model_uri: str
+    model_uri: str  # the stored model.keras in the bucket
+    classes: list[str]
+    image_size: int
     epochs: int
     train_seconds: float
     images_per_second: float
+    precision: str
+    params: int
+    arrays_uri: str
+    mlflow_run_id: str | None
+    mlflow_model_uri: str | None
+
+
+@dataclass(frozen=True)
+class TrainingData:
+    classes: list[str]
+    train: tuple[np.ndarray, np.ndarray]
+    val: tuple[np.ndarray, np.ndarray]
+
+    @classmethod
+    def load(cls, arrays_uri: str) -> TrainingData:
+        return cls(arrays.meta(arrays_uri)["classes"], arrays.load(arrays_uri, "train"), arrays.load(arrays_uri, "val"))
 
 
 def train(
@@ -37,7 +55,7 @@ def train(
     profile: Profile,
     experiment: str,
     pipeline_run_id: str,
-    parent_run_id: str | None,
+    mlflow_parent_run_id: str | None,
     vgg16_weights: str = "none",
     tracker: tracking.Tracker | None = None,
 ) -> TrainResult:
@@ -47,138 +65,174 @@ def train(
     (see :class:`tracking.Tracker`); the bucket always gets the model, history and ``train.json``.
     """
     out_uri = storage.join(run_uri, "models", model_name)
-    if storage.exists(storage.join(out_uri, "train.json")):
-        info = storage.read_json(storage.join(out_uri, "train.json"))
-        print(f"{model_name} is already trained in this run ({info['model_uri']}); reusing it")
-        return TrainResult(
-            model_name,
-            info["model_uri"],
-            info["mlflow_run_id"],
-            info["mlflow_model_uri"],
-            info["epochs"],
-            info["train_seconds"],
-            info["images_per_second"],
-        )
+    stored = stored_result(out_uri)
+    if stored:
+        print(f"{model_name} is already trained in this run ({stored.model_uri}); reusing it")
+        return stored
     tracker = tracker or tracking.Tracker(run_uri, f"train-{model_name}")
     cfg = profile.model(model_name)
     keras.utils.set_random_seed(profile.seed)
-    policy = hardware.apply_precision(profile.precision)
-    meta = arrays.meta(arrays_uri)
-    x_train, y_train = arrays.load(arrays_uri, "train")
-    x_val, y_val = arrays.load(arrays_uri, "val")
-    ckpt_uri = storage.join(run_uri, "checkpoints", model_name)
-    run_id = parent_run_id and tracker.call(
-        "create the model run", tracking.model_run, experiment, pipeline_run_id, parent_run_id, model_name
-    )
+    precision = hardware.apply_precision(profile.precision)
+    data = TrainingData.load(arrays_uri)
+    mlflow_run_id = open_model_run(tracker, experiment, pipeline_run_id, mlflow_parent_run_id, model_name)
     print(
-        f"training {model_name}: {len(x_train)} train / {len(x_val)} val images at "
-        f"{cfg.image_size}px, {policy}, {hardware.device_name()}, MLflow run {run_id or '(none)'}"
+        f"training {model_name}: {len(data.train[0])} train / {len(data.val[0])} val images at "
+        f"{cfg.image_size}px, {precision}, {hardware.device_name()}, MLflow run {mlflow_run_id or '(none)'}"
     )
-    started = time.perf_counter()
-    if run_id:
+    if mlflow_run_id:
         tracker.attempt(
             "log params",
             tracking.log_params,
-            run_id,
-            _params(model_name, cfg, profile, policy, arrays_uri, len(x_train), len(x_val), vgg16_weights),
+            mlflow_run_id,
+            training_params(model_name, cfg, profile, precision, arrays_uri, data, vgg16_weights),
         )
-    epoch_logger = EpochMetricsLogger(tracker, run_id)
+    epoch_logger = tracking.EpochMetricsLogger(tracker, mlflow_run_id)
+    started = time.perf_counter()
     try:
-        if model_name == "vgg16":
-            model, history = _train_vgg16(
-                cfg,
-                n_classes=len(meta["classes"]),
-                train_data=(x_train, y_train),
-                val_data=(x_val, y_val),
-                ckpt_uri=ckpt_uri,
-                weights=vgg16_weights,
-                epoch_logger=epoch_logger,
-            )
-        else:
-            model = models.build_model(model_name, len(meta["classes"]), cfg.image_size, augment=cfg.augment)
-            _compile(model, learning_rate(cfg, len(x_train)))
-            history = fit(
-                model,
-                (x_train, y_train),
-                (x_val, y_val),
-                cfg,
-                cfg.epochs,
-                storage.join(ckpt_uri, "main"),
-                epoch_logger=epoch_logger,
-            )
+        model, history = fit_model(
+            model_name, cfg, data, storage.join(run_uri, "checkpoints", model_name), vgg16_weights, epoch_logger
+        )
     except BaseException:
-        if run_id:
-            tracker.attempt("mark the model run failed", tracking.finish, run_id, "FAILED")
+        if mlflow_run_id:
+            tracker.attempt("mark the model run failed", tracking.finish, mlflow_run_id, "FAILED")
         raise
     seconds = time.perf_counter() - started
     epochs = len(history.get("loss", []))
-    throughput = epochs * len(x_train) / seconds if seconds else 0.0
-    mlflow_model_uri = None
-    if run_id:
-        tracker.await_server()
-        epoch_logger.flush()  # epochs that ended during an outage
-        tracker.attempt("log results", _log_results, run_id, model.count_params(), epochs, seconds, throughput)
-        mlflow_model_uri = tracker.call(
-            "log the model", tracking.log_keras_model, run_id, model, meta["classes"], _pip_requirements()
-        )
-        tracker.attempt("close the model run", tracking.finish, run_id)
-    model_uri = _store(
-        model,
-        history,
-        out_uri,
-        {
-            "model": model_name,
-            "classes": meta["classes"],
-            "image_size": cfg.image_size,
-            "epochs": epochs,
-            "train_seconds": seconds,
-            "precision": policy,
-            "params": model.count_params(),
-            "arrays_uri": arrays_uri,
-            "mlflow_run_id": run_id or None,
-            "images_per_second": throughput,
-            "mlflow_model_uri": mlflow_model_uri,
-        },
+    result = TrainResult(
+        model=model_name,
+        model_uri=storage.join(out_uri, "model.keras"),
+        classes=data.classes,
+        image_size=cfg.image_size,
+        epochs=epochs,
+        train_seconds=seconds,
+        images_per_second=epochs * len(data.train[0]) / seconds if seconds else 0.0,
+        precision=precision,
+        params=model.count_params(),
+        arrays_uri=arrays_uri,
+        mlflow_run_id=mlflow_run_id,
+        mlflow_model_uri=None,
     )
-    print(f"{model_name}: {epochs} epochs in {seconds:.0f} s; stored {model_uri}; MLflow model {mlflow_model_uri}")
-    return TrainResult(model_name, model_uri, run_id or None, mlflow_model_uri, epochs, seconds, throughput)
+    if mlflow_run_id:
+        result = log_trained_model(result, model, tracker, epoch_logger)
+    store(model, history, result, out_uri)
+    print(
+        f"{model_name}: {epochs} epochs in {seconds:.0f} s; stored {result.model_uri}; "
+        f"MLflow model {result.mlflow_model_uri}"
+    )
+    return result
 
 
-def _params(
+def stored_result(out_uri: str) -> TrainResult | None:
+    """The model this run already trained and stored under ``out_uri``, if any."""
+    train_json = storage.join(out_uri, "train.json")
+    if not storage.exists(train_json):
+        return None
+    return TrainResult(**storage.read_json(train_json))
+
+
+def open_model_run(
+    tracker: tracking.Tracker, experiment: str, pipeline_run_id: str, mlflow_parent_run_id: str | None, model_name: str
+) -> str | None:
+    """The model's nested MLflow run; None without a parent run or when MLflow cannot be reached."""
+    if not mlflow_parent_run_id:
+        return None
+    return tracker.call(
+        "create the model run", tracking.model_run, experiment, pipeline_run_id, mlflow_parent_run_id, model_name
+    )
+
+
+def fit_model(
+    model_name: str,
+    cfg: ModelConfig,
+    data: TrainingData,
+    ckpt_uri: str,
+    vgg16_weights: str,
+    epoch_logger: tracking.EpochMetricsLogger,
+) -> tuple[keras.Model, dict[str, list[float]]]:
+    """Build ``model_name`` and train it with its recipe; the model and the history of all epochs."""
+    n_classes = len(data.classes)
+    if model_name == "vgg16":
+        model = models.build_model(
+            "vgg16", n_classes, cfg.image_size, augment=False, weights=resolve_vgg16_weights(vgg16_weights)
+        )
+        return model, fit_vgg16(model, cfg, data, ckpt_uri, epoch_logger)
+    model = models.build_model(model_name, n_classes, cfg.image_size, augment=cfg.augment)
+    compile_model(model, learning_rate(cfg, len(data.train[0])))
+    return model, fit(
+        model, data.train, data.val, cfg, cfg.epochs, storage.join(ckpt_uri, "main"), epoch_logger=epoch_logger
+    )
+
+
+def log_trained_model(
+    result: TrainResult, model: keras.Model, tracker: tracking.Tracker, epoch_logger: tracking.EpochMetricsLogger
+) -> TrainResult:
+    """Log the results and the model to the model's MLflow run; ``result`` with the logged model's URI."""
+    run_id = result.mlflow_run_id
+    tracker.await_server()
+    epoch_logger.flush()  # epochs that ended during an outage
+    tracker.attempt("log results", _log_results, run_id, result)
+    model_uri = tracker.call(
+        "log the model", tracking.log_keras_model, run_id, model, result.classes, _pip_requirements()
+    )
+    tracker.attempt("close the model run", tracking.finish, run_id)
+    return replace(result, mlflow_model_uri=model_uri)
+
+
+def store(model: keras.Model, history: dict, result: TrainResult, out_uri: str) -> None:
+    """``model.keras``, ``history.json`` and ``train.json`` (written last: the model is complete)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp, "model.keras")
+        model.save(path)
+        storage.upload_file(path, result.model_uri)
+    storage.write_json(history, storage.join(out_uri, "history.json"))
+    storage.write_json(asdict(result), storage.join(out_uri, "train.json"))
+
+
+def training_params(
     model_name: str,
     cfg: ModelConfig,
     profile: Profile,
-    policy: str,
+    precision: str,
     arrays_uri: str,
-    n_train: int,
-    n_val: int,
+    data: TrainingData,
     vgg16_weights: str,
 ) -> dict:
-    """Every training choice, as MLflow params."""
+    """Every training choice, as MLflow params: the ones this model's recipe really uses."""
     params = {
         **asdict(cfg),
-        "precision": policy,
+        "precision": precision,
         "seed": profile.seed,
         "profile": profile.name,
         "arrays_uri": arrays_uri,
-        "n_train": n_train,
-        "n_val": n_val,
-        "augmentation": "RandomSymmetry: one of the 8 right-angle symmetries per image" if cfg.augment else "none",
+        "n_train": len(data.train[0]),
+        "n_val": len(data.val[0]),
         "optimizer": "adam",
         "lr_schedule": _schedule_description(cfg),
         "early_stopping": f"val_loss, patience {cfg.early_stopping_patience}, from epoch "
         f"{cfg.early_stopping_start + 1}, restore best",
-        "input_scaling": "vgg16 preprocess" if model_name == "vgg16" else "rescale 1/255",
         "input_pipeline": feeding.describe(),
     }
     if model_name == "vgg16":
-        params["vgg16_weights"] = vgg16_weights
+        params.update(
+            augment=False,
+            augmentation="none: both phases train on features the frozen layers computed once",
+            input_scaling="vgg16 preprocess (BGR, ImageNet channel means)",
+            vgg16_weights=vgg16_weights,
+            training="phase 1: head on frozen blocks 1-5; phase 2: block 5 and head, blocks 1-4 frozen",
+        )
+    else:
+        params.update(
+            augmentation="RandomSymmetry: one of the 8 right-angle symmetries per image" if cfg.augment else "none",
+            input_scaling="rescale 1/255",
+        )
     return params
 
 
-def _log_results(run_id: str, params: int, epochs: int, seconds: float, throughput: float) -> None:
-    tracking.log_params(run_id, {"params": params, "epochs_run": epochs})
-    tracking.log_metrics(run_id, {"train_seconds": seconds, "train_images_per_second": throughput})
+def _log_results(run_id: str, result: TrainResult) -> None:
+    tracking.log_params(run_id, {"params": result.params, "epochs_run": result.epochs})
+    tracking.log_metrics(
+        run_id, {"train_seconds": result.train_seconds, "train_images_per_second": result.images_per_second}
+    )
 
 
 def _pip_requirements() -> list[str]:
@@ -215,7 +269,7 @@ def learning_rate(cfg: ModelConfig, n_train: int) -> float | keras.optimizers.sc
     )
 
 
-def _compile(model: keras.Model, learning_rate: float | keras.optimizers.schedules.LearningRateSchedule) -> None:
+def compile_model(model: keras.Model, learning_rate: float | keras.optimizers.schedules.LearningRateSchedule) -> None:
     model.compile(
         optimizer=keras.optimizers.Adam(learning_rate), loss="sparse_categorical_crossentropy", metrics=["accuracy"]
     )
@@ -229,7 +283,7 @@ def fit(
     epochs: int,
     ckpt_uri: str,
     step_offset: int = 0,
-    epoch_logger: EpochMetricsLogger | None = None,
+    epoch_logger: tracking.EpochMetricsLogger | None = None,
     extra_callbacks: tuple[keras.callbacks.Callback, ...] = (),
 ) -> dict[str, list[float]]:
     """``model.fit`` with bucket checkpoints and resume; returns the history of all epochs."""
@@ -287,33 +341,6 @@ def _class_weights(y: np.ndarray, cfg: ModelConfig) -> dict[int, float] | None:
     return {i: len(y) / (len(counts) * c) for i, c in enumerate(counts) if c}
 
 
-class EpochMetricsLogger(keras.callbacks.Callback):
-    """Log each epoch's metrics (and learning rate) to an MLflow run.
-
-    Epochs that cannot be logged (server down) are kept and sent with the next epoch that can,
-    so a short outage leaves no gap in the run's metric history.
-    """
-
-    def __init__(self, tracker: tracking.Tracker, run_id: str | None, step_offset: int = 0):
-        super().__init__()
-        self.tracker, self.run_id, self.step_offset = tracker, run_id, step_offset
-        self.pending: list[tuple[dict[str, float], int]] = []
-
-    def on_epoch_end(self, epoch, logs=None):
-        if not self.run_id:
-            return
-        metrics = {k: float(v) for k, v in (logs or {}).items()}
-        metrics["learning_rate"] = float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate))
-        self.pending.append((metrics, self.step_offset + epoch))
-        self.flush()
-
-    def flush(self) -> None:
-        if self.pending and self.tracker.attempt(
-            "log per-epoch metrics", tracking.log_metric_steps, self.run_id, self.pending
-        ):
-            self.pending = []
-
-
 class BucketCheckpoint(keras.callbacks.Callback):
     """Save model and optimizer to the bucket after every epoch (state.json written last)."""
 
@@ -348,58 +375,48 @@ def _load_checkpoint(model: keras.Model, ckpt_uri: str) -> dict:
         )
     model.set_weights(saved.get_weights())
     model.optimizer.build(model.trainable_variables)
-    for target, source in zip(model.optimizer.variables, saved.optimizer.variables):
+    for target, source in zip(model.optimizer.variables, saved.optimizer.variables, strict=True):
         target.assign(source)
     return state
 
 
-def _train_vgg16(
+def fit_vgg16(
+    model: keras.Model,
     cfg: ModelConfig,
-    n_classes: int,
-    train_data: tuple,
-    val_data: tuple,
+    data: TrainingData,
     ckpt_uri: str,
-    weights: str,
-    epoch_logger: EpochMetricsLogger | None = None,
-) -> tuple[keras.Model, dict[str, list[float]]]:
-    """Two phases on cached features: the frozen base is computed once, not every epoch.
+    epoch_logger: tracking.EpochMetricsLogger | None = None,
+) -> dict[str, list[float]]:
+    """Train the parts of a :func:`models.vgg16` model in place, in two phases on cached features.
 
-    1. head only, on the base's output; 2. the top block (block5) and head at a low learning
-    rate, on the output of block4 (frozen). The result is one model from uint8 images to classes.
+    The frozen layers run once over the images, not every epoch: 1. the head, on block 5's output;
+    2. block 5 and the head at a low learning rate, on block 4's output. Returns both phases' history.
     """
-    base = models.vgg16_base(cfg.image_size, resolve_vgg16_weights(weights))
-    stem = keras.Model(base.input, base.get_layer("block4_pool").output, name="vgg16_stem")
-    top_input = keras.Input(stem.output_shape[1:], name="block4_features")
-    x = top_input
-    for layer in base.layers[base.layers.index(base.get_layer("block4_pool")) + 1 :]:
-        x = layer(x)
-    top = keras.Model(top_input, x, name="vgg16_block5")
-    head = models.vgg16_head(top.output_shape[1:], n_classes)
+    stem, block5, head = (model.get_layer(name) for name in ("vgg16_stem", "vgg16_block5", "head"))
+    featurizer = keras.Model(model.input, stem(model.get_layer("vgg_preprocess")(model.input)))
+    (x_train, y_train), (x_val, y_val) = data.train, data.val
+    stem_train, stem_val = (feeding.predict(featurizer, x, cfg.batch_size) for x in (x_train, x_val))
+    block5_train, block5_val = (feeding.predict(block5, x, cfg.batch_size) for x in (stem_train, stem_val))
 
-    images = keras.Input((cfg.image_size, cfg.image_size, 3), dtype="uint8", name="image")
-    featurizer = keras.Model(images, stem(models.VGGPreprocess(name="vgg_preprocess")(images)))
-    stem_train, stem_val = (_features(featurizer, x, cfg.batch_size) for x in (train_data[0], val_data[0]))
-    top_train, top_val = (_features(top, x, cfg.batch_size) for x in (stem_train, stem_val))
-
-    _compile(head, cfg.learning_rate)
+    compile_model(head, cfg.learning_rate)
     history = fit(
         head,
-        (top_train, train_data[1]),
-        (top_val, val_data[1]),
+        (block5_train, y_train),
+        (block5_val, y_val),
         cfg,
         cfg.epochs,
         storage.join(ckpt_uri, "frozen"),
         epoch_logger=epoch_logger,
     )
     if cfg.fine_tune_epochs:
-        top.trainable = True
-        tune_input = keras.Input(stem.output_shape[1:])
-        tuned = keras.Model(tune_input, head(top(tune_input)))
-        _compile(tuned, cfg.fine_tune_learning_rate)
+        block5.trainable = True
+        features = keras.Input(stem.output_shape[1:])
+        tuned = keras.Model(features, head(block5(features)))
+        compile_model(tuned, cfg.fine_tune_learning_rate)
         tune_history = fit(
             tuned,
-            (stem_train, train_data[1]),
-            (stem_val, val_data[1]),
+            (stem_train, y_train),
+            (stem_val, y_val),
             cfg,
             cfg.fine_tune_epochs,
             storage.join(ckpt_uri, "fine_tune"),
@@ -407,13 +424,8 @@ def _train_vgg16(
             epoch_logger=epoch_logger,
         )
         history = {k: history.get(k, []) + tune_history.get(k, []) for k in set(history) | set(tune_history)}
-    model = keras.Model(images, head(top(featurizer(images))), name="vgg16")
-    _compile(model, cfg.fine_tune_learning_rate)
-    return model, history
-
-
-def _features(extractor: keras.Model, x: np.ndarray, batch_size: int) -> np.ndarray:
-    return feeding.predict(extractor, x, batch_size)
+    compile_model(model, cfg.fine_tune_learning_rate)
+    return history
 
 
 def resolve_vgg16_weights(weights: str) -> str | None:
@@ -424,13 +436,3 @@ def resolve_vgg16_weights(weights: str) -> str | None:
     if weights.startswith("gs://"):
         return str(storage.cached_download(weights, sources.cache_dir() / "weights"))
     return weights
-
-
-def _store(model: keras.Model, history: dict, out_uri: str, info: dict) -> str:
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp, "model.keras")
-        model.save(path)
-        model_uri = storage.upload_file(path, storage.join(out_uri, "model.keras"))
-    storage.write_json(history, storage.join(out_uri, "history.json"))
-    storage.write_json({**info, "model_uri": model_uri}, storage.join(out_uri, "train.json"))
-    return model_uri

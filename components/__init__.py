@@ -1,13 +1,13 @@
 """Kubeflow Pipelines (v2) components: thin wrappers over :mod:`bloodcell.steps`.
 
-Lightweight Python components, so they also run under ``kfp.local.SubprocessRunner``; their
-bodies import what they use (kfp ships only the function's source into the container).
+Lightweight Python components, so they also run under ``kfp.local``'s runners; their bodies
+import what they use (kfp ships only the function's source into the container).
 """
 
 from components.evaluate import evaluate
 from components.ingest import ingest
 from components.report import report
 from components.split import split
-from components.train import train_cnn1, train_cnn2, train_vgg16
+from components.train import train, trainer
 
-__all__ = ["evaluate", "ingest", "report", "split", "train_cnn1", "train_cnn2", "train_vgg16"]
+__all__ = ["evaluate", "ingest", "report", "split", "train", "trainer"]

@@ -18,13 +18,17 @@ def evaluate(
     cnn2_confusion: Output[ClassificationMetrics],
     vgg16_confusion: Output[ClassificationMetrics],
 ):
-    """Test-split metrics for the three models (kfp Metrics, confusion matrices, bucket JSON, MLflow)."""
+    """Test-split metrics of the trained models (their Model artifacts): kfp Metrics, confusion matrices,
+    the metrics JSON in the bucket (``metrics_uris`` in the metadata) and MLflow."""
     from bloodcell import steps
 
-    results = steps.evaluate(bucket, run_id, ["cnn1", "cnn2", "vgg16"])
+    trained = {"cnn1": cnn1, "cnn2": cnn2, "vgg16": vgg16}
     confusion = {"cnn1": cnn1_confusion, "cnn2": cnn2_confusion, "vgg16": vgg16_confusion}
+    results = steps.evaluate(bucket, run_id, trained=[dict(model.metadata) for model in trained.values()])
     for name, result in results.items():
         for key in ("accuracy", "macro_f1", "weighted_f1", "roc_auc_ovr"):
             metrics.log_metric(f"{name}.{key}", result[key])
         confusion[name].log_confusion_matrix(result["classes"], result["confusion_matrix"])
-    metrics.metadata["runtime"] = steps.runtime()
+    metrics.metadata.update(
+        metrics_uris={name: result["metrics_uri"] for name, result in results.items()}, runtime=steps.runtime()
+    )

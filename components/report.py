@@ -18,13 +18,21 @@ def report(
     report_html: Output[HTML],
     report_markdown: Output[Markdown],
 ) -> str:
-    """Comparison report (HTML + Markdown) and the run summary; returns the report's URI."""
+    """Comparison report (HTML + Markdown) of the evaluated models (``metrics``) and the run summary;
+    returns the report's URI."""
     from bloodcell import steps, storage
 
-    summary = steps.report(bucket, run_id, split_uri, profile, experiment, overrides=overrides)
-    with open(report_html.path, "wb") as out:
-        out.write(storage.read_bytes(summary["report_uri"]))
-    with open(report_markdown.path, "wb") as out:
-        out.write(storage.read_bytes(summary["report_markdown_uri"]))
-    report_html.metadata["runtime"] = steps.runtime()
+    summary = steps.report(
+        bucket,
+        run_id,
+        split_uri,
+        profile,
+        experiment,
+        overrides=overrides,
+        metrics_uris=metrics.metadata["metrics_uris"],
+    )
+    for artifact, uri in ((report_html, summary["report_uri"]), (report_markdown, summary["report_markdown_uri"])):
+        with open(artifact.path, "wb") as out:
+            out.write(storage.read_bytes(uri))
+        artifact.metadata.update(report_uri=uri, runtime=steps.runtime())
     return summary["report_uri"]

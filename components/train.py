@@ -1,4 +1,7 @@
-"""The three training steps as kfp components (one per model, so each task has its own name)."""
+"""The training step as a kfp component: one component, the model to train as a parameter."""
+
+import copy
+import dataclasses
 
 from kfp import dsl
 from kfp.dsl import Model, Output
@@ -7,27 +10,8 @@ from bloodcell.config import DEFAULT_IMAGE
 
 
 @dsl.component(base_image=DEFAULT_IMAGE, install_kfp_package=False)
-def train_cnn1(
-    split_uri: str, bucket: str, run_id: str, profile: str, overrides: str, experiment: str, model: Output[Model]
-):
-    """Train cnn1 (the original CNN1 architecture)."""
-    from bloodcell import steps
-
-    steps.describe_model_artifact(model, steps.train("cnn1", split_uri, bucket, run_id, profile, overrides, experiment))
-
-
-@dsl.component(base_image=DEFAULT_IMAGE, install_kfp_package=False)
-def train_cnn2(
-    split_uri: str, bucket: str, run_id: str, profile: str, overrides: str, experiment: str, model: Output[Model]
-):
-    """Train cnn2 (the original CNN2 architecture: batch norm, L1)."""
-    from bloodcell import steps
-
-    steps.describe_model_artifact(model, steps.train("cnn2", split_uri, bucket, run_id, profile, overrides, experiment))
-
-
-@dsl.component(base_image=DEFAULT_IMAGE, install_kfp_package=False)
-def train_vgg16(
+def train(
+    model_name: str,
     split_uri: str,
     bucket: str,
     run_id: str,
@@ -37,10 +21,21 @@ def train_vgg16(
     vgg16_weights: str,
     model: Output[Model],
 ):
-    """Train VGG16 transfer learning (frozen base, then fine-tuned top block)."""
+    """Train one model (cnn1, cnn2 or vgg16); the Model artifact is its model.keras, the metadata its record."""
     from bloodcell import steps
 
     result = steps.train(
-        "vgg16", split_uri, bucket, run_id, profile, overrides, experiment, vgg16_weights=vgg16_weights
+        model_name, split_uri, bucket, run_id, profile, overrides, experiment, vgg16_weights=vgg16_weights
     )
-    steps.describe_model_artifact(model, result)
+    steps.fill_model_artifact(model, result)
+
+
+def trainer(model_name: str) -> dsl.base_component.BaseComponent:
+    """:func:`train` under the name ``train-<model>``.
+
+    kfp names a task after its component, and the local runner's log, its failure report and
+    ``--resume`` name steps by task, so each model's task keeps its own name.
+    """
+    named = copy.copy(train)
+    named.component_spec = dataclasses.replace(train.component_spec, name=f"train-{model_name}")
+    return named

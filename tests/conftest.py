@@ -20,6 +20,13 @@ SHARED_DATA = (ROOT / ".." / "shared" / "datasets" / "PBC_dataset_normal_DIB").r
 UNDECODABLE = "neutrophil/.DS_169665.jpg"
 
 
+def found(pattern: str, text: str, flags: int = 0) -> re.Match:
+    """The first match of ``pattern`` in ``text``; fails the test (showing the text's end) when none."""
+    match = re.search(pattern, text, flags)
+    assert match, f"no match for {pattern!r} in:\n{text[-3000:]}"
+    return match
+
+
 def plain(text: str) -> str:
     """``text`` without terminal colour codes (kfp colours task names)."""
     return re.sub(r"\x1b\[[0-9;]*m", "", text)
@@ -43,6 +50,7 @@ class PipelineRun:
         self._reader.start()
 
     def _read(self) -> None:
+        assert self.process.stdout is not None
         for line in self.process.stdout:
             self.lines.append(plain(line).rstrip("\n"))
 

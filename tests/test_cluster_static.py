@@ -117,7 +117,7 @@ def test_dockerfile_variants_install_the_lock_and_run_unprivileged():
     final_from, final = stages[-1]
     assert final_from.strip() == "FROM ${BASE_IMAGE}"
     copies = re.findall(r"^COPY\s+(.+)$", final, re.M)
-    assert all(c.startswith("--from=") or c.startswith("docker/entrypoint.sh") for c in copies), copies
+    assert all(c.startswith(("--from=", "docker/entrypoint.sh")) for c in copies), copies
     assert not any("docker/ca" in c for c in copies), "the build CA must stay in the build stages"
     users = re.findall(r"^USER\s+(\S+)", final, re.M)
     assert users == ["10001:10001"]
@@ -136,7 +136,8 @@ def test_the_lock_pins_the_gpu_variant_too():
     )
     pins = {re.sub(r"[-_.]+", "-", name).lower(): version for name, version in pins.items()}
     assert pins["tensorflow"] == pins["tensorflow-cpu"]
-    cuda = [Requirement(r) for r in importlib.metadata.requires("tensorflow-cpu") if 'extra == "and-cuda"' in r]
+    requirements = importlib.metadata.requires("tensorflow-cpu") or []
+    cuda = [Requirement(r) for r in requirements if 'extra == "and-cuda"' in r]
     assert len(cuda) >= 10
     for requirement in cuda:
         version = pins.get(requirement.name.lower())
@@ -185,7 +186,7 @@ def test_everything_in_the_kfp_namespace_and_no_secrets(path):
         assert kind != "Namespace", "the namespace belongs to the KFP install"
         assert kind != "Secret", "secrets are created out of band, never rendered"
         assert doc["metadata"].get("namespace") == NAMESPACE, f"{kind}/{doc['metadata']['name']}"
-    for doc, pod in workloads(render(path)):
+    for _doc, pod in workloads(render(path)):
         for container in pod["containers"]:
             for env in container.get("env", []):
                 if re.search(r"PASSWORD|TOKEN|SECRET|KEY", env["name"]):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import html.parser
 import uuid
 
@@ -11,7 +12,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 from sklearn import metrics as skm
 
-from bloodcell import evaluate, report, tracking
+from bloodcell import comparison, evaluate, plots, registry, report, tracking
 
 CLASSES = ["a", "b", "c"]
 
@@ -80,22 +81,23 @@ def synthetic_results():
 
 def test_html_report_has_every_section_with_embedded_images():
     results = synthetic_results()
-    best = max(results, key=lambda n: results[n]["accuracy"])
-    plots = {
-        "comparison": report.plot_comparison(results, best),
-        "confusion": report.plot_confusion_matrices(results),
-        "per_class_f1": report.plot_per_class_f1(results),
-        "curves": report.plot_training_curves(
+    best = report.best_model(results)
+    assert best == max(results, key=lambda n: results[n]["accuracy"])
+    figures = {
+        "comparison": plots.comparison(results, best),
+        "confusion": plots.confusion_matrices(results),
+        "per_class_f1": plots.per_class_f1(results),
+        "curves": plots.training_curves(
             {
                 n: {"loss": [1.0, 0.5], "val_loss": [1.1, 0.7], "accuracy": [0.5, 0.8], "val_accuracy": [0.4, 0.7]}
                 for n in results
             }
         ),
-        "misclassified": report.plot_comparison(results, best),
+        "misclassified": plots.comparison(results, best),
     }
     counts = {"train": {"a": 14, "b": 14}, "val": {"a": 3, "b": 3}, "test": {"a": 3, "b": 3}}
     manifest = {"quarantined": [{"path": "b/.DS_1.jpg", "reason": "hidden file"}], "duplicates": []}
-    registry = {
+    outcome = {
         "registered_model": "bloodcell-classifier",
         "version": "2",
         "promoted": False,
@@ -104,14 +106,10 @@ def test_html_report_has_every_section_with_embedded_images():
         "previous_champion_version": "1",
         "previous_champion_accuracy": 0.99,
     }
-    page = report.render_html(
-        report.comparison_rows(results, best),
-        plots,
-        counts,
-        manifest,
-        best,
-        {"run_id": "r1", "profile": "smoke", "registry": registry},
+    context = report.page_context(
+        results, counts, manifest, best, {"run_id": "r1", "profile": "smoke", "registry": outcome}
     )
+    page = report.render_html(context, figures)
     parser = Collector()
     parser.feed(page)
     parser.close()
@@ -119,21 +117,16 @@ def test_html_report_has_every_section_with_embedded_images():
     assert {"comparison", "per_class_f1", "confusion", "curves", "misclassified", "dataset", "registry"} <= parser.ids
     assert len(parser.images) == 5 and all(src.startswith("data:image/png;base64,") for src in parser.images)
     assert "b/.DS_1.jpg" in page and "stays on version 1" in page and f"{best} (best)" in page
-    markdown = report.render_markdown(
-        report.comparison_rows(results, best),
-        counts,
-        manifest,
-        best,
-        {"run_id": "r1", "profile": "smoke", "registry": registry},
-    )
-    assert "| model |" in markdown and "![Confusion matrices](plots/confusion.png)" in markdown
+    markdown = report.render_markdown(context)
+    assert "| model " in markdown and "![Confusion matrices](plots/confusion.png)" in markdown
+    assert "- `b/.DS_1.jpg`: hidden file" in markdown
 
 
 def test_champion_alias_logic():
-    assert tracking.should_promote(0.9, None)
-    assert tracking.should_promote(0.91, 0.90)
-    assert not tracking.should_promote(0.90, 0.90)
-    assert not tracking.should_promote(0.80, 0.90)
+    assert registry.should_promote(0.9, None)
+    assert registry.should_promote(0.91, 0.90)
+    assert not registry.should_promote(0.90, 0.90)
+    assert not registry.should_promote(0.80, 0.90)
 
 
 @pytest.fixture()
@@ -154,24 +147,22 @@ def log_tiny_model() -> str:
 
 def test_champion_moves_only_to_a_better_model(experiment):
     client = MlflowClient()
-    try:
-        client.delete_registered_model(tracking.REGISTERED_MODEL)
-    except mlflow.exceptions.MlflowException:
-        pass
-    first = tracking.register_best(log_tiny_model(), "cnn1", 0.90, "run-1")
+    with contextlib.suppress(mlflow.exceptions.MlflowException):
+        client.delete_registered_model(registry.REGISTERED_MODEL)
+    first = registry.register_best(log_tiny_model(), "cnn1", 0.90, "run-1")
     assert first["promoted"] and first["previous_champion_accuracy"] is None
-    worse = tracking.register_best(log_tiny_model(), "cnn2", 0.85, "run-2")
+    worse = registry.register_best(log_tiny_model(), "cnn2", 0.85, "run-2")
     assert not worse["promoted"]
-    assert client.get_model_version_by_alias(tracking.REGISTERED_MODEL, "champion").version == first["version"]
-    better = tracking.register_best(log_tiny_model(), "vgg16", 0.95, "run-3")
+    assert client.get_model_version_by_alias(registry.REGISTERED_MODEL, "champion").version == first["version"]
+    better = registry.register_best(log_tiny_model(), "vgg16", 0.95, "run-3")
     assert better["promoted"] and better["previous_champion_accuracy"] == 0.90
-    assert client.get_model_version_by_alias(tracking.REGISTERED_MODEL, "champion").version == better["version"]
-    assert "now points to it" in report.registry_sentence(better)
+    assert client.get_model_version_by_alias(registry.REGISTERED_MODEL, "champion").version == better["version"]
+    assert "now points to it" in registry.describe(better)
 
 
 def test_compare_lists_models_across_runs_best_first(experiment):
     client = MlflowClient()
-    experiment_id = mlflow.get_experiment_by_name(experiment).experiment_id
+    experiment_id = mlflow.set_experiment(experiment).experiment_id
     for run, accuracies in (("run-a", {"cnn1": 0.80, "cnn2": 0.93}), ("run-b", {"cnn1": 0.88, "vgg16": 0.97})):
         parent = client.create_run(
             experiment_id, tags={tracking.PIPELINE_RUN_TAG: run, tracking.ROLE_TAG: "pipeline", "profile": "smoke"}
@@ -188,13 +179,13 @@ def test_compare_lists_models_across_runs_best_first(experiment):
             ).info.run_id
             client.log_metric(child, "test_accuracy", accuracy)
             client.log_metric(child, "test_macro_f1", accuracy - 0.01)
-    rows = tracking.compare(experiment, last=5)
+    rows = comparison.compare(experiment, last=5)
     assert [(r["pipeline_run"], r["model"]) for r in rows] == [
         ("run-b", "vgg16"),
         ("run-a", "cnn2"),
         ("run-b", "cnn1"),
         ("run-a", "cnn1"),
     ]
-    assert [r["pipeline_run"] for r in tracking.compare(experiment, last=1)] == ["run-b", "run-b"]
-    table = tracking.format_table(rows)
+    assert [r["pipeline_run"] for r in comparison.compare(experiment, last=1)] == ["run-b", "run-b"]
+    table = comparison.format_table(rows)
     assert table.splitlines()[1].split()[:4] == ["run-b", "smoke", "vgg16", "0.9700"]

@@ -7,6 +7,8 @@ bucket's contents before and after. Timings are printed (``-s``) for the fault t
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import re
@@ -23,7 +25,7 @@ from mlflow.tracking import MlflowClient
 
 from bloodcell import config, ingest, split, storage
 from bloodcell.services import LocalServices, free_port
-from conftest import ROOT, PipelineRun
+from conftest import ROOT, PipelineRun, found
 
 pytestmark = pytest.mark.faults
 IMMUTABLE = ("datasets/", "sources/", "splits/", "arrays/")  # content-addressed: written once, never changed
@@ -41,7 +43,7 @@ def assert_readable(bucket: str, names: list[str]) -> None:
         if name.endswith(".json"):
             json.loads(data)
         elif name.endswith(".npy"):
-            np.load(__import__("io").BytesIO(data), allow_pickle=False)
+            np.load(io.BytesIO(data), allow_pickle=False)
         elif name.endswith(".keras"):
             assert data[:2] == b"PK", name  # a complete zip archive starts and ends with its records
             assert b"PK\x05\x06" in data[-4096:], f"{name} is truncated"
@@ -83,8 +85,8 @@ def local_pipeline(tmp_path, sample_dataset, monkeypatch):
     storage.client.cache_clear()
 
 
-def kill_task(function_name: str) -> list[int]:
-    """SIGKILL the kfp local task process(es) executing ``function_name``."""
+def kill_trainer(model: str) -> list[int]:
+    """SIGKILL the kfp local task process(es) training ``model`` (component ``train``, ``model_name`` input)."""
     killed = []
     for proc in Path("/proc").iterdir():
         if not proc.name.isdigit():
@@ -93,12 +95,15 @@ def kill_task(function_name: str) -> list[int]:
             cmdline = (proc / "cmdline").read_bytes().split(b"\0")
         except OSError:
             continue
-        if b"--function_to_execute" in cmdline and function_name.encode() in cmdline:
-            try:
+        executor_input = next((arg for arg in cmdline if arg.startswith(b"{")), b"{}")
+        try:
+            parameters = json.loads(executor_input)["inputs"]["parameterValues"]
+        except (ValueError, KeyError):
+            continue
+        if b"--function_to_execute" in cmdline and b"train" in cmdline and parameters.get("model_name") == model:
+            with contextlib.suppress(ProcessLookupError):
                 os.kill(int(proc.name), signal.SIGKILL)
                 killed.append(int(proc.name))
-            except ProcessLookupError:
-                pass
     return killed
 
 
@@ -299,7 +304,7 @@ def test_killed_trainer_resumes_when_the_run_is_resumed(local_pipeline):
     state_uri = f"gs://faults/runs/{run_id}/checkpoints/cnn1/main/state.json"
     wait_until(lambda: checkpoint_epoch(state_uri) >= 3, 600, "three epochs of cnn1")
     before = snapshot("faults")
-    assert kill_task("train_cnn1")
+    assert kill_trainer("cnn1")
     killed_at = time.monotonic()
     returncode, output = run.finish()
     epoch_at_kill = checkpoint_epoch(state_uri)
@@ -348,7 +353,7 @@ def test_two_runs_at_once_both_complete(local_pipeline):
     outcomes = [run.finish() for run in runs]
     for returncode, output in outcomes:
         assert returncode == 0, output[-3000:]
-    run_ids = [re.search(r"^run (\S+): profile smoke", output, re.M).group(1) for _, output in outcomes]
+    run_ids = [found(r"^run (\S+): profile smoke", output, re.M).group(1) for _, output in outcomes]
     assert run_ids[0] != run_ids[1]
     names = snapshot("faults")
     for run_id in run_ids:
@@ -360,6 +365,7 @@ def test_two_runs_at_once_both_complete(local_pipeline):
     assert all(n.split("/")[1] in run_ids for n in per_run)  # every run object sits under its own run
     assert_readable("faults", sorted(names))
     experiment = mlflow.get_experiment_by_name(config.DEFAULT_EXPERIMENT)
+    assert experiment is not None
     parents = MlflowClient().search_runs([experiment.experiment_id], "tags.`bloodcell.role` = 'pipeline'")
     assert sorted(p.data.tags["bloodcell.pipeline_run_id"] for p in parents) == sorted(run_ids)
     for parent in parents:
@@ -429,7 +435,7 @@ def test_disk_full_in_the_state_directory(local_pipeline):
         run_id = run.wait_for(r"^run (\S+): profile smoke").group(1)
         returncode, output = run.finish()
         assert returncode == 1, output[-3000:]
-        failed_step = re.search(r"failed in step (\S+)", output).group(1)
+        failed_step = found(r"failed in step (\S+)", output).group(1)
         error_line = re.search(r"error in step \w+: no space left on device.*", output)
         assert error_line, output[-3000:]
         assert f"{state / 'gcs'} (" in output and "MiB free" in output  # names the full folder

@@ -16,7 +16,7 @@ def labelled_images(count: int = 23) -> tuple[np.ndarray, np.ndarray]:
     return x, (np.arange(count) % 8).astype(np.int32)
 
 
-def epoch(batches) -> list[tuple[np.ndarray, np.ndarray]]:
+def epoch(batches) -> list[tuple[np.ndarray, ...]]:
     items = batches if not isinstance(batches, keras.utils.PyDataset) else (batches[i] for i in range(len(batches)))
     return [tuple(np.asarray(part) for part in item) for item in items]
 

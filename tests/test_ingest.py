@@ -221,7 +221,8 @@ def test_real_sample_quarantines_the_undecodable_file(shared_data, tmp_path):
 def test_the_undecodable_file_fails_to_decode_even_when_not_hidden(shared_data, tmp_path):
     copy = tmp_path / "DS_169665.jpg"
     shutil.copy(shared_data / UNDECODABLE, copy)
-    assert ingest.check_image(str(copy)).startswith("not a decodable image")
+    reason = ingest.check_image(str(copy))
+    assert isinstance(reason, str) and reason.startswith("not a decodable image")
 
 
 def test_ingest_then_split_is_cached_and_deterministic(services, sample_dataset):

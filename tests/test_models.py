@@ -98,7 +98,7 @@ def test_fused_batch_norm_matches_keras_batch_normalization(policy):
                 )
             )
         tolerance = 1e-4 if policy == "float32" else 5e-2
-        for mine, theirs in zip(*results):
+        for mine, theirs in zip(*results, strict=True):
             np.testing.assert_allclose(np.asarray(mine), np.asarray(theirs), rtol=tolerance, atol=tolerance)
         assert type(keras.layers.deserialize(keras.layers.serialize(ours))) is models.BatchNorm
     finally:

@@ -7,6 +7,7 @@ import os
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -108,7 +109,7 @@ def test_models_and_report_are_in_the_bucket(smoke_run, clients):
         assert f"runs/{summary['run_id']}/models/{model}/model.keras" in names
         assert f"runs/{summary['run_id']}/metrics/{model}.json" in names
     report = gcs.bucket(summary["bucket"]).blob(summary["report_uri"].split("/", 3)[3]).download_as_text()
-    table = report.split("<h2 id='comparison'>", 1)[1].split("</table>", 1)[0]
+    table = report.split('<h2 id="comparison">', 1)[1].split("</table>", 1)[0]
     assert all(f"<td>{m}" in table for m in ("cnn1", "cnn2", "vgg16"))
     assert report.count("data:image/png;base64,") >= 5
 
@@ -169,10 +170,8 @@ def test_stop_ends_only_the_services_it_started(smoke_run):
     assert process.returncode == 0
     for service in services:
         assert f"{service['name']} (pid {service['pid']})" in process.stdout
-        assert (
-            not os.path.exists(f"/proc/{service['pid']}")
-            or "zombie" in open(f"/proc/{service['pid']}/status").read().lower()
-        )
+        status = Path(f"/proc/{service['pid']}/status")
+        assert not status.exists() or "zombie" in status.read_text().lower()
 
 
 def test_a_failing_step_fails_the_run_with_its_name_and_reason(tmp_path):

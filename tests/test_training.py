@@ -81,3 +81,32 @@ def test_killed_trainer_resumes_from_its_checkpoint(services, smoke_split):
     assert len(history["loss"]) == len(history["val_accuracy"]) == EPOCHS
     state = storage.read_json(state_uri)
     assert state["done"] and state["epoch"] == EPOCHS
+
+
+def test_vgg16_trains_the_model_its_builder_makes_in_two_phases(services):
+    """fit_vgg16 trains the parts of models.vgg16's model in place: the head, then block 5; blocks 1-4 stay."""
+    import keras
+    import numpy as np
+
+    from bloodcell import models, train
+
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 256, size=(24, 32, 32, 3), dtype=np.uint8)
+    y = np.arange(24, dtype=np.int32) % 3
+    data = train.TrainingData(["a", "b", "c"], (x[:16], y[:16]), (x[16:], y[16:]))
+    cfg = config.ModelConfig(image_size=32, epochs=2, batch_size=8, fine_tune_epochs=1, early_stopping_patience=100)
+    keras.utils.set_random_seed(1)
+    model = models.build_model("vgg16", 3, 32, augment=False, weights=None)
+    before = {
+        name: [w.copy() for w in model.get_layer(name).get_weights()] for name in ("vgg16_stem", "vgg16_block5", "head")
+    }
+    history = train.fit_vgg16(model, cfg, data, f"gs://{services['bucket']}/vgg16-phases-{time.time_ns()}")
+    assert len(history["loss"]) == cfg.epochs + cfg.fine_tune_epochs
+
+    def changed(name: str) -> bool:
+        return any(
+            not np.array_equal(a, b) for a, b in zip(before[name], model.get_layer(name).get_weights(), strict=True)
+        )
+
+    assert changed("head") and changed("vgg16_block5") and not changed("vgg16_stem")
+    assert model.predict(x[:4], verbose=0).shape == (4, 3)

@@ -1,0 +1,139 @@
+"""The figures of a run: model comparison, confusion matrices, per-class F1, training curves and
+misclassified test images, each as PNG bytes (for the report, MLflow and the bucket)."""
+
+from __future__ import annotations
+
+import io
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+import numpy as np
+import seaborn as sns
+from matplotlib.ticker import MaxNLocator
+
+from bloodcell import arrays, storage
+
+MISCLASSIFIED_SHOWN = 24
+
+
+def _png(fig) -> bytes:
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return buffer.getvalue()
+
+
+def comparison(results: dict[str, dict], best: str) -> bytes:
+    names = list(results)
+    fig, ax = plt.subplots(figsize=(7, 3.2))
+    width = 0.38
+    positions = np.arange(len(names))
+    for offset, key, label in ((-width / 2, "accuracy", "test accuracy"), (width / 2, "macro_f1", "macro F1")):
+        bars = ax.bar(positions + offset, [results[n][key] for n in names], width, label=label)
+        ax.bar_label(bars, fmt="%.3f", fontsize=8)
+    ax.set_xticks(positions, [f"{n}\n(best)" if n == best else n for n in names])
+    ax.set_ylim(0, 1.22)
+    ax.set_title("Test accuracy and macro F1 by model")
+    ax.legend(loc="upper center", ncol=2, frameon=False)
+    return _png(fig)
+
+
+def confusion_matrices(results: dict[str, dict]) -> bytes:
+    fig, axes = plt.subplots(1, len(results), figsize=(6.2 * len(results), 5.4), squeeze=False)
+    fig.subplots_adjust(wspace=0.45)
+    for ax, (name, result) in zip(axes[0], results.items(), strict=True):
+        matrix = np.array(result["confusion_matrix"])
+        normalized = matrix / np.maximum(matrix.sum(axis=1, keepdims=True), 1)
+        sns.heatmap(
+            normalized,
+            annot=matrix,
+            fmt="d",
+            cmap="Blues",
+            vmin=0,
+            vmax=1,
+            cbar=False,
+            ax=ax,
+            xticklabels=result["classes"],
+            yticklabels=result["classes"],
+            annot_kws={"fontsize": 8},
+        )
+        ax.set_title(f"{name}: accuracy {result['accuracy']:.2%}")
+        ax.set_xlabel("predicted class")
+        ax.set_ylabel("true class")
+        ax.tick_params(axis="x", rotation=45)
+        ax.tick_params(axis="y", rotation=0)
+    fig.suptitle("Confusion matrices (counts; colour = share of the true class)")
+    return _png(fig)
+
+
+def per_class_f1(results: dict[str, dict]) -> bytes:
+    classes = next(iter(results.values()))["classes"]
+    table = np.array([[r["per_class"][c]["f1-score"] for c in classes] for r in results.values()])
+    fig, ax = plt.subplots(figsize=(1.1 * len(classes) + 2, 0.6 * len(results) + 1.6))
+    sns.heatmap(
+        table,
+        annot=True,
+        fmt=".2f",
+        cmap="RdYlGn",
+        vmin=0.5,
+        vmax=1,
+        ax=ax,
+        xticklabels=classes,
+        yticklabels=list(results),
+    )
+    ax.set_title("F1 score per class")
+    ax.tick_params(axis="x", rotation=45)
+    ax.tick_params(axis="y", rotation=0)
+    return _png(fig)
+
+
+def training_curves(histories: dict[str, dict]) -> bytes:
+    fig, axes = plt.subplots(1, 2, figsize=(12, 3.8))
+    for name, history in histories.items():
+        for ax, key in zip(axes, ("loss", "accuracy"), strict=True):
+            epochs = np.arange(1, len(history.get(key, [])) + 1)
+            (line,) = ax.plot(epochs, history.get(key, []), label=f"{name} train")
+            ax.plot(epochs, history.get(f"val_{key}", []), "--", color=line.get_color(), label=f"{name} val")
+    for ax, key in zip(axes, ("loss", "accuracy"), strict=True):
+        ax.set_title(f"{key.capitalize()} by epoch (solid: train, dashed: validation)")
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(key)
+        ax.grid(alpha=0.3)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    axes[0].set_yscale("log")  # L1-regularised losses start far above the others
+    axes[1].legend(fontsize=8, ncol=2, loc="lower right")
+    return _png(fig)
+
+
+def _round_robin_by_class(indices: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """``indices`` reordered to take one of each true class in turn, so every class shows up."""
+    groups = [list(indices[labels[indices] == c]) for c in np.unique(labels[indices])]
+    ordered = []
+    while any(groups):
+        ordered += [g.pop(0) for g in groups if g]
+    return np.array(ordered, dtype=int)
+
+
+def misclassified(result: dict) -> bytes:
+    predictions = np.load(io.BytesIO(storage.read_bytes(result["predictions_uri"])))
+    y_true, y_pred = predictions["y_true"], predictions["probabilities"].argmax(axis=1)
+    wrong = _round_robin_by_class(np.flatnonzero(y_true != y_pred), y_true)[:MISCLASSIFIED_SHOWN]
+    columns = 6
+    rows = max(1, -(-len(wrong) // columns))
+    fig, axes = plt.subplots(rows, columns, figsize=(2.1 * columns, 2.4 * rows), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    if len(wrong):
+        train = storage.read_json(storage.join(result["model_uri"].rsplit("/", 1)[0], "train.json"))
+        x_test, _ = arrays.load(train["arrays_uri"], "test")
+        for ax, index in zip(axes.flat, wrong, strict=False):  # more axes than images
+            ax.imshow(x_test[index])
+            ax.set_title(
+                f"true {result['classes'][y_true[index]]}\npred {result['classes'][y_pred[index]]}", fontsize=8
+            )
+    else:
+        axes.flat[0].text(0, 0.5, "no misclassified test image", fontsize=10)
+    fig.suptitle(f"Misclassified test images of {result['model']} (first {len(wrong)})")
+    return _png(fig)

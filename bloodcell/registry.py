@@ -1,0 +1,85 @@
+"""The MLflow model registry: each run's best model becomes a version of ``bloodcell-classifier``,
+and the alias ``champion`` points at the best version so far."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import mlflow
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
+
+from bloodcell import tracking
+
+REGISTERED_MODEL = "bloodcell-classifier"
+CHAMPION = "champion"
+
+
+def should_promote(candidate_accuracy: float, champion_accuracy: float | None) -> bool:
+    """The champion alias moves only to a model with strictly better test accuracy."""
+    return champion_accuracy is None or candidate_accuracy > champion_accuracy
+
+
+def register_best(model_uri: str, model: str, test_accuracy: float, pipeline_run_id: str) -> dict[str, Any]:
+    """Register ``model_uri`` as a new version of ``bloodcell-classifier``; move ``champion`` if it is better."""
+    client = MlflowClient()
+    try:
+        current = client.get_model_version_by_alias(REGISTERED_MODEL, CHAMPION)
+        champion_accuracy: float | None = float(current.tags.get("test_accuracy", "nan"))
+        champion_version: str | None = current.version
+    except MlflowException:
+        champion_accuracy, champion_version = None, None
+    version = mlflow.register_model(model_uri, REGISTERED_MODEL).version
+    for key, value in {"test_accuracy": test_accuracy, "model": model, "pipeline_run_id": pipeline_run_id}.items():
+        client.set_model_version_tag(REGISTERED_MODEL, version, key, str(value))
+    promoted = should_promote(test_accuracy, champion_accuracy)
+    if promoted:
+        client.set_registered_model_alias(REGISTERED_MODEL, CHAMPION, version)
+    return {
+        "registered_model": REGISTERED_MODEL,
+        "version": str(version),
+        "promoted": promoted,
+        "previous_champion_version": champion_version,
+        "previous_champion_accuracy": champion_accuracy,
+        "test_accuracy": test_accuracy,
+        "model": model,
+    }
+
+
+def register_run_best(best: dict[str, Any], pipeline_run_id: str, tracker: tracking.Tracker) -> dict[str, Any]:
+    """Register a run's best model (its evaluation result); the outcome, or why it was not done, for the report."""
+    if not best.get("mlflow_model_uri"):
+        return {"error": f"{best['model']} has no MLflow model (its training could not log to MLflow)"}
+    registry = tracker.call(
+        "register the best model",
+        register_best,
+        best["mlflow_model_uri"],
+        best["model"],
+        best["accuracy"],
+        pipeline_run_id,
+    )
+    return registry or {"error": "MLflow could not be reached (see the MLflow logging section)"}
+
+
+def describe(registry: dict[str, Any]) -> str:
+    """The registry outcome in one or two sentences."""
+    if "error" in registry:
+        return f"Registering the best model in MLflow failed: {registry['error']}"
+    text = (
+        f"The best model ({registry['model']}, test accuracy {registry['test_accuracy']:.2%}) is version "
+        f"{registry['version']} of registered model {registry['registered_model']}. "
+    )
+    previous = registry["previous_champion_accuracy"]
+    if registry["promoted"]:
+        return text + (
+            "The alias 'champion' now points to it"
+            + (
+                f" (previous champion: version {registry['previous_champion_version']}, {previous:.2%})."
+                if previous is not None
+                else " (first champion)."
+            )
+        )
+    return text + (
+        f"The alias 'champion' stays on version {registry['previous_champion_version']} "
+        f"({previous:.2%}), which this model does not beat."
+    )
