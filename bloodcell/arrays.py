@@ -42,7 +42,7 @@ def build(assignment: dict, dataset_uri: str, targets: dict[int, str]) -> dict[i
             writers = {
                 size: NpyWriter(Path(tmp, f"{size}_{subset}_x.npy"), (len(items), size, size, 3)) for size in sizes
             }
-            paths = [str(local_images / item["path"]) for item in items]
+            paths = [str(_image_path(local_images, item, dataset_uri)) for item in items]
             decoded = pool.map(decode_resized, paths, [sizes] * len(paths), chunksize=32)
             for images in tqdm(
                 decoded,
@@ -100,16 +100,20 @@ def decode_resized(path: str, sizes: list[int]) -> list[np.ndarray]:
 
 def _download_images(assignment: dict, dataset_uri: str) -> Path:
     """Local copies of the split's images (cached by dataset hash)."""
-    local = sources.cache_dir() / "images" / dataset_uri.rstrip("/").rsplit("/", 1)[-1]
+    local = storage.local_path(sources.cache_dir() / "images", dataset_uri.rstrip("/").rsplit("/", 1)[-1], dataset_uri)
     items = [item for subset in SUBSETS for item in assignment[subset]]
-    pairs = [
-        (storage.join(dataset_uri, "images", item["path"]), local / item["path"])
-        for item in items
-        if not _matches(local / item["path"], item["bytes"])
+    paths = [
+        (storage.join(dataset_uri, "images", item["path"]), _image_path(local, item, dataset_uri)) for item in items
     ]
+    pairs = [(uri, path) for (uri, path), item in zip(paths, items, strict=True) if not _matches(path, item["bytes"])]
     for start in tqdm(range(0, len(pairs), 512), desc="download images", unit=" batch", disable=not pairs):
         storage.download_many(pairs[start : start + 512])
     return local
+
+
+def _image_path(local: Path, item: dict, dataset_uri: str) -> Path:
+    """Where a split item's image is kept; a name that would lead outside ``local`` is refused."""
+    return storage.local_path(local, item["path"], storage.join(dataset_uri, "images", item["path"]))
 
 
 def _matches(path: Path, size: int) -> bool:

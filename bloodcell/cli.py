@@ -32,7 +32,8 @@ def build_parser() -> argparse.ArgumentParser:
     options.add_data(p, positional=True)
     _common(p, run=False, profile=False)
     options.add_vgg16_weights(p)
-    p.set_defaults(handler=lambda a: _steps().ingest(a.source, a.bucket, a.vgg16_weights))
+    options.add_data_sha256(p)
+    p.set_defaults(handler=lambda a: _steps().ingest(a.source, a.bucket, a.vgg16_weights, a.data_sha256))
 
     p = steps.add_parser("split", help="split an ingested dataset and build its arrays")
     p.add_argument("dataset_uri", help="gs://<bucket>/datasets/<hash> (printed by ingest)")

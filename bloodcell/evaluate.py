@@ -45,7 +45,7 @@ def evaluate_one(info: dict) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         path = storage.download_file(info["model_uri"], Path(tmp, "model.keras"))
         size_bytes = path.stat().st_size
-        model = keras.models.load_model(path)
+        model = keras.saving.load_model(path, safe_mode=True)
     feeding.predict(model, x_test[:INFERENCE_BATCH], INFERENCE_BATCH)  # warm-up
     started = time.perf_counter()
     probabilities = feeding.predict(model, x_test, INFERENCE_BATCH)

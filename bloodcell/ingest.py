@@ -1,7 +1,9 @@
 """Ingest: check every image of a dataset source and store the accepted ones in the bucket.
 
 Output, content-addressed by the dataset hash: ``gs://<bucket>/datasets/<hash>/images/...`` and
-``.../manifest.json`` (written last: its presence means the dataset is complete).
+``.../manifest.json`` (written last: its presence means the dataset is complete). The manifest records
+the source's SHA-256 (:mod:`bloodcell.sources`: of an archive's bytes, or of a folder's content), which
+``--data-sha256`` pins.
 """
 
 from __future__ import annotations
@@ -45,14 +47,22 @@ class IngestResult:
     quarantined: int
     duplicates: int
     cache_hit: bool
+    source_sha256: str = ""  # of the archive's bytes, or of the folder's content (source_sha256_of says which)
+    source_sha256_of: str = ""
 
 
-def ingest(source: str, bucket: str, workdir: str | Path | None = None) -> IngestResult:
-    """Fetch ``source``, check and de-duplicate its images, and store them under ``bucket``."""
+def ingest(source: str, bucket: str, workdir: str | Path | None = None, expected_sha256: str = "") -> IngestResult:
+    """Fetch ``source``, check and de-duplicate its images, and store them under ``bucket``.
+
+    ``expected_sha256`` (``--data-sha256``) pins the source: a mismatch stops before anything is stored.
+    """
     with tempfile.TemporaryDirectory(prefix="bloodcell-ingest-", dir=workdir) as tmp:
-        root = find_class_root(sources.fetch(source, Path(tmp)))
-        pointer_uri = f"gs://{bucket}/sources/{fingerprint(root)}.json"
-        known = _known_dataset(pointer_uri)
+        fetched = sources.fetch(source, Path(tmp), expected_sha256)
+        root = find_class_root(fetched.folder)
+        content = content_sha256(root)
+        pin = _source_pin(source, fetched, content, expected_sha256)
+        pointer_uri = f"gs://{bucket}/sources/{content[:32]}.json"
+        known = _known_dataset(pointer_uri, pin)
         if known:
             return known
         records, quarantined = scan(root)
@@ -70,31 +80,50 @@ def ingest(source: str, bucket: str, workdir: str | Path | None = None) -> Inges
             manifest = {
                 "dataset_hash": dataset_hash,
                 "source": source,
+                **pin,
                 "classes": sorted({r.label for r in records}),
                 "images": [asdict(r) for r in records],
                 "quarantined": quarantined,
                 "duplicates": duplicates,
             }
             storage.write_json(manifest, manifest_uri)
-        storage.write_json({"dataset_uri": dataset_uri, "source": source}, pointer_uri)
+        storage.write_json({"dataset_uri": dataset_uri, "source": source, **pin}, pointer_uri)
     classes = sorted({r.label for r in records})
     print(
         f"dataset {dataset_hash}: {len(records)} images in {len(classes)} classes, "
         f"{len(quarantined)} quarantined, {len(duplicates)} duplicates dropped"
     )
-    return IngestResult(dataset_uri, dataset_hash, len(records), classes, len(quarantined), len(duplicates), cache_hit)
+    return IngestResult(
+        dataset_uri, dataset_hash, len(records), classes, len(quarantined), len(duplicates), cache_hit, **pin
+    )
 
 
-def fingerprint(root: Path) -> str:
-    """Hash of every file's relative path and bytes under ``root``: the same files, the same fingerprint."""
+def _source_pin(source: str, fetched: sources.Fetched, content: str, expected_sha256: str) -> dict[str, str]:
+    """The source's digest and what it is of; a folder's is checked here (an archive's was, before extracting)."""
+    if fetched.archive_sha256:
+        pin = {"source_sha256": fetched.archive_sha256, "source_sha256_of": "archive"}
+    else:
+        sources.verify_sha256(source, sources.parse_sha256(expected_sha256), content, "folder content")
+        pin = {"source_sha256": content, "source_sha256_of": "folder content"}
+    print(f"source {source}: sha256 {pin['source_sha256']} ({pin['source_sha256_of']}; pin it with --data-sha256)")
+    return pin
+
+
+def content_sha256(root: Path) -> str:
+    """SHA-256 of every file's relative path and bytes under ``root`` (symbolic links left out): the same
+    files, the same digest. A folder source's ``source_sha256``; its first 32 characters name its pointer.
+
+    Precisely: SHA-256 over, for each file in sorted order, its posix path relative to ``root``, a NUL
+    byte, and the 32-byte SHA-256 of its bytes.
+    """
     digest = hashlib.sha256()
     for path in sorted(p for p in root.rglob("*") if p.is_file() and not p.is_symlink()):
         digest.update(path.relative_to(root).as_posix().encode() + b"\0")
         digest.update(hashlib.sha256(path.read_bytes()).digest())
-    return digest.hexdigest()[:32]
+    return digest.hexdigest()
 
 
-def _known_dataset(pointer_uri: str) -> IngestResult | None:
+def _known_dataset(pointer_uri: str, pin: dict[str, str]) -> IngestResult | None:
     """The stored dataset these exact files produced before, if its manifest is complete."""
     if not storage.exists(pointer_uri):
         return None
@@ -113,6 +142,7 @@ def _known_dataset(pointer_uri: str) -> IngestResult | None:
         len(manifest["quarantined"]),
         len(manifest["duplicates"]),
         True,
+        **pin,
     )
 
 

@@ -2,8 +2,8 @@
 
 ``<state>/runs/<run_id>/arguments.json`` keeps a run's arguments (and ``runner.json`` how its steps
 run) so ``run --resume RUN_ID`` repeats it exactly; ``<state>/active/<run_id>.json`` marks a run in
-progress (its pid, checked against the process's command line, so a crashed run's record is
-recognised as stale).
+progress (its pid, checked against the process's command line and start time, so a crashed run's
+record is recognised as stale even when its pid has been reused).
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import TextIO
 
 from bloodcell.errors import BloodcellError
-from bloodcell.services import command_line
+from bloodcell.services import command_line, process_start_time
 
 ANSI = re.compile(r"\x1b\[[0-9;]*m")
 TASK_START = re.compile(r"Executing task '?([\w.-]+)'?")
@@ -63,15 +63,29 @@ def in_progress(state_dir: Path) -> dict[str, int]:
     for record in sorted((state_dir / "active").glob("*.json")):
         try:
             saved = json.loads(record.read_text())
-            pid, cmdline = saved["pid"], saved["cmdline"]
-        except (OSError, ValueError, KeyError):
-            pid, cmdline = 0, ""
-        if pid and command_line(pid) == cmdline:
-            running[record.stem] = pid
+        except (OSError, ValueError):
+            saved = {}
+        if not isinstance(saved, dict):
+            saved = {}
+        if is_recorded_process(saved):
+            running[record.stem] = saved["pid"]
         else:
             record.unlink(missing_ok=True)
-            print(f"removed the stale record of run {record.stem} (process {pid} is gone)")
+            print(f"removed the stale record of run {record.stem} (process {saved.get('pid', 0)} is gone or reused)")
     return running
+
+
+def is_recorded_process(saved: dict) -> bool:
+    """Whether the live process ``saved["pid"]`` is the one recorded: same command line and start time.
+
+    A pid is reused once its process ends; the start time tells a new process from the recorded one
+    even when their command lines are the same. Records without one (older versions) check the command line.
+    """
+    pid = saved.get("pid")
+    if not isinstance(pid, int) or pid <= 0 or command_line(pid) != saved.get("cmdline"):
+        return False
+    recorded, live = saved.get("start_time"), process_start_time(pid)
+    return recorded is None or live is None or recorded == live
 
 
 @contextlib.contextmanager
@@ -79,7 +93,10 @@ def active(state_dir: Path, run_id: str) -> Iterator[None]:
     """Mark ``run_id`` as in progress for the duration of the block."""
     record = state_dir / "active" / f"{run_id}.json"
     record.parent.mkdir(parents=True, exist_ok=True)
-    record.write_text(json.dumps({"pid": os.getpid(), "run_id": run_id, "cmdline": command_line(os.getpid())}))
+    pid = os.getpid()
+    record.write_text(
+        json.dumps({"pid": pid, "run_id": run_id, "cmdline": command_line(pid), "start_time": process_start_time(pid)})
+    )
     try:
         yield
     finally:

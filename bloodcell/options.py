@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 
 from bloodcell import config
 
@@ -65,6 +66,25 @@ def add_data(parser: argparse.ArgumentParser, positional: bool = False) -> None:
         parser.add_argument("source", nargs="?", default=config.MENDELEY_URL, help=help_text)
     else:
         parser.add_argument("--data", default=config.MENDELEY_URL, help=help_text)
+
+
+def add_data_sha256(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--data-sha256",
+        default="",
+        metavar="HEX",
+        type=_sha256_hex,
+        help="pin the data: the SHA-256 it must have, else nothing is stored. For a zip (local, http(s) or "
+        "gs://), of the archive's bytes (`sha256sum data.zip`); for a folder or gs:// prefix, of its content "
+        "(the source_sha256 that ingest prints and records in the manifest)",
+    )
+
+
+def _sha256_hex(text: str) -> str:
+    digest = text.strip().lower()
+    if digest and not re.fullmatch(r"[0-9a-f]{64}", digest):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a SHA-256 digest (64 hex characters)")
+    return digest
 
 
 def overrides(args: argparse.Namespace) -> str:

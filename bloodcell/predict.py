@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import tempfile
 import time
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -23,20 +24,44 @@ BATCH = 64
 def load(model_uri: str) -> tuple[keras.Model, list[str]]:
     """A model and its class names from ``models:/...``, ``runs:/...``, ``gs://...`` or a local file."""
     if model_uri.startswith(("models:/", "runs:/")):
-        import mlflow
+        from bloodcell import registry
 
-        info = mlflow.models.get_model_info(model_uri)
-        return mlflow.keras.load_model(model_uri), list((info.metadata or {}).get("classes", []))
+        with tempfile.TemporaryDirectory() as tmp:
+            path, classes = registry.download_keras_model(model_uri, Path(tmp))
+            return load_keras(path, model_uri), classes
     if model_uri.startswith("gs://"):
+        if not model_uri.endswith(".keras"):
+            raise BloodcellError(f"model {model_uri!r} is not a .keras file: pass gs://.../model.keras")
         classes = storage.read_json(model_uri.rsplit("/", 1)[0] + "/train.json")["classes"]
         with tempfile.TemporaryDirectory() as tmp:
-            return keras.models.load_model(storage.download_file(model_uri, Path(tmp, "model.keras"))), classes
+            return load_keras(storage.download_file(model_uri, Path(tmp, "model.keras")), model_uri), classes
     path = Path(model_uri)
     if not path.exists():
         raise BloodcellError(f"model {model_uri!r} not found: pass models:/<id>, gs://.../model.keras or a .keras file")
     train_json = path.with_name("train.json")
     classes = json.loads(train_json.read_text())["classes"] if train_json.exists() else []
-    return keras.models.load_model(path), classes
+    return load_keras(path, model_uri), classes
+
+
+def load_keras(path: Path, origin: str) -> keras.Model:
+    """The Keras model in the ``.keras`` file ``path``, loaded in safe mode: no Python code from the file runs.
+
+    Other formats are refused: a SavedModel folder is a TensorFlow graph, and HDF5 predates safe mode.
+    """
+    if path.is_symlink() or not path.is_file() or path.suffix != ".keras" or not zipfile.is_zipfile(path):
+        raise BloodcellError(
+            f"model {origin} is not a Keras .keras file (a zip archive): refusing to load it. Other formats "
+            "(a TensorFlow SavedModel folder, HDF5) can run operations or code; pass a .keras model."
+        )
+    try:
+        return keras.saving.load_model(path, safe_mode=True)
+    except (ValueError, TypeError, KeyError, OSError, zipfile.BadZipFile) as exc:  # what a hostile file can cause
+        if "safe_mode" in str(exc):
+            raise BloodcellError(
+                f"model {origin} holds Python code (e.g. a Lambda layer), which Keras safe mode refuses to load: "
+                "bloodcell never runs code from a model file. Pass a model trained by bloodcell."
+            ) from None
+        raise BloodcellError(f"model {origin} cannot be loaded: {type(exc).__name__}: {str(exc)[:300]}") from None
 
 
 def image_files(paths: list[str]) -> list[Path]:

@@ -1,15 +1,19 @@
 """The MLflow model registry: each run's best model becomes a version of ``bloodcell-classifier``,
-and the alias ``champion`` points at the best version so far."""
+and the alias ``champion`` points at the best version so far. Models are read back only as Keras
+``.keras`` files (:func:`download_keras_model`), never through a flavor's own loader."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import mlflow
 from mlflow.exceptions import MlflowException
+from mlflow.models import Model
 from mlflow.tracking import MlflowClient
 
-from bloodcell import tracking
+from bloodcell import storage, tracking
+from bloodcell.errors import BloodcellError
 
 REGISTERED_MODEL = "bloodcell-classifier"
 CHAMPION = "champion"
@@ -83,3 +87,44 @@ def describe(registry: dict[str, Any]) -> str:
         f"The alias 'champion' stays on version {registry['previous_champion_version']} "
         f"({previous:.2%}), which this model does not beat."
     )
+
+
+def download_keras_model(model_uri: str, dst: Path) -> tuple[Path, list[str]]:
+    """The ``.keras`` file of MLflow model ``model_uri`` (downloaded under ``dst``) and its class names."""
+    try:
+        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=str(dst)))
+    except MlflowException as exc:
+        raise BloodcellError(f"cannot download model {model_uri} from MLflow: {exc.message[:300]}") from exc
+    return keras_file_of(local, model_uri), list((_mlmodel(local, model_uri).metadata or {}).get("classes", []))
+
+
+def keras_file_of(model_dir: Path, model_uri: str) -> Path:
+    """The ``.keras`` file of the MLflow model in ``model_dir``, refusing every other flavor or format.
+
+    A model from a registry others can write to is code: other flavors unpickle Python, and a Keras
+    SavedModel export (``save_exported_model``) is a TensorFlow graph. A ``.keras`` file loaded in safe
+    mode runs no code from the file. (Our models: flavor ``keras``, ``data/model.keras``.)
+    """
+    flavors = _mlmodel(model_dir, model_uri).flavors
+    keras_flavor = flavors.get("keras")
+    if keras_flavor is None:
+        raise BloodcellError(
+            f"model {model_uri} has the MLflow flavor(s) {', '.join(sorted(flavors)) or 'none'}, not keras: "
+            "refusing to load it (other flavors can run code when loaded). Pass a model logged by a bloodcell run."
+        )
+    if keras_flavor.get("save_exported_model"):
+        raise BloodcellError(
+            f"model {model_uri} is a TensorFlow SavedModel export (a graph of operations), not a .keras file: "
+            "refusing to load it. Pass a model logged by a bloodcell run."
+        )
+    path = storage.local_path(model_dir, f"{keras_flavor.get('data', 'data')}/model.keras", f"model {model_uri}")
+    if path.is_symlink() or not path.is_file():
+        raise BloodcellError(f"model {model_uri} has no .keras file (expected {path}); refusing to load it.")
+    return path
+
+
+def _mlmodel(model_dir: Path, model_uri: str) -> Model:
+    mlmodel = model_dir / "MLmodel"
+    if not mlmodel.is_file():
+        raise BloodcellError(f"{model_uri} is not an MLflow model (no MLmodel file); pass models:/<id> or runs:/...")
+    return Model.load(str(mlmodel))

@@ -1,13 +1,22 @@
-"""Bring a dataset source to a local folder: http(s) download, zip, folder or ``gs://``."""
+"""Bring a dataset source to a local folder: http(s) download, zip, folder or ``gs://``.
+
+An archive source (a zip: local, http(s) or ``gs://``) is identified by the SHA-256 of its bytes, checked
+against ``--data-sha256`` before it is extracted; a folder source (local or a ``gs://`` prefix) by the
+SHA-256 of its content (:func:`bloodcell.ingest.content_sha256`), checked by ingest before anything is stored.
+"""
 
 from __future__ import annotations
 
+import hashlib
 import os
+import re
 import shutil
 import stat
 import time
 import zipfile
+from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
+from urllib.parse import urlsplit
 
 import requests
 from tqdm import tqdm
@@ -22,6 +31,7 @@ READ_TIMEOUT_S = 60
 ATTEMPTS = 4
 MAX_UNCOMPRESSED_BYTES = 20 * 2**30
 MAX_COMPRESSION_RATIO = 200
+SHA256_HEX = re.compile(r"[0-9a-f]{64}")
 OFFLINE_HINT = (
     "Download the zip elsewhere and pass it with --data /path/to/PBC_dataset_normal_DIB.zip "
     "(or an extracted folder, or a gs:// URI)."
@@ -32,35 +42,89 @@ def cache_dir() -> Path:
     return Path(os.environ.get("BLOODCELL_CACHE", Path.home() / ".cache" / "bloodcell"))
 
 
-def fetch(source: str, workdir: Path) -> Path:
-    """Return a local folder holding the dataset named by ``source``."""
+@dataclass(frozen=True)
+class Fetched:
+    folder: Path  # the dataset's files, extracted or as given
+    archive_sha256: str | None  # SHA-256 of the archive's bytes; None for a folder source
+
+
+def fetch(source: str, workdir: Path, expected_sha256: str = "") -> Fetched:
+    """The dataset named by ``source`` in a local folder; an archive must match ``expected_sha256`` (if given)."""
+    expected = parse_sha256(expected_sha256)
+    archive = _local_archive(source)
+    if archive is None:
+        return Fetched(_local_folder(source, workdir), None)
+    digest = file_sha256(archive)
+    verify_sha256(source, expected, digest, f"archive {archive}")
+    return Fetched(extract_zip(archive, workdir / "extracted"), digest)
+
+
+def _local_archive(source: str) -> Path | None:
+    """The local copy of an archive source (downloaded first); None for a folder source."""
     if source.startswith(("http://", "https://")):
-        return extract_zip(download(source, cache_dir() / "downloads"), workdir / "extracted")
+        return download(source, cache_dir() / "downloads")
     if source.startswith("gs://"):
-        return _fetch_gcs(source, workdir)
+        return storage.cached_download(source, cache_dir() / "gcs") if source.endswith(".zip") else None
+    path = _existing_path(source)
+    if path.is_dir():
+        return None
+    if zipfile.is_zipfile(path) or path.suffix.lower() == ".zip":
+        return path
+    raise DataError(f"data source {source!r} is a file but not a zip archive; pass a zip or a folder.")
+
+
+def _local_folder(source: str, workdir: Path) -> Path:
+    return _fetch_gcs_prefix(source, workdir) if source.startswith("gs://") else _existing_path(source)
+
+
+def _existing_path(source: str) -> Path:
     path = Path(source).expanduser()
     if not path.exists():
         raise DataError(
             f"data source {source!r} does not exist. Pass a folder of class sub-folders, a zip, "
             f"an http(s) URL or a gs:// URI (default: the official PBC zip, {MENDELEY_URL})."
         )
-    if path.is_dir():
-        return path
-    if zipfile.is_zipfile(path) or path.suffix.lower() == ".zip":
-        return extract_zip(path, workdir / "extracted")
-    raise DataError(f"data source {source!r} is a file but not a zip archive; pass a zip or a folder.")
+    return path
+
+
+def parse_sha256(text: str) -> str:
+    """``text`` as a lower-case hex SHA-256 digest ("" for none); a clear error for anything else."""
+    digest = text.strip().lower()
+    if digest and not SHA256_HEX.fullmatch(digest):
+        raise DataError(
+            f"--data-sha256 {text!r} is not a SHA-256 digest: expected 64 hex characters, e.g. the first "
+            "word of `sha256sum data.zip`, or the source_sha256 that ingest printed."
+        )
+    return digest
+
+
+def verify_sha256(source: str, expected: str, actual: str, what: str) -> None:
+    """Stop, before anything is extracted or stored, when ``actual`` is not the pinned ``expected``."""
+    if expected and actual != expected:
+        raise DataError(
+            f"data source {source!r}: the SHA-256 of its {what} is {actual}, but --data-sha256 expects "
+            f"{expected}. Nothing was stored. Check that this is the data you pinned; if it changed on "
+            "purpose, pass its new digest."
+        )
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as data:
+        for block in iter(lambda: data.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def download(url: str, target_dir: Path) -> Path:
     """Stream ``url`` to disk with a progress bar, resuming a partial file; retry transient errors."""
-    target_dir.mkdir(parents=True, exist_ok=True)
-    name = "pbc.zip" if url == MENDELEY_URL else (PurePosixPath(url.split("?")[0]).name or "download.zip")
-    target = target_dir / name
+    target = download_path(url, target_dir)
+    target.parent.mkdir(parents=True, exist_ok=True)
     expected = EXPECTED_BYTES.get(url)
     if target.exists() and (expected is None or target.stat().st_size == expected):
         print(f"download cache hit: {target}")
         return target
-    partial = target.with_name(name + ".partial")
+    partial = target.with_name(target.name + ".partial")
     for attempt in range(1, ATTEMPTS + 1):
         try:
             _download_once(url, partial)
@@ -79,6 +143,15 @@ def download(url: str, target_dir: Path) -> Path:
         )
     partial.replace(target)
     return target
+
+
+def download_path(url: str, target_dir: Path) -> Path:
+    """Where ``url`` is cached: a folder named by the URL's SHA-256 (two URLs never share a file), the URL's
+    file name (or ``download.zip``) inside."""
+    name = "pbc.zip" if url == MENDELEY_URL else PurePosixPath(urlsplit(url).path).name
+    if name in ("", ".", ".."):
+        name = "download.zip"
+    return target_dir / hashlib.sha256(url.encode()).hexdigest()[:32] / name
 
 
 def _download_once(url: str, partial: Path) -> None:
@@ -185,20 +258,16 @@ def _check_members(archive: Path, members: list[zipfile.ZipInfo]) -> None:
         )
 
 
-def _fetch_gcs(source: str, workdir: Path) -> Path:
-    if source.endswith(".zip"):
-        archive = storage.cached_download(source, cache_dir() / "gcs")
-        return extract_zip(archive, workdir / "extracted")
-    uris = storage.list_uris(source.rstrip("/") + "/")
-    if not uris:
-        raise DataError(f"no objects under {source}; check the bucket and prefix.")
+def _fetch_gcs_prefix(source: str, workdir: Path) -> Path:
+    """Download every object under the prefix ``source``, each to the file its name maps to."""
     prefix = source.rstrip("/") + "/"
     local = workdir / "gcs"
-    pairs = []
-    for uri in uris:
-        relative = uri[len(prefix) :]
-        if ".." in PurePosixPath(relative).parts or relative.startswith("/"):
-            raise DataError(f"object {uri} has an unsafe name; refusing to download it.")
-        pairs.append((uri, local / relative))
+    pairs = [
+        (uri, storage.local_path(local, uri[len(prefix) :], uri))
+        for uri in storage.list_uris(prefix)
+        if not uri.endswith("/")  # a zero-byte "folder" placeholder some tools create
+    ]
+    if not pairs:
+        raise DataError(f"no objects under {source}; check the bucket and prefix.")
     storage.download_many(pairs)
     return local

@@ -56,14 +56,15 @@ def run_uri(bucket: str, run_id: str) -> str:
 
 
 @user_errors
-def ingest(source: str, bucket: str, vgg16_weights: str = config.DEFAULT_VGG16_WEIGHTS) -> dict:
-    """Check the VGG16 weights can be had (fail in seconds, before training), then ingest ``source``."""
+def ingest(source: str, bucket: str, vgg16_weights: str = config.DEFAULT_VGG16_WEIGHTS, data_sha256: str = "") -> dict:
+    """Check the VGG16 weights can be had (fail in seconds, before training), then ingest ``source``
+    (pinned to ``data_sha256`` when given)."""
     from bloodcell import ingest as ingest_lib
     from bloodcell import models
 
     models.check_vgg16_weights(vgg16_weights)
     storage.ensure_bucket(bucket)
-    return asdict(ingest_lib.ingest(source, bucket))
+    return asdict(ingest_lib.ingest(source, bucket, expected_sha256=data_sha256))
 
 
 @user_errors
@@ -131,6 +132,7 @@ def open_parent_run(
     from bloodcell import tracking
 
     dataset_uri = storage.read_json(storage.join(split_uri, "split.json"))["dataset_uri"]
+    manifest = storage.read_json(storage.join(dataset_uri, "manifest.json"))
     parent = tracker.call(
         "open the parent run",
         tracking.parent_run,
@@ -141,6 +143,9 @@ def open_parent_run(
             "profile": settings.name,
             "dataset_hash": dataset_uri.rstrip("/").rsplit("/", 1)[-1],
             "dataset_uri": dataset_uri,
+            # What to pass as --data-sha256 to get exactly this data again (the source that first gave it).
+            "source_sha256": manifest.get("source_sha256", ""),
+            "source_sha256_of": manifest.get("source_sha256_of", ""),
             "bucket": bucket,
         },
     )

@@ -131,10 +131,30 @@ def download_file(uri: str, path: str | Path) -> Path:
     return path
 
 
+def local_path(root: str | Path, relative: str, origin: str) -> Path:
+    """``root/relative`` for an object name (or part of one), refused unless it stays inside ``root``.
+
+    Object names are free text: ``/etc/x``, ``a/../../x``, ``a//b`` or ``a/./b`` would write outside
+    ``root`` or onto another object's file, so empty, ``.`` and ``..`` segments are errors.
+    """
+    segments = relative.split("/")
+    if not relative or "\0" in relative or any(s in ("", ".", "..") for s in segments):
+        raise StorageError(
+            f"refusing {origin}: its name {relative!r} is absolute or has an empty, '.' or '..' segment (or a NUL "
+            f"byte), so it does not name a file inside {root}. Rename it (e.g. gs://bucket/a/b, not gs://bucket//a "
+            "or gs://bucket/a/../b)."
+        )
+    base = Path(root).resolve()
+    path = (base / relative).resolve()
+    if not path.is_relative_to(base) or path == base:  # e.g. through a symbolic link inside ``root``
+        raise StorageError(f"refusing {origin}: it maps to {path}, outside {base}. Remove the symbolic link there.")
+    return path
+
+
 def cached_download(uri: str, cache_dir: str | Path) -> Path:
     """Download ``uri`` under ``cache_dir`` unless an identical copy (same md5) is there."""
     bucket, name = split_uri(uri)
-    target = Path(cache_dir) / bucket / name
+    target = local_path(cache_dir, f"{bucket}/{name}", uri)
     remote = blob(uri)
     _call(uri, lambda: remote.reload(retry=RETRY))
     stamp = target.with_name(target.name + ".md5")

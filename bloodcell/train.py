@@ -370,8 +370,8 @@ def _load_checkpoint(model: keras.Model, ckpt_uri: str) -> dict:
         return {}
     state = storage.read_json(state_uri)
     with tempfile.TemporaryDirectory() as tmp:
-        saved = keras.models.load_model(
-            storage.download_file(storage.join(ckpt_uri, "last.keras"), Path(tmp, "last.keras"))
+        saved = keras.saving.load_model(
+            storage.download_file(storage.join(ckpt_uri, "last.keras"), Path(tmp, "last.keras")), safe_mode=True
         )
     model.set_weights(saved.get_weights())
     model.optimizer.build(model.trainable_variables)

@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import http.server
 import io
 import shutil
 import stat
 import struct
-import threading
 import time
 import zipfile
 import zlib
@@ -18,7 +16,7 @@ from PIL import Image
 
 from bloodcell import config, ingest, sources, split
 from bloodcell.errors import DataError
-from conftest import UNDECODABLE, make_sample
+from conftest import UNDECODABLE, http_server, make_sample
 
 
 def jpeg_bytes(color=(200, 80, 120), size=(40, 40)) -> bytes:
@@ -97,7 +95,7 @@ def test_zip_with_or_without_wrapper_folder(tmp_path):
     flat = zip_with(tmp_path / "flat.zip", files)
     wrapped = zip_with(tmp_path / "wrapped.zip", {f"PBC/{k}": v for k, v in files.items()})
     for archive in (flat, wrapped):
-        root = ingest.find_class_root(sources.fetch(str(archive), tmp_path / archive.stem))
+        root = ingest.find_class_root(sources.fetch(str(archive), tmp_path / archive.stem).folder)
         assert sorted(p.name for p in root.iterdir() if not p.name.startswith(".")) == ["a", "b"]
 
 
@@ -169,26 +167,13 @@ def test_plain_file_that_is_not_a_zip(tmp_path):
 
 
 def test_url_returning_html(tmp_path, monkeypatch):
-    class Handler(http.server.BaseHTTPRequestHandler):
-        def do_GET(self):
-            body = b"<html><body>Please log in</body></html>"
-            self.send_response(200)
-            self.send_header("Content-Type", "text/html; charset=utf-8")
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, *args):
-            pass
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
     monkeypatch.setenv("BLOODCELL_CACHE", str(tmp_path / "cache"))
-    try:
-        with pytest.raises(DataError, match=r"returned an HTML page, not a zip archive"):
-            sources.fetch(f"http://127.0.0.1:{server.server_port}/data.zip", tmp_path / "work")
-    finally:
-        server.shutdown()
+    page = b"<html><body>Please log in</body></html>"
+    with (
+        http_server({"/data.zip": (page, "text/html; charset=utf-8")}) as base,
+        pytest.raises(DataError, match=r"returned an HTML page, not a zip archive"),
+    ):
+        sources.fetch(f"{base}/data.zip", tmp_path / "work")
 
 
 def test_offline_download_fails_fast_with_a_hint(tmp_path, monkeypatch):
@@ -228,9 +213,11 @@ def test_the_undecodable_file_fails_to_decode_even_when_not_hidden(shared_data, 
 def test_ingest_then_split_is_cached_and_deterministic(services, sample_dataset):
     bucket = services["bucket"]
     first = ingest.ingest(str(sample_dataset), bucket)
-    again = ingest.ingest(str(sample_dataset), bucket)
+    content = ingest.content_sha256(ingest.find_class_root(sample_dataset))
+    again = ingest.ingest(str(sample_dataset), bucket, expected_sha256=content)  # a folder is pinned by its content
     assert (first.images, first.quarantined, first.cache_hit) == (240, 1, False)
     assert again.cache_hit and again.dataset_hash == first.dataset_hash
+    assert (first.source_sha256, again.source_sha256, first.source_sha256_of) == (content, content, "folder content")
     profile = config.resolve("smoke")
     one = split.split(first.dataset_uri, bucket, profile)
     two = split.split(first.dataset_uri, bucket, profile)
