@@ -33,11 +33,15 @@ DEFAULT_VGG16_WEIGHTS = os.environ.get("VGG16_WEIGHTS") or "imagenet"
 SUBSETS = ("train", "val", "test")  # in the order of Profile.split_ratio
 
 
+IMAGE_UID = 10001  # the image's non-root user and group (docker/Dockerfile)
+
 # What every step reads from its environment: on a cluster from ConfigMap `bloodcell-env`, in local
 # containers from the services `pipeline.py run` started.
-STEP_ENV = ("MLFLOW_TRACKING_URI", "STORAGE_EMULATOR_HOST", "MLFLOW_TRACKING_USERNAME")
+STEP_ENV = ("MLFLOW_TRACKING_URI", "STORAGE_EMULATOR_HOST")
+# The steps' MLflow login: on a cluster from Secret `bloodcell-mlflow`, locally from `pipeline.py run`.
+MLFLOW_CREDENTIAL_ENV = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")
 # Settings of this machine's environment that local containers get too.
-PASSED_ENV = ("BLOODCELL_MLFLOW_WAIT_S", "MLFLOW_TRACKING_PASSWORD", "GOOGLE_CLOUD_PROJECT")
+PASSED_ENV = ("BLOODCELL_MLFLOW_WAIT_S", "GOOGLE_CLOUD_PROJECT")
 
 
 @dataclass(frozen=True)
@@ -177,11 +181,13 @@ class ClusterSettings:
     gpu_node_selector: str = "cloud.google.com/gke-accelerator=nvidia-l4"  # key=value, "" for none
     gpu_toleration_key: str = "nvidia.com/gpu"
     env_config_map: str = "bloodcell-env"
+    mlflow_secret: str = "bloodcell-mlflow"  # MLFLOW_TRACKING_USERNAME/_PASSWORD of user `pipeline`
+    service_account: str = "bloodcell-pipeline"  # the pods' Kubernetes service account (set at submit)
     trainer_cpu: str = "4"
     trainer_memory: str = "24Gi"
     data_cpu: str = "2"
     data_memory: str = "8Gi"
-    retries: int = 3
+    trainer_retries: int = 3  # a preempted GPU node; the data steps' errors are the data's, so no retries
 
     @classmethod
     def from_env(cls) -> ClusterSettings:
@@ -286,10 +292,12 @@ __all__ = [
     "DEFAULT_IMAGE",
     "DEFAULT_VGG16_WEIGHTS",
     "IMAGE",
+    "IMAGE_UID",
     "MENDELEY_URL",
     "MENDELEY_ZIP_BYTES",
     "MODEL_NAMES",
     "ModelConfig",
+    "MLFLOW_CREDENTIAL_ENV",
     "PASSED_ENV",
     "PROFILES",
     "Profile",

@@ -23,7 +23,7 @@ from typing import Any
 from bloodcell import config
 from bloodcell.errors import BloodcellError
 
-IMAGE_UID = 10001  # the image's user (docker/Dockerfile)
+IMAGE_UID = config.IMAGE_UID
 LABEL_RUN = "org.bloodcell.run-id"
 LABEL_STATE = "org.bloodcell.state-dir"
 ENGINE_TIMEOUT_S = 10
@@ -115,7 +115,8 @@ def isolation(gid: int) -> dict[str, Any]:
         "security_opt": ["no-new-privileges"],
         "network_mode": "host",
         "init": True,
-        "tmpfs": {"/tmp": "rw,nosuid,nodev", "/home/bloodcell": f"rw,nosuid,nodev,uid={IMAGE_UID},gid={gid}"},
+        # The container's own /tmp, a tmpfs: nothing on the host.
+        "tmpfs": {"/tmp": "rw,nosuid,nodev", "/home/bloodcell": f"rw,nosuid,nodev,uid={IMAGE_UID},gid={gid}"},  # nosec B108
     }
 
 
@@ -171,7 +172,7 @@ def plan(
     ]
     mounts.append(Mount(target=str(cache), source=str(cache), type="bind"))
     environment = {
-        **{name: env[name] for name in config.STEP_ENV if env.get(name)},
+        **{name: env[name] for name in (*config.STEP_ENV, *config.MLFLOW_CREDENTIAL_ENV) if env.get(name)},
         **{name: os.environ[name] for name in config.PASSED_ENV if os.environ.get(name)},
         "BLOODCELL_CACHE": str(cache),
         "KERAS_HOME": str(cache / "keras"),

@@ -187,7 +187,8 @@ def finish(
         print(f"warning: MLflow logging failed in {line}")
     experiment_url = f"{summary['mlflow_tracking_uri']}/#/experiments"
     print(
-        f"MLflow UI: {experiment_url} (experiment {arguments['experiment']!r}); stop services: python pipeline.py stop"
+        f"MLflow UI: {experiment_url} (experiment {arguments['experiment']!r}; log in as `reader`, "
+        f"password in {state / 'mlflow-users.json'}); stop services: python pipeline.py stop"
     )
     return 0
 

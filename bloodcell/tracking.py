@@ -8,15 +8,15 @@ The model registry is :mod:`bloodcell.registry`; comparing runs, :mod:`bloodcell
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Callable
 from typing import Any
 
 import keras
 import mlflow
+import requests
 from mlflow.entities import Metric, Param
 from mlflow.tracking import MlflowClient
 
@@ -114,7 +114,7 @@ def code_version() -> str:
     try:
         return (
             subprocess.run(
-                ["git", "rev-parse", "--short", "HEAD"],
+                [shutil.which("git") or "git", "rev-parse", "--short", "HEAD"],
                 capture_output=True,
                 text=True,
                 timeout=5,
@@ -165,9 +165,8 @@ def server_answers(timeout_s: float = 2.0) -> bool:
     if not uri.startswith(("http://", "https://")):
         return True
     try:
-        with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout_s) as response:
-            return response.status == 200
-    except (OSError, urllib.error.URLError, ValueError):
+        return requests.get(f"{uri.rstrip('/')}/health", timeout=timeout_s).status_code == 200
+    except requests.RequestException:
         return False
 
 

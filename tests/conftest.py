@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import http.server
 import os
 import re
 import shutil
@@ -9,15 +11,46 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from bloodcell.services import free_port
+from bloodcell.services import MlflowUsers, free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = (ROOT / ".." / "shared" / "datasets" / "PBC_dataset_normal_DIB").resolve()
 UNDECODABLE = "neutrophil/.DS_169665.jpg"
+
+
+@contextlib.contextmanager
+def http_server(routes: dict[str, tuple[bytes, str]]) -> Iterator[str]:
+    """A plain HTTP server on 127.0.0.1 answering ``path -> (body, content type)``; yields its base URL."""
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            body, content_type = routes[self.path]
+            self.send_response(200)
+            self.send_header("Content-Type", content_type)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_port}"
+    finally:
+        server.shutdown()
+
+
+def mlflow_login(state: Path, user: str = "pipeline") -> dict[str, str]:
+    """The local MLflow login of the services in ``state`` (created now if they have not started yet)."""
+    users = MlflowUsers.load_or_create(state / "mlflow-users.json")
+    return {"MLFLOW_TRACKING_USERNAME": user, "MLFLOW_TRACKING_PASSWORD": getattr(users, user)}
 
 
 def found(pattern: str, text: str, flags: int = 0) -> re.Match:

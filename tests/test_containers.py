@@ -25,7 +25,7 @@ import pytest
 import yaml
 
 from bloodcell import config, containers
-from conftest import ROOT, UNDECODABLE, PipelineRun, free_port, plain
+from conftest import ROOT, UNDECODABLE, PipelineRun, free_port, mlflow_login, plain
 
 pytestmark = pytest.mark.containers
 IMAGE = os.environ.get("BLOODCELL_TEST_IMAGE") or config.DEFAULT_IMAGE
@@ -285,7 +285,7 @@ def test_every_task_runs_in_a_container_of_the_image(runs, engine):
         assert facts["image"] == IMAGE and facts["image_id"] == image_id, task
 
 
-def test_containers_give_the_results_of_local_processes(runs):
+def test_containers_give_the_results_of_local_processes(runs, monkeypatch):
     from google.cloud import storage as gcs
     from mlflow.tracking import MlflowClient
 
@@ -320,6 +320,8 @@ def test_containers_give_the_results_of_local_processes(runs):
         os.environ.pop("STORAGE_EMULATOR_HOST")
     assert "cache hit: these files were ingested before" in runs["local"][1]
 
+    for name, value in mlflow_login(runs["state"], "reader").items():
+        monkeypatch.setenv(name, value)
     client = MlflowClient(docker["mlflow_tracking_uri"])
     children = {}
     for summary in (docker, local):

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, SHARED_DATA, UNDECODABLE, free_port
+from conftest import ROOT, SHARED_DATA, UNDECODABLE, free_port, mlflow_login
 
 pytestmark = pytest.mark.integration
 TASKS = ["ingest", "split", "train-cnn1", "train-cnn2", "train-vgg16", "evaluate", "report"]
@@ -77,6 +77,8 @@ def clients(smoke_run, monkeypatch):
     services = json.loads((smoke_run["state"] / "services.json").read_text())
     gcs = next(s["url"] for s in services if s["name"] == "gcs")
     monkeypatch.setenv("STORAGE_EMULATOR_HOST", gcs)
+    for name, value in mlflow_login(smoke_run["state"], "reader").items():
+        monkeypatch.setenv(name, value)
     from google.cloud import storage
     from mlflow.tracking import MlflowClient
 
@@ -132,7 +134,11 @@ def test_mlflow_parent_run_has_three_nested_runs_with_test_accuracy(smoke_run, c
 
 def test_predict_loads_a_logged_model(smoke_run):
     summary = smoke_run["summary"]
-    env = {**smoke_run["env"], "MLFLOW_TRACKING_URI": summary["mlflow_tracking_uri"]}
+    env = {
+        **smoke_run["env"],
+        "MLFLOW_TRACKING_URI": summary["mlflow_tracking_uri"],
+        **mlflow_login(smoke_run["state"], "reader"),
+    }
     images = [str(SHARED_DATA / "basophil" / name) for name in sorted(os.listdir(SHARED_DATA / "basophil"))[:3]]
     command = [
         sys.executable,
