@@ -1,5 +1,6 @@
 # Run bloodcell on a real cluster: local cluster (kind/minikube) with Kubeflow Pipelines
-# standalone + MLflow, the image on its nodes, submission and UIs.
+# standalone (namespace kubeflow) + MLflow (namespace bloodcell), the images on its nodes,
+# MLflow's users, submission and UIs.
 # Included from the Makefile, or used alone (make -f cluster.mk ...); every variable can be
 # overridden on the command line, e.g. `make cluster-up CLUSTER=minikube` or
 # `make deploy OVERLAY=gke IMAGE=...`. Step by step: docs/cluster.md.
@@ -21,8 +22,9 @@ BUCKET ?=
 KUBECTL ?= kubectl
 KIND ?= kind
 MINIKUBE ?= minikube
-# Extra flags for `minikube start`, e.g. MINIKUBE_FLAGS="--gpus all".
-MINIKUBE_FLAGS ?= --cpus 6 --memory 12g --disk-size 60g
+# Flags for `minikube start`, e.g. MINIKUBE_FLAGS="--cni=calico --gpus all". Calico: minikube's default
+# network plugin does not enforce our NetworkPolicies.
+MINIKUBE_FLAGS ?= --cni=calico --cpus 6 --memory 12g --disk-size 60g
 # How long `deploy` waits for MLflow and PostgreSQL to become ready.
 ROLLOUT_TIMEOUT_S ?= 600
 
@@ -37,6 +39,8 @@ PIPELINE_ROOT ?= minio://mlpipeline/v2/artifacts
 endif
 
 KFP_NAMESPACE := kubeflow
+# MLflow, PostgreSQL and their Secrets (manifests/base/namespace.yaml).
+MLFLOW_NAMESPACE := bloodcell
 SSA := --server-side --force-conflicts --field-manager=bloodcell
 # The top-level makefile (the Makefile that includes us, or cluster.mk with -f).
 CLUSTER_TOP := $(firstword $(MAKEFILE_LIST))
@@ -47,15 +51,16 @@ KUBE_CONTEXT ?= $(CLUSTER_NAME)
 endif
 
 .PHONY: cluster-up cluster-down cluster-create kfp-install image-load mlflow-secret deploy \
-        render submit port-forward port-forward-kfp port-forward-mlflow
+        mlflow-users render submit port-forward port-forward-kfp port-forward-mlflow
 
-# kind (default) or minikube; then KFP, the image, the Secret and our overlay.
+# kind (default) or minikube; then KFP, the images, the Secrets, our overlay and MLflow's users.
 cluster-up:
 	$(MAKE) -f $(CLUSTER_TOP) cluster-create
 	$(MAKE) -f $(CLUSTER_TOP) kfp-install
 	$(MAKE) -f $(CLUSTER_TOP) image-load
 	$(MAKE) -f $(CLUSTER_TOP) mlflow-secret
 	$(MAKE) -f $(CLUSTER_TOP) deploy
+	$(MAKE) -f $(CLUSTER_TOP) mlflow-users
 	@echo "Ready: 'make port-forward' then KFP UI http://localhost:$(KFP_UI_PORT), MLflow http://localhost:$(MLFLOW_PORT)"
 
 # Creates the cluster, or reuses it; either way kubectl's context is switched to it, so
@@ -90,41 +95,61 @@ kfp-install:
 	$(KUBECTL) apply -k manifests/kfp
 	$(KUBECTL) -n $(KFP_NAMESPACE) wait --for=condition=Available --timeout=20m deployment --all
 
-# Put the locally built $(IMAGE) on the nodes (no registry needed). `docker save` + an archive
-# works with Docker's containerd image store too, where `kind load docker-image` fails (kind#3795).
-# An image that is not built here must come from a registry the nodes can reach.
+# Put the locally built $(IMAGE) and $(MLFLOW_IMAGE) on the nodes (no registry needed). `docker save`
+# + an archive works with Docker's containerd image store too, where `kind load docker-image` fails
+# (kind#3795). An image that is not built here must come from a registry the nodes can reach.
 image-load:
-	@if $(DOCKER) image inspect $(IMAGE) >/dev/null 2>&1; then \
-	  archive=$$(mktemp /tmp/bloodcell-image.XXXXXX.tar) && trap 'rm -f $$archive' EXIT && \
-	  $(DOCKER) save $(IMAGE) -o $$archive && \
-	  if [ "$(CLUSTER)" = kind ]; then $(KIND) load image-archive $$archive --name $(CLUSTER_NAME); \
-	  else $(MINIKUBE) -p $(CLUSTER_NAME) image load $$archive; fi; \
-	else \
-	  case "$(IMAGE)" in \
-	    *.*/*|*:*/*|localhost/*) echo "$(IMAGE) is not built here: the nodes will pull it from its registry";; \
-	    *) echo "error: image $(IMAGE) is not built here and names no registry: run 'make image' first" >&2; \
-	       exit 2;; \
-	  esac; \
-	fi
+	@set -e; for image in $(IMAGE) $(MLFLOW_IMAGE); do \
+	  if $(DOCKER) image inspect $$image >/dev/null 2>&1; then \
+	    archive=$$(mktemp /tmp/bloodcell-image.XXXXXX.tar) && trap 'rm -f $$archive' EXIT && \
+	    $(DOCKER) save $$image -o $$archive && \
+	    if [ "$(CLUSTER)" = kind ]; then $(KIND) load image-archive $$archive --name $(CLUSTER_NAME); \
+	    else $(MINIKUBE) -p $(CLUSTER_NAME) image load $$archive; fi; \
+	    rm -f $$archive; \
+	  else \
+	    case "$$image" in \
+	      *.*/*|*:*/*|localhost/*) echo "$$image is not built here: the nodes will pull it from its registry";; \
+	      *) echo "error: image $$image is not built here and names no registry: run 'make image image-mlflow' first" >&2; \
+	         exit 2;; \
+	    esac; \
+	  fi; \
+	done
 
-# Database credentials, generated once and never written to disk.
+# MLflow's Secrets in $(MLFLOW_NAMESPACE) (the namespace first), each generated once with random
+# values and never written to disk nor put on a command line (kubectl reads them from a pipe):
+#   mlflow-postgres  POSTGRES_USER, POSTGRES_PASSWORD (URL-safe), POSTGRES_DB
+#   mlflow-auth      MLFLOW_AUTH_ADMIN_USERNAME, MLFLOW_AUTH_ADMIN_PASSWORD (the MLflow admin,
+#                    created on MLflow's first start), MLFLOW_FLASK_SERVER_SECRET_KEY
 mlflow-secret:
-	@$(KUBECTL) -n $(KFP_NAMESPACE) get secret mlflow-postgres >/dev/null 2>&1 || \
-	  $(KUBECTL) -n $(KFP_NAMESPACE) create secret generic mlflow-postgres \
-	    --from-literal=POSTGRES_USER=mlflow \
-	    --from-literal=POSTGRES_PASSWORD="$$(openssl rand -hex 24)" \
-	    --from-literal=POSTGRES_DB=mlflow
+	@$(KUBECTL) apply $(SSA) -f manifests/base/namespace.yaml >/dev/null
+	@$(KUBECTL) -n $(MLFLOW_NAMESPACE) get secret mlflow-postgres >/dev/null 2>&1 || \
+	  $(KUBECTL) -n $(MLFLOW_NAMESPACE) create secret generic mlflow-postgres --from-env-file=<(printf \
+	    'POSTGRES_USER=mlflow\nPOSTGRES_PASSWORD=%s\nPOSTGRES_DB=mlflow\n' "$$(openssl rand -hex 24)")
+	@$(KUBECTL) -n $(MLFLOW_NAMESPACE) get secret mlflow-auth >/dev/null 2>&1 || \
+	  $(KUBECTL) -n $(MLFLOW_NAMESPACE) create secret generic mlflow-auth --from-env-file=<(printf \
+	    'MLFLOW_AUTH_ADMIN_USERNAME=admin\nMLFLOW_AUTH_ADMIN_PASSWORD=%s\nMLFLOW_FLASK_SERVER_SECRET_KEY=%s\n' \
+	    "$$(openssl rand -hex 24)" "$$(openssl rand -hex 32)")
 
-# The overlay with its image `bloodcell` set to $(IMAGE) (kustomize images:), on stdout.
+# MLflow's users through its REST API (a port-forward, as the admin of Secret mlflow-auth):
+# `pipeline` (EDIT on every experiment and model; Secret bloodcell-mlflow in $(KFP_NAMESPACE), keys
+# MLFLOW_TRACKING_USERNAME/PASSWORD, for the steps) and `reader` (read-only; Secret mlflow-reader in
+# $(MLFLOW_NAMESPACE)). Idempotent.
+mlflow-users:
+	KUBECTL="$(KUBECTL)" MLFLOW_NAMESPACE=$(MLFLOW_NAMESPACE) PIPELINE_NAMESPACE=$(KFP_NAMESPACE) \
+	  manifests/mlflow-users.sh
+
+# The overlay with its images `bloodcell` and `bloodcell-mlflow` set to $(IMAGE) and
+# $(MLFLOW_IMAGE) (kustomize images:), on stdout.
 render:
-	@manifests/render.sh "$(KUBECTL)" manifests/overlays/$(OVERLAY) "$(IMAGE)"
+	@manifests/render.sh "$(KUBECTL)" manifests/overlays/$(OVERLAY) "$(IMAGE)" "$(MLFLOW_IMAGE)"
 
-# Our objects (MLflow, PostgreSQL, bloodcell-env, ...) with $(IMAGE); then wait for them, and
-# stop within seconds, naming the fix, if the nodes cannot pull the image.
+# Our objects (namespace bloodcell with MLflow and PostgreSQL; bloodcell-env and the pipeline's
+# ServiceAccount in kubeflow, ...); then wait for them, and stop within seconds, naming the fix,
+# if the nodes cannot pull an image.
 deploy:
-	manifests/render.sh "$(KUBECTL)" manifests/overlays/$(OVERLAY) "$(IMAGE)" \
+	manifests/render.sh "$(KUBECTL)" manifests/overlays/$(OVERLAY) "$(IMAGE)" "$(MLFLOW_IMAGE)" \
 	  | $(KUBECTL) apply $(SSA) -f -
-	KUBECTL="$(KUBECTL)" manifests/wait-ready.sh $(KFP_NAMESPACE) $(ROLLOUT_TIMEOUT_S) \
+	KUBECTL="$(KUBECTL)" manifests/wait-ready.sh $(MLFLOW_NAMESPACE) $(ROLLOUT_TIMEOUT_S) \
 	  statefulset/mlflow-postgres deployment/mlflow
 
 submit: setup
@@ -134,12 +159,13 @@ submit: setup
 port-forward-kfp:
 	$(KUBECTL) -n $(KFP_NAMESPACE) port-forward svc/ml-pipeline-ui $(KFP_UI_PORT):80
 
+# A port-forward goes through the kubelet: MLflow's NetworkPolicy does not apply to it.
 port-forward-mlflow:
-	$(KUBECTL) -n $(KFP_NAMESPACE) port-forward svc/mlflow $(MLFLOW_PORT):5000
+	$(KUBECTL) -n $(MLFLOW_NAMESPACE) port-forward svc/mlflow $(MLFLOW_PORT):5000
 
 # Both UIs until Ctrl-C.
 port-forward:
 	@trap 'kill $$kfp $$mlf 2>/dev/null' EXIT INT TERM; \
 	$(KUBECTL) -n $(KFP_NAMESPACE) port-forward svc/ml-pipeline-ui $(KFP_UI_PORT):80 & kfp=$$!; \
-	$(KUBECTL) -n $(KFP_NAMESPACE) port-forward svc/mlflow $(MLFLOW_PORT):5000 & mlf=$$!; \
+	$(KUBECTL) -n $(MLFLOW_NAMESPACE) port-forward svc/mlflow $(MLFLOW_PORT):5000 & mlf=$$!; \
 	wait

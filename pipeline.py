@@ -25,16 +25,24 @@ from components import evaluate, ingest, report, split, trainer
 def place_on_cluster(
     settings: config.ClusterSettings, *data_tasks: dsl.PipelineTask, trainers: list[dsl.PipelineTask]
 ) -> None:
-    """Resources, GPU placement, retries and environment of a cluster run (local runs leave them out)."""
+    """Resources, GPU placement, retries, user and environment of a cluster run (local runs leave them out)."""
     for task in [*data_tasks, *trainers]:
         kubernetes.use_config_map_as_env(
             task, settings.env_config_map, {name: name for name in config.STEP_ENV}, optional=True
         )
-        task.set_retry(num_retries=settings.retries, backoff_duration="60s", backoff_factor=2)
+        if settings.mlflow_secret:  # "" for an MLflow without login
+            kubernetes.use_secret_as_env(
+                task, settings.mlflow_secret, {name: name for name in config.MLFLOW_CREDENTIAL_ENV}
+            )
+        kubernetes.set_security_context(
+            task, run_as_user=config.IMAGE_UID, run_as_group=config.IMAGE_UID, run_as_non_root=True
+        )
     for task in data_tasks:
         task.set_cpu_request(settings.data_cpu).set_cpu_limit(settings.data_cpu)
         task.set_memory_request(settings.data_memory).set_memory_limit(settings.data_memory)
     for task in trainers:
+        # A preempted GPU node is worth a retry; a data step's error is the data's and would only repeat.
+        task.set_retry(num_retries=settings.trainer_retries, backoff_duration="60s", backoff_factor=2)
         if settings.gpu_resource:  # "" runs the trainers on CPU nodes (e.g. a kind cluster)
             task.set_accelerator_type(settings.gpu_resource).set_accelerator_limit(1)
         task.set_cpu_request(settings.trainer_cpu).set_cpu_limit(settings.trainer_cpu)
@@ -58,9 +66,10 @@ def make_pipeline(image: str = config.DEFAULT_IMAGE, cluster: config.ClusterSett
         overrides: str = "{}",
         experiment: str = config.DEFAULT_EXPERIMENT,
         vgg16_weights: str = "imagenet",
+        data_sha256: str = "",
     ):
         common = {"bucket": bucket, "profile": profile, "overrides": overrides}
-        ingest_task = ingest(source=source, bucket=bucket, vgg16_weights=vgg16_weights)
+        ingest_task = ingest(source=source, bucket=bucket, vgg16_weights=vgg16_weights, data_sha256=data_sha256)
         split_task = split(dataset_uri=ingest_task.outputs["Output"], **common)
         trained = {
             name: trainer(name)(
@@ -113,6 +122,7 @@ def pipeline_arguments(args: argparse.Namespace, run_id: str) -> dict[str, str]:
         "overrides": overrides,
         "experiment": args.experiment,
         "vgg16_weights": args.vgg16_weights,
+        "data_sha256": args.data_sha256,
     }
 
 
@@ -158,6 +168,8 @@ def submit(args: argparse.Namespace) -> int:
         run_name=f"bloodcell-{run_id}",
         experiment_name=args.experiment,
         pipeline_root=args.pipeline_root,
+        # Our own account (manifests), not KFP's shared pipeline-runner, which may read Secrets in `kubeflow`.
+        service_account=config.ClusterSettings.from_env().service_account or None,
     )
     print(f"submitted run {run_id}: {args.host.rstrip('/')}/#/runs/details/{run.run_id}")
     return 0
@@ -172,6 +184,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     def run_options(sub: argparse.ArgumentParser, default_profile: str) -> None:
         options.add_profile(sub, default_profile)
         options.add_data(sub)
+        options.add_data_sha256(sub)
         options.add_vgg16_weights(sub)
         options.add_experiment(sub)
         options.add_bucket(sub)

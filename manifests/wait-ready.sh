@@ -17,8 +17,8 @@ for workload in "$@"; do
     pulling=$($kubectl -n "$namespace" get pods -o jsonpath='{range .items[*]}{range .status.containerStatuses[*]}{.image}{" "}{.state.waiting.reason}{"\n"}{end}{range .status.initContainerStatuses[*]}{.image}{" "}{.state.waiting.reason}{"\n"}{end}{end}' \
       | awk '$2 ~ /^(ErrImagePull|ImagePullBackOff|InvalidImageName)$/ {print $1 " (" $2 ")"; exit}')
     if [ -n "$pulling" ]; then
-      echo "error: the nodes cannot get image $pulling. For a local cluster: make image image-load;" \
-           "for a registry: make image-push IMAGE=... and grant the nodes pull access" \
+      echo "error: the nodes cannot get image $pulling. For a local cluster: make image image-mlflow image-load;" \
+           "for a registry: make image-push image-mlflow-push IMAGE=... and grant the nodes pull access" \
            "(GKE: roles/artifactregistry.reader); then make deploy again" >&2
       exit 1
     fi

