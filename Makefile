@@ -10,7 +10,7 @@ PYTEST_ARGS ?=
 # subprocess (default): each step a local process; docker: each step in a container of $(IMAGE) (make image)
 RUNNER ?=
 
-.PHONY: help run stop compile test test-faults test-containers lint lock clean
+.PHONY: help run stop compile test test-faults test-containers lint lock clean scan-venv
 
 help:
 	@echo "make run      install (.venv) and run the pipeline locally, laptop profile"
@@ -32,8 +32,21 @@ stop: setup
 compile: setup
 	$(PYTHON) pipeline.py compile --output pipeline.yaml
 
-test: setup
+test: setup scan-venv
 	$(PYTHON) -m pytest $(PYTEST_ARGS)
+
+# The static security scan's tools (checkov, bandit: pyproject's `scan` extra) in their own virtual
+# environment, from their own lock: checkov pins packages that our lock has at other versions.
+# tests/test_security_scan.py runs them from there.
+VENV_SCAN ?= .venv-scan
+SCAN_REQUIREMENTS = $(PYTHON_BOOT) -c "import tomllib; \
+  print(*tomllib.load(open('pyproject.toml', 'rb'))['project']['optional-dependencies']['scan'])"
+scan-venv: $(VENV_SCAN)/.installed
+$(VENV_SCAN)/.installed: pyproject.toml constraints-scan.txt
+	rm -rf $(VENV_SCAN) && $(PYTHON_BOOT) -m venv $(VENV_SCAN)
+	$(VENV_SCAN)/bin/python -m pip install --quiet --upgrade "pip>=24"
+	$(VENV_SCAN)/bin/python -m pip install --quiet -c constraints-scan.txt $$($(SCAN_REQUIREMENTS))
+	touch $@
 
 # ruff (lint and format check) and mypy over the package, components, pipeline.py and tests (pyproject.toml).
 lint: setup
@@ -50,6 +63,7 @@ test-containers: setup
 
 # Re-lock after changing pyproject.toml: resolves in a scratch venv and writes constraints.txt; the gpu
 # extra's own packages (CUDA wheels, resolved against that lock, not installed) are pinned after it.
+# The scan extra (checkov, bandit) is resolved alone, into constraints-scan.txt.
 LOCK_VENV := /tmp/bloodcell-lock
 lock:
 	rm -rf $(LOCK_VENV) && $(PYTHON_BOOT) -m venv $(LOCK_VENV)
@@ -58,6 +72,9 @@ lock:
 	$(LOCK_VENV)/bin/pip install --quiet --dry-run --ignore-installed --report $(LOCK_VENV)/gpu.json \
 	  -c constraints.txt ".[gpu]"
 	$(PYTHON_BOOT) docker/lock_extra.py $(LOCK_VENV)/gpu.json constraints.txt >> constraints.txt
+	rm -rf $(LOCK_VENV)-scan && $(PYTHON_BOOT) -m venv $(LOCK_VENV)-scan
+	$(LOCK_VENV)-scan/bin/pip install --quiet $$($(SCAN_REQUIREMENTS))
+	$(LOCK_VENV)-scan/bin/pip freeze --exclude pip > constraints-scan.txt
 
 clean:
 	rm -rf $(VENV) *.egg-info pipeline.yaml
