@@ -9,9 +9,18 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
 
 from bloodcell import config, errors, options
+from bloodcell.errors import BloodcellError
+
+# predict and compare answer a person: a service that does not answer is reported within seconds.
+INTERACTIVE_STORAGE_WAIT_S = 8
+INTERACTIVE_MLFLOW_SETTINGS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "8"}
 
 
 def _common(parser: argparse.ArgumentParser, run: bool = True, profile: bool = True) -> None:
@@ -89,7 +98,8 @@ def build_parser() -> argparse.ArgumentParser:
     options.add_experiment(p)
     p.add_argument("--last", type=int, default=10, help="how many recent pipeline runs (default 10)")
     p.add_argument("--json", action="store_true")
-    p.set_defaults(handler=_compare)
+    _local_services_option(p)
+    p.set_defaults(handler=_interactive(_compare))
 
     p = steps.add_parser("predict", help="classify image files or folders with a trained model")
     p.add_argument("paths", nargs="+")
@@ -100,8 +110,109 @@ def build_parser() -> argparse.ArgumentParser:
         help="treat each image's folder name as its true class; print accuracy and macro F1",
     )
     p.add_argument("--json", action="store_true", help="machine-readable output")
-    p.set_defaults(handler=_predict)
+    _local_services_option(p)
+    p.set_defaults(handler=_interactive(_predict))
     return parser
+
+
+def _local_services_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--state-dir",
+        default=os.environ.get("BLOODCELL_STATE_DIR", ".bloodcell"),
+        help="when neither MLFLOW_TRACKING_URI nor STORAGE_EMULATOR_HOST is set, use the local services "
+        "`pipeline.py run` started with this state directory, as user `reader` (default .bloodcell)",
+    )
+
+
+def _interactive(handler: Callable[[argparse.Namespace], Any]) -> Callable[[argparse.Namespace], Any]:
+    """``handler`` for a person at a terminal: local services found, unreachable ones named in seconds."""
+
+    def run(args: argparse.Namespace) -> Any:
+        from bloodcell import storage
+
+        _use_local_services(Path(args.state_dir))
+        predicting = handler is _predict
+        _check_services_answer(
+            mlflow=not predicting or args.model.startswith(("models:/", "runs:/")),
+            storage=predicting and not Path(args.model).is_file(),
+        )
+        storage.set_retry_deadline(INTERACTIVE_STORAGE_WAIT_S)
+        for name, value in INTERACTIVE_MLFLOW_SETTINGS.items():
+            os.environ.setdefault(name, value)
+        try:
+            return handler(args)
+        except Exception as exc:
+            error = _mlflow_error(exc)
+            if error is None:
+                raise
+            raise error from None
+
+    return run
+
+
+def _use_local_services(state_dir: Path) -> None:
+    if os.environ.get("MLFLOW_TRACKING_URI") or os.environ.get("STORAGE_EMULATOR_HOST"):
+        return  # the user chose the services
+    from bloodcell.services import client_env
+
+    found = client_env(state_dir)
+    if found:
+        os.environ.update(found)
+        named = ", ".join(f"{k}={v}" for k, v in found.items() if "PASSWORD" not in k)
+        print(f"using the local services of {state_dir}: {named}", file=sys.stderr)
+
+
+def _check_services_answer(mlflow: bool, storage: bool) -> None:
+    """Name the service that does not answer, in seconds and before loading TensorFlow."""
+    import requests
+
+    checks = {}
+    if storage:
+        checks["object storage"] = (os.environ.get("STORAGE_EMULATOR_HOST"), "/storage/v1/b")
+    if mlflow:
+        checks["MLflow"] = (os.environ.get("MLFLOW_TRACKING_URI"), "/health")
+        if not checks["MLflow"][0]:
+            raise BloodcellError(
+                "no MLflow server is set and none runs here: set MLFLOW_TRACKING_URI (and MLFLOW_TRACKING_USERNAME/"
+                "_PASSWORD), or pass --state-dir of a `python pipeline.py run` whose services run."
+            )
+    for service, (url, path) in checks.items():
+        if not url or not url.startswith(("http://", "https://")):
+            continue  # real GCS, or a file store: nothing to probe
+        try:
+            requests.get(url.rstrip("/") + path, timeout=3)
+        except requests.RequestException:
+            raise BloodcellError(
+                f"{service} does not answer at {url}: start it (locally, `python pipeline.py run` starts it) "
+                f"or point {'MLFLOW_TRACKING_URI' if service == 'MLflow' else 'STORAGE_EMULATOR_HOST'} elsewhere."
+            ) from None
+
+
+def _mlflow_error(exc: Exception) -> BloodcellError | None:
+    """A one-line error for MLflow's failures a user can fix (what to set), None for anything else."""
+    from mlflow.exceptions import MlflowException
+
+    if not isinstance(exc, MlflowException):
+        return None
+    uri = os.environ.get("MLFLOW_TRACKING_URI") or "unset"
+    text = str(exc)
+    if exc.error_code == "RESOURCE_DOES_NOT_EXIST" or "not found" in text.lower():
+        first = text.splitlines()[0][:200]
+        return BloodcellError(
+            f"not in MLflow at {uri}: {first}. Check the URI (`bloodcell compare` lists the runs' models) or set "
+            "MLFLOW_TRACKING_URI to the server that logged it."
+        )
+    if "401" in text or "403" in text or "PERMISSION_DENIED" in text or "UNAUTHENTICATED" in text:
+        return BloodcellError(
+            f"MLflow at {uri} refused the login: set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD "
+            "(locally: user reader, password in .bloodcell/mlflow-users.json)."
+        )
+    if "Max retries exceeded" in text or "Connection" in text or "timed out" in text.lower():
+        return BloodcellError(
+            f"MLflow does not answer at {uri}: start it (locally: python pipeline.py run starts it) "
+            "or set MLFLOW_TRACKING_URI."
+        )
+    return None
 
 
 def _steps():
@@ -128,9 +239,6 @@ def _predict(args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from bloodcell import tracking
-
-    tracking.configure_client()
     with errors.exits_on_user_error():
         result = args.handler(args)
     if result is not None:

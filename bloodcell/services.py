@@ -100,6 +100,10 @@ class LocalServices:
     def status(self) -> list[Service]:
         return self._running()
 
+    def recorded(self) -> list[Service]:
+        """What was started here, running or not (``status`` drops records of what has ended)."""
+        return self._load()
+
     def _ensure_bucket(self, url: str) -> None:
         """Create the bucket in the emulator (its JSON API) without touching this process's environment."""
         response = requests.post(
@@ -295,6 +299,24 @@ class MlflowUsers:
                 "permission": "EDIT",
             }
             _auth_call(url, "3.0/mlflow/users/permissions/grant", admin, grant)
+
+
+def client_env(state_dir: Path, user: str = READER_USER) -> dict[str, str]:
+    """What a client needs to use the local services ``pipeline.py run`` started in ``state_dir``.
+
+    Recorded services count even when they have stopped, so that the client can say which one does not
+    answer; no login when the users file is missing or not readable.
+    """
+    recorded = {s.name: s for s in LocalServices(state_dir, "").recorded()}
+    env = {}
+    if "gcs" in recorded:
+        env["STORAGE_EMULATOR_HOST"] = recorded["gcs"].url
+    if "mlflow" in recorded:
+        env["MLFLOW_TRACKING_URI"] = recorded["mlflow"].url
+        with contextlib.suppress(OSError, ValueError, TypeError):
+            users = MlflowUsers(**json.loads((Path(state_dir) / "mlflow-users.json").read_text()))
+            env |= {"MLFLOW_TRACKING_USERNAME": user, "MLFLOW_TRACKING_PASSWORD": getattr(users, user)}
+    return env
 
 
 def _auth_call(url: str, endpoint: str, admin: tuple[str, str], body: dict[str, str]) -> None:

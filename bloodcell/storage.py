@@ -46,6 +46,14 @@ def _retryable(exc: BaseException) -> bool:
 
 
 RETRY = DEFAULT_RETRY.with_predicate(_retryable).with_deadline(300)
+
+
+def set_retry_deadline(seconds: float) -> None:
+    """How long requests retry: pipeline steps ride out minutes of outage, interactive commands answer in seconds."""
+    global RETRY
+    RETRY = RETRY.with_deadline(seconds)
+
+
 UPLOAD_WORKERS = 8  # the client keeps 10 pooled connections per host
 
 
@@ -244,7 +252,13 @@ def _call(uri: str, action: Any) -> Any:
             "or your GCS credentials."
         ) from exc
     except gexc.NotFound as exc:
-        raise StorageError(f"not found in object storage: {uri} ({exc.message})") from exc
+        raise StorageError(f"not found in object storage: {uri}") from exc
+    except gexc.RetryError as exc:
+        where = os.environ.get("STORAGE_EMULATOR_HOST") or "Google Cloud Storage"
+        raise StorageError(
+            f"object storage ({where}) does not answer for {uri}: gave up after retrying ({exc.cause}). "
+            "Start it (locally: python pipeline.py run starts it) or check STORAGE_EMULATOR_HOST."
+        ) from exc
     except Exception as exc:  # API errors, exhausted retries, the client's InvalidResponse
         _raise_if_local_store_full(uri, exc)
         raise StorageError(f"object storage request for {uri} failed: {exc}") from exc

@@ -7,6 +7,7 @@ The model registry is :mod:`bloodcell.registry`; comparing runs, :mod:`bloodcell
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -17,7 +18,7 @@ from typing import Any
 import keras
 import mlflow
 import requests
-from mlflow.entities import Metric, Param
+from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param
 from mlflow.tracking import MlflowClient
 
 from bloodcell import storage
@@ -38,15 +39,30 @@ MODEL_TAG = "bloodcell.model"
 def configure_client() -> None:
     """Apply :data:`CLIENT_SETTINGS` to this process's MLflow client (values the user set win).
 
-    MLflow reads these settings from the environment at each request; every :class:`Tracker` and the
-    ``bloodcell`` command call this.
+    MLflow reads these settings from the environment at each request; every :class:`Tracker` calls this
+    (``bloodcell predict``/``compare`` use shorter ones of their own).
     """
     for name, value in CLIENT_SETTINGS.items():
         os.environ.setdefault(name, value)
 
 
+# MLflow's UI opens an experiment by its kind; without one it may open on the GenAI traces overview.
+EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
+
+
 def experiment_id(name: str) -> str:
-    return mlflow.set_experiment(name).experiment_id
+    experiment = mlflow.set_experiment(name)
+    for key, value in EXPERIMENT_KIND.items():
+        if experiment.tags.get(key) != value:
+            MlflowClient().set_experiment_tag(experiment.experiment_id, key, value)
+    return experiment.experiment_id
+
+
+def log_dataset(run_id: str, name: str, digest: str, source: str) -> None:
+    """Record the ingested dataset as ``run_id``'s training input (the UI's "Dataset" column)."""
+    dataset = Dataset(name=name, digest=digest, source_type="gcs", source=json.dumps({"uri": source}))
+    training = InputTag(key="mlflow.data.context", value="training")
+    MlflowClient().log_inputs(run_id, datasets=[DatasetInput(dataset, tags=[training])])
 
 
 def parent_run(experiment: str, pipeline_run_id: str, run_uri: str, tags: dict[str, str] | None = None) -> str:
@@ -95,6 +111,10 @@ def model_run(experiment: str, pipeline_run_id: str, parent_run_id: str, model: 
             "mlflow.parentRunId": parent_run_id,
         },
     )
+    client = MlflowClient()
+    inputs = client.get_run(parent_run_id).inputs
+    if inputs and inputs.dataset_inputs:  # the same data, shown on each model's run too
+        client.log_inputs(run.info.run_id, datasets=inputs.dataset_inputs)
     return run.info.run_id
 
 

@@ -2,6 +2,7 @@
 
 import threading
 import time
+import uuid
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import mlflow
@@ -52,3 +53,27 @@ def test_await_server_waits_for_a_returning_server_and_gives_up_after_its_bound(
     assert not tracker.await_server(wait_s=2)
     assert time.monotonic() - started < 10
     assert tracker.await_server(wait_s=0) is False
+
+
+def test_experiment_opens_on_training_runs_and_runs_show_their_dataset(services):
+    """The UI opens a tagged experiment on its runs (not GenAI traces) and lists each run's dataset."""
+    from mlflow.tracking import MlflowClient
+
+    mlflow.set_tracking_uri(services["env"]["MLFLOW_TRACKING_URI"])
+    name = f"kind-{uuid.uuid4().hex[:8]}"
+    experiment = tracking.experiment_id(name)
+    client = MlflowClient()
+    assert client.get_experiment(experiment).tags["mlflow.experimentKind"] == "custom_model_development"
+    parent = client.create_run(experiment).info.run_id
+    for _ in range(2):  # several steps log it; the run keeps one input
+        tracking.log_dataset(parent, "PBC_dataset_normal_DIB", "0123456789abcdef", "gs://b/datasets/0123456789abcdef")
+    child = tracking.model_run(name, "pipeline-run", parent, "cnn1")
+    for run_id in (parent, child):
+        inputs = client.get_run(run_id).inputs
+        assert inputs is not None
+        (dataset_input,) = inputs.dataset_inputs
+        assert (dataset_input.dataset.name, dataset_input.dataset.digest) == (
+            "PBC_dataset_normal_DIB",
+            "0123456789abcdef",
+        )
+        assert {t.key: t.value for t in dataset_input.tags}["mlflow.data.context"] == "training"
