@@ -73,7 +73,9 @@ def train(
     cfg = profile.model(model_name)
     keras.utils.set_random_seed(profile.seed)
     precision = hardware.apply_precision(profile.precision)
+    loading = time.perf_counter()
     data = TrainingData.load(arrays_uri)
+    loading = time.perf_counter() - loading
     mlflow_run_id = open_model_run(tracker, experiment, pipeline_run_id, mlflow_parent_run_id, model_name)
     print(
         f"training {model_name}: {len(data.train[0])} train / {len(data.val[0])} val images at "
@@ -112,11 +114,14 @@ def train(
         mlflow_run_id=mlflow_run_id,
         mlflow_model_uri=None,
     )
+    storing = time.perf_counter()
     if mlflow_run_id:
         result = log_trained_model(result, model, tracker, epoch_logger)
     store(model, history, result, out_uri)
+    storing = time.perf_counter() - storing
     print(
-        f"{model_name}: {epochs} epochs in {seconds:.0f} s; stored {result.model_uri}; "
+        f"{model_name}: {epochs} epochs in {seconds:.0f} s (arrays loaded in {loading:.1f} s, model logged and "
+        f"stored in {storing:.1f} s); stored {result.model_uri}; "
         f"MLflow model {result.mlflow_model_uri}"
     )
     return result
@@ -147,14 +152,20 @@ def fit_model(
     data: TrainingData,
     ckpt_uri: str,
     vgg16_weights: str,
-    epoch_logger: tracking.EpochMetricsLogger,
+    epoch_logger: tracking.EpochMetricsLogger | None = None,
 ) -> tuple[keras.Model, dict[str, list[float]]]:
     """Build ``model_name`` and train it with its recipe; the model and the history of all epochs."""
     n_classes = len(data.classes)
     if model_name == "vgg16":
-        model = models.build_model(
-            "vgg16", n_classes, cfg.image_size, augment=False, weights=resolve_vgg16_weights(vgg16_weights)
-        )
+        weights = resolve_vgg16_weights(vgg16_weights)
+        print(f"vgg16 path: {vgg16_path(vgg16_weights)} ({VGG16_PATHS[vgg16_path(vgg16_weights)]})")
+        if weights is None:
+            cfg = scratch_config(cfg)
+            model = models.build_model(
+                "vgg16", n_classes, cfg.image_size, augment=cfg.augment, weights=None, width=cfg.scratch_width
+            )
+            return model, fit_vgg16_from_scratch(model, cfg, data, ckpt_uri, epoch_logger)
+        model = models.build_model("vgg16", n_classes, cfg.image_size, augment=False, weights=weights)
         return model, fit_vgg16(model, cfg, data, ckpt_uri, epoch_logger)
     model = models.build_model(model_name, n_classes, cfg.image_size, augment=cfg.augment)
     compile_model(model, learning_rate(cfg, len(data.train[0])))
@@ -198,6 +209,8 @@ def training_params(
     vgg16_weights: str,
 ) -> dict:
     """Every training choice, as MLflow params: the ones this model's recipe really uses."""
+    from_scratch = model_name == "vgg16" and vgg16_path(vgg16_weights) == "from_scratch"
+    cfg = scratch_config(cfg) if from_scratch else cfg
     params = {
         **asdict(cfg),
         "precision": precision,
@@ -212,20 +225,34 @@ def training_params(
         f"{cfg.early_stopping_start + 1}, restore best",
         "input_pipeline": feeding.describe(),
     }
-    if model_name == "vgg16":
+    if from_scratch:
         params.update(
+            vgg16_path="from_scratch",
+            vgg16_weights=vgg16_weights,
+            fine_tune_epochs=0,
+            architecture=f"VGG16 layout (13 3x3 convs in 5 blocks, He init) at {cfg.scratch_width:g}x its "
+            "channels, batch norm after every conv, pooled dropout head",
+            batch_norm=True,
+            augmentation=_augmentation(cfg),
+            input_scaling="rescale 1/255",
+            training=VGG16_PATHS["from_scratch"],
+        )
+    elif model_name == "vgg16":
+        params.update(
+            vgg16_path="frozen_then_fine_tune",
             augment=False,
             augmentation="none: both phases train on features the frozen layers computed once",
             input_scaling="vgg16 preprocess (BGR, ImageNet channel means)",
             vgg16_weights=vgg16_weights,
-            training="phase 1: head on frozen blocks 1-5; phase 2: block 5 and head, blocks 1-4 frozen",
+            training=VGG16_PATHS["frozen_then_fine_tune"],
         )
     else:
-        params.update(
-            augmentation="RandomSymmetry: one of the 8 right-angle symmetries per image" if cfg.augment else "none",
-            input_scaling="rescale 1/255",
-        )
+        params.update(augmentation=_augmentation(cfg), input_scaling="rescale 1/255")
     return params
+
+
+def _augmentation(cfg: ModelConfig) -> str:
+    return "RandomSymmetry: one of the 8 right-angle symmetries per image" if cfg.augment else "none"
 
 
 def _log_results(run_id: str, result: TrainResult) -> None:
@@ -426,6 +453,49 @@ def fit_vgg16(
         history = {k: history.get(k, []) + tune_history.get(k, []) for k in set(history) | set(tune_history)}
     compile_model(model, cfg.fine_tune_learning_rate)
     return history
+
+
+def fit_vgg16_from_scratch(
+    model: keras.Model,
+    cfg: ModelConfig,
+    data: TrainingData,
+    ckpt_uri: str,
+    epoch_logger: tracking.EpochMetricsLogger | None = None,
+) -> dict[str, list[float]]:
+    """Train every layer of a :func:`models.vgg16_from_scratch` model on the (augmented) images, in one phase.
+
+    ``cfg`` is the :func:`scratch_config` of the vgg16 settings.
+    """
+    compile_model(model, learning_rate(cfg, len(data.train[0])))
+    return fit(
+        model, data.train, data.val, cfg, cfg.epochs, storage.join(ckpt_uri, "scratch"), epoch_logger=epoch_logger
+    )
+
+
+def scratch_config(cfg: ModelConfig) -> ModelConfig:
+    """The vgg16 settings as the from-scratch path uses them: its own epochs and rate, warm-up + cosine decay.
+
+    Early stopping watches the second half only: while the rate is high, batch norm's moving statistics lag
+    behind the weights and the validation loss says little.
+    """
+    return replace(
+        cfg,
+        epochs=cfg.scratch_epochs,
+        learning_rate=cfg.scratch_learning_rate,
+        lr_schedule="cosine",
+        early_stopping_start=max(cfg.early_stopping_start, cfg.scratch_epochs // 2),
+    )
+
+
+VGG16_PATHS = {
+    "from_scratch": "no pretrained weights: every layer trains from random weights, on augmented images",
+    "frozen_then_fine_tune": "phase 1: head on frozen blocks 1-5; phase 2: block 5 and head, blocks 1-4 frozen",
+}
+
+
+def vgg16_path(weights: str) -> str:
+    """How vgg16 trains with ``--vgg16-weights weights``: a key of :data:`VGG16_PATHS`."""
+    return "from_scratch" if weights in ("none", "") else "frozen_then_fine_tune"
 
 
 def resolve_vgg16_weights(weights: str) -> str | None:

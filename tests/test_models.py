@@ -62,6 +62,29 @@ def test_augmentation_gives_each_image_a_random_right_angle_symmetry():
     np.testing.assert_array_equal(models.augmentation()(image, training=False), image)
 
 
+def test_vgg16_from_scratch_keeps_the_vgg16_layout_at_a_width():
+    """13 3x3 convolutions in 5 pooled blocks, named and shaped as Keras' VGG16, batch-normalised; all trainable."""
+    model = models.build_model("vgg16", 8, 48, weights=None, width=0.25)
+    reference = keras.applications.VGG16(include_top=False, weights=None, input_shape=(48, 48, 3))
+    convs, reference_convs = (
+        [layer for layer in m.layers if isinstance(layer, keras.layers.Conv2D)] for m in (model, reference)
+    )
+    assert [c.name for c in convs] == [c.name for c in reference_convs]
+    assert [c.filters for c in convs] == [c.filters // 4 for c in reference_convs]
+    assert all(c.kernel_size == (3, 3) for c in convs)
+    assert sum(isinstance(layer, models.BatchNorm) for layer in model.layers) == 13
+    assert [layer.name for layer in model.layers if "pool" in layer.name] == [f"block{i}_pool" for i in range(1, 6)]
+    assert all(layer.trainable for layer in model.layers)
+
+
+def test_vgg16_with_a_weights_file_is_the_frozen_transfer_model(tmp_path: Path):
+    weights = tmp_path / "vgg16_notop.weights.h5"
+    keras.applications.VGG16(include_top=False, weights=None, input_shape=(32, 32, 3)).save_weights(weights)
+    model = models.build_model("vgg16", 8, 32, augment=False, weights=str(weights))
+    assert not model.get_layer("vgg16_stem").trainable and not model.get_layer("vgg16_block5").trainable
+    assert model.get_layer("head").trainable
+
+
 def test_vgg16_weights_check_is_fast_and_names_the_options(tmp_path, monkeypatch):
     monkeypatch.setenv("KERAS_HOME", str(tmp_path))
     models.check_vgg16_weights("none")
