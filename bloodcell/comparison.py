@@ -20,6 +20,7 @@ COLUMNS = {  # column: number format
     "image_size": "",
     "epochs": "",
     "train_minutes": ".1f",
+    "images_per_s": ",.0f",  # test-set inference speed
 }
 
 
@@ -54,6 +55,7 @@ def compare(experiment: str, last: int = 10) -> list[dict[str, Any]]:
                     "image_size": params.get("image_size"),
                     "epochs": params.get("epochs_run"),
                     "train_minutes": (metrics.get("train_seconds") or 0) / 60 or None,
+                    "images_per_s": metrics.get("test_inference_images_per_second"),
                     "mlflow_run_id": child.info.run_id,
                 }
             )

@@ -1,7 +1,9 @@
 """Evaluate trained models on the test split with scikit-learn metrics.
 
 Per model: ``<run_uri>/metrics/<model>.json`` (metrics, confusion matrix, per-class report) and
-``<run_uri>/metrics/<model>_predictions.npz`` (true labels and probabilities, for the report).
+``test_predictions.npz`` beside the model (true labels and probabilities, for the report). The
+combined model (:mod:`bloodcell.ensemble`), chosen on the validation split, is built from the trained
+models first and evaluated exactly like them.
 """
 
 from __future__ import annotations
@@ -9,6 +11,7 @@ from __future__ import annotations
 import io
 import tempfile
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import keras
@@ -16,7 +19,8 @@ import mlflow
 import numpy as np
 from sklearn import metrics as skm
 
-from bloodcell import arrays, feeding, models, plots, storage, tracking  # noqa: F401 - models registers custom layers
+from bloodcell import arrays, ensemble, feeding, models, plots, storage, tracking  # noqa: F401 - custom layers
+from bloodcell.config import ENSEMBLE_NAME
 
 INFERENCE_BATCH = 128
 
@@ -28,7 +32,7 @@ def evaluate(trained: list[dict], run_uri: str, tracker: tracking.Tracker | None
     """
     tracker = tracker or tracking.Tracker(run_uri, "evaluate")
     results = {}
-    for info in trained:
+    for info in with_ensemble(trained, run_uri, tracker):
         result = evaluate_one(info)
         name = info["model"]
         result["metrics_uri"] = storage.write_json(result, storage.join(run_uri, "metrics", f"{name}.json"))
@@ -39,6 +43,14 @@ def evaluate(trained: list[dict], run_uri: str, tracker: tracking.Tracker | None
     return results
 
 
+def with_ensemble(trained: list[dict], run_uri: str, tracker: tracking.Tracker) -> list[dict]:
+    """``trained`` and, from two trained models on, the record of their combined model (built now,
+    or already built by an earlier evaluation of this run)."""
+    if len(trained) < 2:
+        return trained
+    return [*trained, asdict(ensemble.build(trained, run_uri, tracker))]
+
+
 def evaluate_one(info: dict) -> dict:
     """Test-split metrics of one trained model, its inference speed and size; predictions stored beside it."""
     x_test, y_test = arrays.load(info["arrays_uri"], "test")
@@ -46,9 +58,10 @@ def evaluate_one(info: dict) -> dict:
         path = storage.download_file(info["model_uri"], Path(tmp, "model.keras"))
         size_bytes = path.stat().st_size
         model = keras.saving.load_model(path, safe_mode=True)
-    feeding.predict(model, x_test[:INFERENCE_BATCH], INFERENCE_BATCH)  # warm-up
+    batch = ensemble.inference_batch(model, INFERENCE_BATCH)  # the combined model: 8 symmetries per image
+    feeding.predict(model, x_test[:batch], batch)  # warm-up
     started = time.perf_counter()
-    probabilities = feeding.predict(model, x_test, INFERENCE_BATCH)
+    probabilities = feeding.predict(model, x_test, batch)
     seconds = time.perf_counter() - started
     result = classification_metrics(y_test, probabilities, info["classes"])
     result.update(
@@ -65,6 +78,8 @@ def evaluate_one(info: dict) -> dict:
             "mlflow_model_uri": info["mlflow_model_uri"],
         }
     )
+    if info["model"] == ENSEMBLE_NAME:
+        result.update({key: info[key] for key in ("members", "description", "tta", "resize", "val_accuracy")})
     buffer = io.BytesIO()
     np.savez_compressed(buffer, y_true=y_test, probabilities=probabilities)
     model_dir = info["model_uri"].rsplit("/", 1)[0]

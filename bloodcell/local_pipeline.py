@@ -180,7 +180,12 @@ def finish(
     summary_path.parent.mkdir(parents=True, exist_ok=True)
     summary_path.write_text(json.dumps(summary, indent=2))
     for name, model in summary["models"].items():
-        print(f"  {name:6} test accuracy {model['test_accuracy']:.2%}  macro F1 {model['macro_f1']:.4f}")
+        speed = model.get("inference_images_per_second")  # absent in a summary from an older image
+        print(
+            f"  {name:8} test accuracy {model['test_accuracy']:.2%}  macro F1 {model['macro_f1']:.4f}"
+            + (f"  {speed:,.0f} images/s" if speed else "")
+            + (f"  (members: {', '.join(model['members'])})" if "members" in model else "")
+        )
     print(f"report: {summary['report_uri']} (local copy: {report_copy})")
     print(f"summary: {summary_path}")
     for line in tracking.describe_failures(summary.get("tracking_failures", {})):

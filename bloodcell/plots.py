@@ -41,9 +41,13 @@ def comparison(results: dict[str, dict], best: str) -> bytes:
 
 
 def confusion_matrices(results: dict[str, dict]) -> bytes:
-    fig, axes = plt.subplots(1, len(results), figsize=(6.2 * len(results), 5.4), squeeze=False)
-    fig.subplots_adjust(wspace=0.45)
-    for ax, (name, result) in zip(axes[0], results.items(), strict=True):
+    rows = -(-len(results) // 3)  # at most 3 a row: 4 models (3 trained and the combined one) in 2 x 2
+    columns = -(-len(results) // rows)
+    fig, axes = plt.subplots(rows, columns, figsize=(6.2 * columns, 5.4 * rows), squeeze=False)
+    fig.subplots_adjust(wspace=0.45, hspace=0.55)
+    for ax in axes.flat[len(results) :]:
+        ax.axis("off")
+    for ax, (name, result) in zip(axes.flat, results.items(), strict=False):  # maybe more axes than models
         matrix = np.array(result["confusion_matrix"])
         normalized = matrix / np.maximum(matrix.sum(axis=1, keepdims=True), 1)
         sns.heatmap(

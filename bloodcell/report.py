@@ -16,7 +16,7 @@ import mlflow
 from tabulate import tabulate
 
 from bloodcell import plots, registry, storage, tracking
-from bloodcell.config import SUBSETS
+from bloodcell.config import ENSEMBLE_NAME, SUBSETS
 
 SECTIONS = [
     ("comparison", "Model comparison"),
@@ -58,7 +58,7 @@ def build_report(
     are listed in the report and the summary. ``summary["registry"]`` is the registry outcome.
     """
     tracker = tracker or tracking.Tracker(run_uri, "report")
-    histories = {name: storage.read_json(storage.join(run_uri, "models", name, "history.json")) for name in results}
+    histories = training_histories(run_uri, results)
     counts = storage.read_json(storage.join(split_uri, "counts.json"))
     split = storage.read_json(storage.join(split_uri, "split.json"))
     manifest = storage.read_json(storage.join(split["dataset_uri"], "manifest.json"))
@@ -84,16 +84,7 @@ def build_report(
         "report_uri": html_uri,
         "report_markdown_uri": markdown_uri,
         "best_model": best,
-        "models": {
-            n: {
-                "test_accuracy": r["accuracy"],
-                "macro_f1": r["macro_f1"],
-                "model_uri": r["mlflow_model_uri"],
-                "bucket_model_uri": r["model_uri"],
-                "mlflow_run_id": r["mlflow_run_id"],
-            }
-            for n, r in results.items()
-        },
+        "models": {n: summary_row(r) for n, r in results.items()},
     }
     parent = summary.get("mlflow_parent_run_id")
     if parent:
@@ -105,6 +96,27 @@ def build_report(
         summary["tracking_failures"] = {**summary["tracking_failures"], "report": list(tracker.failures.values())}
     storage.write_json(summary, storage.join(run_uri, "summary.json"))
     return Report(html_uri, markdown_uri, summary, page, markdown)
+
+
+def training_histories(run_uri: str, results: dict[str, dict]) -> dict[str, dict]:
+    """The training history of each trained model (the combined model has none: it is not trained)."""
+    uris = {name: storage.join(run_uri, "models", name, "history.json") for name in results}
+    return {name: storage.read_json(uri) for name, uri in uris.items() if storage.exists(uri)}
+
+
+def summary_row(result: dict) -> dict[str, Any]:
+    """A model's entry in the run summary; the combined model's also names its members."""
+    row = {
+        "test_accuracy": result["accuracy"],
+        "macro_f1": result["macro_f1"],
+        "inference_images_per_second": result["inference_images_per_second"],
+        "model_uri": result["mlflow_model_uri"],
+        "bucket_model_uri": result["model_uri"],
+        "mlflow_run_id": result["mlflow_run_id"],
+    }
+    if result["model"] == ENSEMBLE_NAME:
+        row.update({key: result[key] for key in ("members", "description", "tta", "resize", "val_accuracy")})
+    return row
 
 
 def _log_report(parent: str, page: str, markdown: str, results: dict, manifest: dict, best: str) -> None:
@@ -133,13 +145,26 @@ def comparison_rows(results: dict[str, dict], best: str) -> list[dict[str, str]]
             "ROC AUC (ovr)": f"{r['roc_auc_ovr']:.4f}",
             "params": f"{r['params']:,}",
             "input": f"{r['image_size']}px",
-            "epochs": str(r["epochs"]),
+            "epochs": str(r["epochs"]) if r["model"] != ENSEMBLE_NAME else "-",
             "training time": _duration(r["train_seconds"]),
             "inference images/s": f"{r['inference_images_per_second']:,.0f}",
             "size": f"{r['model_size_bytes'] / 2**20:.1f} MiB",
         }
         for r in ordered
     ]
+
+
+def describe_ensemble(results: dict[str, dict]) -> str:
+    """What the combined model is and how it was chosen, in a sentence ("" without one)."""
+    if ENSEMBLE_NAME not in results:
+        return ""
+    r = results[ENSEMBLE_NAME]
+    return (
+        f"{ENSEMBLE_NAME} is {r['description']}: one model file taking {r['image_size']}px images, each "
+        f"member shrinking them inside. How it combines them was chosen on the validation split (validation "
+        f"accuracy {r['val_accuracy']:.2%}), never on test; its training time is the time it took to choose "
+        f"and build it."
+    )
 
 
 def _duration(seconds: float) -> str:
@@ -184,6 +209,7 @@ def page_context(results: dict[str, dict], counts: dict, manifest: dict, best: s
         "parent_run_id": summary.get("mlflow_parent_run_id"),
         "columns": list(rows[0]),
         "rows": [list(r.values()) for r in rows],
+        "ensemble": describe_ensemble(results),
         "registry": registry.describe(summary.get("registry", {"error": "not attempted"})),
         "tracking_failures": tracking.describe_failures(summary.get("tracking_failures", {})),
         "sections": SECTIONS,

@@ -118,7 +118,8 @@ def train(
 
 def fill_model_artifact(artifact: Any, result: dict) -> None:
     """A kfp ``Model`` output: the trained model.keras itself, its training record as metadata."""
-    storage.download_file(result["model_uri"], artifact.path)
+    with errors.exits_on_user_error("error in step train"):  # e.g. a full disk, reported like the step's own
+        storage.download_file(result["model_uri"], artifact.path)
     artifact.metadata.update(result, format="keras", runtime=runtime())
 
 
@@ -151,6 +152,14 @@ def open_parent_run(
     )
     if parent:
         tracker.attempt(
+            "log the dataset",
+            tracking.log_dataset,
+            parent,
+            manifest.get("source", dataset_uri).rstrip("/").rsplit("/", 1)[-1],
+            dataset_uri.rstrip("/").rsplit("/", 1)[-1],  # the content hash the bucket keys it by
+            dataset_uri,
+        )
+        tracker.attempt(
             "log the profile params",
             _log_parent_params,
             parent,
@@ -174,7 +183,8 @@ def _log_parent_params(parent: str, params: dict) -> None:
 
 @user_errors
 def evaluate(bucket: str, run_id: str, models: list[str] | None = None, trained: list[dict] | None = None) -> dict:
-    """Evaluate the ``trained`` models (training records), or those of ``models`` stored in run ``run_id``."""
+    """Evaluate the ``trained`` models (training records), or those of ``models`` stored in run ``run_id``,
+    and their combined model (built now from two models on, chosen on the validation split)."""
     from bloodcell import evaluate as evaluate_lib
     from bloodcell import tracking
 
@@ -209,9 +219,7 @@ def report(
     parent_run = mlflow_parent_run_id or open_parent_run(
         split_uri, bucket, run_id, settings, overrides, experiment, tracker
     )
-    metrics_uris = metrics_uris or {
-        name: storage.join(base, "metrics", f"{name}.json") for name in models or config.MODEL_NAMES
-    }
+    metrics_uris = metrics_uris or evaluated(base, models or config.MODEL_NAMES)
     results = {name: storage.read_json(uri) for name, uri in metrics_uris.items()}
     best = results[report_lib.best_model(results)]
     summary = {
@@ -225,3 +233,10 @@ def report(
         "registry": registry.register_run_best(best, run_id, tracker),
     }
     return report_lib.build_report(base, split_uri, results, summary, tracker).summary
+
+
+def evaluated(base: str, models: list[str] | tuple[str, ...]) -> dict[str, str]:
+    """The metrics of ``models`` in run ``base``, and of their combined model if evaluate built one."""
+    uris = {name: storage.join(base, "metrics", f"{name}.json") for name in models}
+    combined = storage.join(base, "metrics", f"{config.ENSEMBLE_NAME}.json")
+    return {**uris, config.ENSEMBLE_NAME: combined} if storage.exists(combined) else uris

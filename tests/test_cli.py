@@ -68,3 +68,21 @@ def test_a_stopped_service_is_named_in_one_line(local_services, service, message
 def test_without_services_or_settings_compare_says_what_to_set(tmp_path):
     code, _, errors = bloodcell("compare", state=tmp_path / "nothing")
     assert code == 2 and "set MLFLOW_TRACKING_URI" in errors
+
+
+def test_a_full_disk_while_filling_the_model_artifact_is_the_train_steps_one_line(tmp_path, monkeypatch, capsys):
+    """The train component stores its Model artifact after the step: a full disk there reads like the step's."""
+    import errno
+    from types import SimpleNamespace
+
+    from bloodcell import steps, storage
+
+    def no_space(uri, path):
+        raise storage.disk_full_error(tmp_path, f"while transferring {uri}") from OSError(errno.ENOSPC, "full")
+
+    monkeypatch.setattr(storage, "download_file", no_space)
+    artifact = SimpleNamespace(path=str(tmp_path / "model"), metadata={})
+    with pytest.raises(SystemExit) as exit_info:
+        steps.fill_model_artifact(artifact, {"model_uri": "gs://b/runs/r/models/cnn1/model.keras"})
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.startswith("error in step train: no space left on device")

@@ -122,6 +122,48 @@ def test_html_report_has_every_section_with_embedded_images():
     assert "- `b/.DS_1.jpg`: hidden file" in markdown
 
 
+def with_combined_model(results: dict[str, dict]) -> dict[str, dict]:
+    y_true, probabilities = fixed_predictions()
+    combined = evaluate.classification_metrics(y_true, probabilities, CLASSES)
+    combined.update(
+        {
+            **{k: results["cnn1"][k] for k in ("params", "image_size", "model_size_bytes")},
+            "model": "ensemble",
+            "train_seconds": 12.0,
+            "epochs": 0,
+            "inference_images_per_second": 60.0,
+            "members": ["cnn1", "cnn2"],
+            "description": "the average of cnn1 (shrunk by area, averaged over the 8 symmetries) and cnn2",
+            "tta": {"cnn1": True, "cnn2": False},
+            "resize": {"cnn1": "area", "cnn2": None},
+            "val_accuracy": 0.975,
+            "mlflow_model_uri": "models:/m-1",
+            "model_uri": "gs://b/runs/r/models/ensemble/model.keras",
+            "mlflow_run_id": "abc",
+        }
+    )
+    return {**results, "ensemble": combined}
+
+
+def test_the_combined_model_is_a_row_like_the_trained_models():
+    results = with_combined_model(synthetic_results())
+    rows = {row["model"].removesuffix(" (best)"): row for row in report.comparison_rows(results, "ensemble")}
+    assert set(rows) == {"cnn1", "cnn2", "vgg16", "ensemble"}
+    assert rows["ensemble"]["epochs"] == "-" and rows["ensemble"]["inference images/s"] == "60"
+    sentence = report.describe_ensemble(results)
+    assert "ensemble is the average of cnn1 (shrunk by area, averaged over the 8 symmetries) and cnn2:" in sentence
+    assert "validation accuracy 97.50%" in sentence
+    assert report.describe_ensemble(synthetic_results()) == ""
+    row = report.summary_row(results["ensemble"])
+    assert row["members"] == ["cnn1", "cnn2"] and row["inference_images_per_second"] == 60.0
+    assert "members" not in report.summary_row({**results["ensemble"], "model": "cnn1"})
+    counts = {"train": {"a": 14}, "val": {"a": 3}, "test": {"a": 3}}
+    context = report.page_context(results, counts, {"quarantined": [], "duplicates": []}, "ensemble", {})
+    assert sentence in report.render_markdown(context)
+    assert f'<p id="ensemble">{sentence}</p>' in report.render_html(context, {key: b"" for key, _ in report.SECTIONS})
+    assert plots.confusion_matrices(results).startswith(b"\x89PNG")  # 4 models: a 2 x 2 grid
+
+
 def test_champion_alias_logic():
     assert registry.should_promote(0.9, None)
     assert registry.should_promote(0.91, 0.90)

@@ -97,26 +97,31 @@ def test_summary_has_the_promised_keys(smoke_run):
     summary = smoke_run["summary"]
     assert set(summary) >= SUMMARY_KEYS
     assert summary["profile"] == "smoke"
-    assert set(summary["models"]) == {"cnn1", "cnn2", "vgg16"}
+    assert set(summary["models"]) == {"cnn1", "cnn2", "vgg16", "ensemble"}
     for model in summary["models"].values():
-        assert {"test_accuracy", "macro_f1", "model_uri", "mlflow_run_id"} <= set(model)
+        assert {"test_accuracy", "macro_f1", "model_uri", "mlflow_run_id", "inference_images_per_second"} <= set(model)
         assert 0 <= model["test_accuracy"] <= 1 and model["model_uri"].startswith("models:/m-")
+    combined = summary["models"]["ensemble"]
+    assert combined["members"] and set(combined["members"]) <= {"cnn1", "cnn2", "vgg16"}
+    assert set(combined["tta"]) == set(combined["members"])
+    assert f"  ensemble test accuracy {combined['test_accuracy']:.2%}" in smoke_run["log"]
 
 
 def test_models_and_report_are_in_the_bucket(smoke_run, clients):
     gcs, _ = clients
     summary = smoke_run["summary"]
     names = {b.name for b in gcs.list_blobs(summary["bucket"], prefix=f"runs/{summary['run_id']}/")}
-    for model in ("cnn1", "cnn2", "vgg16"):
+    for model in ("cnn1", "cnn2", "vgg16", "ensemble"):
         assert f"runs/{summary['run_id']}/models/{model}/model.keras" in names
         assert f"runs/{summary['run_id']}/metrics/{model}.json" in names
     report = gcs.bucket(summary["bucket"]).blob(summary["report_uri"].split("/", 3)[3]).download_as_text()
     table = report.split('<h2 id="comparison">', 1)[1].split("</table>", 1)[0]
-    assert all(f"<td>{m}" in table for m in ("cnn1", "cnn2", "vgg16"))
+    assert all(f"<td>{m}" in table for m in ("cnn1", "cnn2", "vgg16", "ensemble"))
+    assert '<p id="ensemble">ensemble is ' in report and "chosen on the validation split" in report
     assert report.count("data:image/png;base64,") >= 5
 
 
-def test_mlflow_parent_run_has_three_nested_runs_with_test_accuracy(smoke_run, clients):
+def test_mlflow_parent_run_has_a_nested_run_per_model_with_test_accuracy(smoke_run, clients):
     _, mlflow_client = clients
     summary = smoke_run["summary"]
     parent = mlflow_client.get_run(summary["mlflow_parent_run_id"])
@@ -125,35 +130,34 @@ def test_mlflow_parent_run_has_three_nested_runs_with_test_accuracy(smoke_run, c
     children = mlflow_client.search_runs(
         [parent.info.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'"
     )
-    assert sorted(r.data.tags["bloodcell.model"] for r in children) == ["cnn1", "cnn2", "vgg16"]
+    assert sorted(r.data.tags["bloodcell.model"] for r in children) == ["cnn1", "cnn2", "ensemble", "vgg16"]
     for child in children:
-        assert "test_accuracy" in child.data.metrics
-        assert "accuracy" in child.data.metrics and "val_loss" in child.data.metrics
+        assert "test_accuracy" in child.data.metrics and "test_inference_images_per_second" in child.data.metrics
         assert child.data.params["image_size"]
+        if child.data.tags["bloodcell.model"] == "ensemble":  # not trained: its choices, made on validation
+            assert child.data.params["members"] and "val_accuracy" in child.data.metrics
+        else:
+            assert "accuracy" in child.data.metrics and "val_loss" in child.data.metrics
 
 
-def test_predict_loads_a_logged_model(smoke_run):
+def predict(smoke_run, model: str, *args: str) -> dict:
+    """``bloodcell predict --model <the run's model> --json ARGS`` with the reader login; its JSON result."""
     summary = smoke_run["summary"]
     env = {
         **smoke_run["env"],
         "MLFLOW_TRACKING_URI": summary["mlflow_tracking_uri"],
         **mlflow_login(smoke_run["state"], "reader"),
     }
-    images = [str(SHARED_DATA / "basophil" / name) for name in sorted(os.listdir(SHARED_DATA / "basophil"))[:3]]
-    command = [
-        sys.executable,
-        "-m",
-        "bloodcell.cli",
-        "predict",
-        "--model",
-        summary["models"]["cnn1"]["model_uri"],
-        "--json",
-        *images,
-        str(SHARED_DATA / UNDECODABLE),
-    ]
+    model_uri = summary["models"][model]["model_uri"]
+    command = [sys.executable, "-m", "bloodcell.cli", "predict", "--model", model_uri, "--json", *args]
     process = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert process.returncode == 0, process.stderr[-3000:]
-    result = json.loads(process.stdout.strip().splitlines()[-1])
+    return json.loads(process.stdout.strip().splitlines()[-1])
+
+
+def test_predict_loads_a_logged_model(smoke_run):
+    images = [str(SHARED_DATA / "basophil" / name) for name in sorted(os.listdir(SHARED_DATA / "basophil"))[:3]]
+    result = predict(smoke_run, "cnn1", *images, str(SHARED_DATA / UNDECODABLE))
     assert len(result["predictions"]) == 3
     assert result["unreadable"][0]["path"].endswith(UNDECODABLE)
     assert all(
@@ -161,6 +165,13 @@ def test_predict_loads_a_logged_model(smoke_run):
         in {"basophil", "eosinophil", "erythroblast", "ig", "lymphocyte", "monocyte", "neutrophil", "platelet"}
         for p in result["predictions"]
     )
+
+
+def test_predict_takes_the_combined_model_like_any_model(smoke_run):
+    images = [str(path) for folder in sorted(SHARED_DATA.iterdir()) for path in sorted(folder.glob("*.jpg"))[-2:]]
+    result = predict(smoke_run, "ensemble", "--labels-from-folders", *images)
+    assert len(result["predictions"]) == len(images) == 16 and 0 <= result["accuracy"] <= 1
+    assert result["first_prediction_seconds"] <= 10  # loading the combined model included
 
 
 def test_stop_ends_only_the_services_it_started(smoke_run):
