@@ -294,7 +294,7 @@ def test_containers_give_the_results_of_local_processes(runs, monkeypatch):
     docker, local = runs["summaries"]["docker"], runs["summaries"]["local"]
     assert local["runner"] == "subprocess" and "image_id" not in local
     assert set(docker) == set(local) | {"image", "image_id"}
-    assert set(docker["models"]) == set(local["models"]) == set(config.MODEL_NAMES)
+    assert set(docker["models"]) == set(local["models"]) == {*config.MODEL_NAMES, config.ENSEMBLE_NAME}
 
     services = json.loads((runs["state"] / "services.json").read_text())
     os.environ["STORAGE_EMULATOR_HOST"] = next(s["url"] for s in services if s["name"] == "gcs")
