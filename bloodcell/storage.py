@@ -13,6 +13,7 @@ import json
 import os
 import shutil
 import tempfile
+import uuid
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -133,9 +134,13 @@ def download_file(uri: str, path: str | Path) -> Path:
     """Download ``uri`` to ``path`` atomically (a partial download never sits at ``path``)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(path.name + ".partial")
-    _call(uri, lambda: blob(uri).download_to_filename(str(partial), retry=RETRY))
-    partial.replace(path)
+    # Each download its own partial file: two runs may fill the same cache entry at once (same bytes).
+    partial = path.with_name(f"{path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.partial")
+    try:
+        _call(uri, lambda: blob(uri).download_to_filename(str(partial), retry=RETRY))
+        partial.replace(path)
+    finally:
+        partial.unlink(missing_ok=True)
     return path
 
 
