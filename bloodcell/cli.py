@@ -109,7 +109,16 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="treat each image's folder name as its true class; print accuracy and macro F1",
     )
-    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument(
+        "--json",
+        action="store_true",
+        help="machine-readable output: per image the class, calibrated probabilities and refer flag",
+    )
+    p.add_argument(
+        "--explain",
+        metavar="DIR",
+        help="write a Grad-CAM overlay PNG per image under DIR (DIR/<image folder>/<image name>.png)",
+    )
     _local_services_option(p)
     p.set_defaults(handler=_interactive(_predict))
     return parser
@@ -202,7 +211,13 @@ def _mlflow_error(exc: Exception) -> BloodcellError | None:
             f"not in MLflow at {uri}: {first}. Check the URI (`bloodcell compare` lists the runs' models) or set "
             "MLFLOW_TRACKING_URI to the server that logged it."
         )
-    if "401" in text or "403" in text or "PERMISSION_DENIED" in text or "UNAUTHENTICATED" in text:
+    if "403" in text or "PERMISSION_DENIED" in text:  # MLflow's auth answers 403 for a model id it does not know
+        user = os.environ.get("MLFLOW_TRACKING_USERNAME") or "(none)"
+        return BloodcellError(
+            f"not found or not readable in MLflow at {uri} for user {user}: check the model URI (`bloodcell "
+            "compare` lists the runs' models); if it is right, that user has no READ permission on it."
+        )
+    if "401" in text or "UNAUTHENTICATED" in text:
         return BloodcellError(
             f"MLflow at {uri} refused the login: set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD "
             "(locally: user reader, password in .bloodcell/mlflow-users.json)."
@@ -234,7 +249,7 @@ def _compare(args: argparse.Namespace) -> list | None:
 def _predict(args: argparse.Namespace) -> None:
     from bloodcell import predict
 
-    predict.main(args.model, args.paths, args.labels_from_folders, args.json)
+    predict.main(args.model, args.paths, args.labels_from_folders, args.json, args.explain)
 
 
 def main(argv: list[str] | None = None) -> int:

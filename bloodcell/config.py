@@ -83,6 +83,8 @@ class Profile:
     split_ratio: tuple[float, float, float] = (0.7, 0.15, 0.15)
     seed: int = 777
     precision: str = "auto"  # auto | float32 | mixed_bfloat16 | mixed_float16
+    # The accuracy the cells a model keeps must reach on validation; the less confident are referred to a person.
+    refer_target_accuracy: float = 0.99
 
     def model(self, name: str) -> ModelConfig:
         if name not in MODEL_NAMES:

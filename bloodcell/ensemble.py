@@ -27,7 +27,7 @@ from keras import layers, ops
 from mlflow.tracking import MlflowClient
 from sklearn import metrics as skm
 
-from bloodcell import arrays, feeding, models, storage, tracking  # noqa: F401 - models registers members' layers
+from bloodcell import arrays, calibration, feeding, models, storage, tracking  # noqa: F401 - members' layers
 from bloodcell.config import ENSEMBLE_NAME
 from bloodcell.errors import BloodcellError
 
@@ -266,6 +266,7 @@ class EnsembleRecord:
     mlflow_model_uri: str | None
     epochs: int = 0
     selection: dict = field(default_factory=dict)  # every measurement behind the choices
+    calibration: dict = field(default_factory=dict)  # calibration.Calibrated's fields, fitted on validation
 
 
 def stored(run_uri: str) -> EnsembleRecord | None:
@@ -285,8 +286,11 @@ def build(trained: list[dict], run_uri: str, tracker: tracking.Tracker) -> Ensem
     largest = max(trained, key=lambda info: int(info["image_size"]))
     x_val, y_val = arrays.load(largest["arrays_uri"], "val")
     members = {info["model"]: load_member(info) for info in trained}
-    tta, resize, selection = choose(members, x_val, y_val)
-    model = combined_model({name: members[name] for name in tta}, tta, x_val.shape[1], resize)
+    tta, resize, selection, val_probabilities = choose(members, x_val, y_val)
+    calibrated = calibration.calibrate(y_val, val_probabilities, target_accuracy(trained))
+    model = calibration.with_calibration(
+        combined_model({name: members[name] for name in tta}, tta, x_val.shape[1], resize), calibrated
+    )
     best = selection["candidates"][0]
     record = EnsembleRecord(
         model=ENSEMBLE_NAME,
@@ -305,6 +309,7 @@ def build(trained: list[dict], run_uri: str, tracker: tracking.Tracker) -> Ensem
         mlflow_run_id=None,
         mlflow_model_uri=None,
         selection=selection,
+        calibration=calibrated.params(),
     )
     print(
         f"{ENSEMBLE_NAME}: {record.description}; chosen on {len(y_val)} validation images "
@@ -315,11 +320,18 @@ def build(trained: list[dict], run_uri: str, tracker: tracking.Tracker) -> Ensem
     return record
 
 
+def target_accuracy(trained: list[dict]) -> float:
+    """The refer threshold's target accuracy the members were calibrated for (the profile's)."""
+    targets = [info.get("calibration", {}).get("target_accuracy") for info in trained]
+    return max([t for t in targets if t] or [calibration.DEFAULT_TARGET_ACCURACY])
+
+
 def choose(
     members: dict[str, keras.Model], x_val: np.ndarray, y_val: np.ndarray
-) -> tuple[dict[str, bool], dict[str, str | None], dict]:
-    """The chosen members with their test-time augmentation and resize method, and every measurement
-    behind the choices (all on the validation split, through the branches the combined model will have)."""
+) -> tuple[dict[str, bool], dict[str, str | None], dict, np.ndarray]:
+    """The chosen members with their test-time augmentation and resize method, every measurement behind
+    the choices (all on the validation split, through the branches the combined model will have), and the
+    chosen average's validation probabilities."""
     resizing = {name: choose_resize(member, x_val, y_val, name) for name, member in members.items()}
     resize = {name: method for name, (method, _) in resizing.items()}
     by_symmetry = {name: symmetry_probabilities(m, x_val, name, resize[name]) for name, m in members.items()}
@@ -334,7 +346,8 @@ def choose(
         "tta": tta,
         "candidates": candidates,
     }
-    return {n: bool(tta[n]["use"]) for n in chosen}, {n: resize[n] for n in chosen}, selection
+    average = np.mean([probabilities[n] for n in chosen], axis=0)
+    return {n: bool(tta[n]["use"]) for n in chosen}, {n: resize[n] for n in chosen}, selection, average
 
 
 def check_members(trained: list[dict]) -> None:
@@ -434,5 +447,6 @@ def _log_choices(run_id: str, record: EnsembleRecord) -> None:
     for name, by_method in record.selection["resize"].items():
         scores.update({f"val_accuracy_{name}_{method}": score["accuracy"] for method, score in by_method.items()})
     tracking.log_metrics(run_id, scores)
+    tracking.log_calibration(run_id, record.calibration)
     with mlflow.start_run(run_id=run_id):
         mlflow.log_dict(record.selection, "ensemble/selection.json")

@@ -19,7 +19,7 @@ import mlflow
 import numpy as np
 from sklearn import metrics as skm
 
-from bloodcell import arrays, ensemble, feeding, models, plots, storage, tracking  # noqa: F401 - custom layers
+from bloodcell import arrays, calibration, ensemble, feeding, models, plots, storage, tracking  # noqa: F401
 from bloodcell.config import ENSEMBLE_NAME
 
 INFERENCE_BATCH = 128
@@ -59,11 +59,18 @@ def evaluate_one(info: dict) -> dict:
         size_bytes = path.stat().st_size
         model = keras.saving.load_model(path, safe_mode=True)
     batch = ensemble.inference_batch(model, INFERENCE_BATCH)  # the combined model: 8 symmetries per image
-    feeding.predict(model, x_test[:batch], batch)  # warm-up
+    both = calibration.both_outputs(model)  # one pass: the calibration layer's input and output
+    predict_both(both, x_test[:batch], batch)  # warm-up
     started = time.perf_counter()
-    probabilities = feeding.predict(model, x_test, batch)
+    uncalibrated, probabilities = predict_both(both, x_test, batch)
     seconds = time.perf_counter() - started
     result = classification_metrics(y_test, probabilities, info["classes"])
+    layer = calibration.calibration_layer(model)
+    result["calibration"] = {
+        "temperature": layer.temperature if layer else 1.0,
+        "target_accuracy": layer.target_accuracy if layer else None,
+        **calibration.quality(y_test, uncalibrated, probabilities, layer.refer_below if layer else None),
+    }
     result.update(
         {
             "model": info["model"],
@@ -81,10 +88,18 @@ def evaluate_one(info: dict) -> dict:
     if info["model"] == ENSEMBLE_NAME:
         result.update({key: info[key] for key in ("members", "description", "tta", "resize", "val_accuracy")})
     buffer = io.BytesIO()
-    np.savez_compressed(buffer, y_true=y_test, probabilities=probabilities)
+    np.savez_compressed(buffer, y_true=y_test, probabilities=probabilities, uncalibrated=uncalibrated)
     model_dir = info["model_uri"].rsplit("/", 1)[0]
     result["predictions_uri"] = storage.upload_bytes(buffer.getvalue(), storage.join(model_dir, "test_predictions.npz"))
     return result
+
+
+def predict_both(both: keras.Model, x: np.ndarray, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Uncalibrated and calibrated probabilities of :func:`calibration.both_outputs`' model, batch by batch."""
+    parts = [both.predict_on_batch(x[start : start + batch_size]) for start in range(0, len(x), batch_size)]
+    return tuple(  # type: ignore[return-value]
+        np.concatenate([keras.ops.convert_to_numpy(p[i]) for p in parts]).astype(np.float32) for i in range(2)
+    )
 
 
 def classification_metrics(y_true: np.ndarray, probabilities: np.ndarray, classes: list[str]) -> dict:
@@ -133,7 +148,19 @@ def _log_to_mlflow(run_id: str, result: dict) -> None:
             {k: result[k] for k in ("classes", "confusion_matrix", "per_class")}, "evaluation/test_metrics.json"
         )
         mlflow.log_metrics({f"test_f1_{c}": v["f1-score"] for c, v in result["per_class"].items()})
+        mlflow.log_metrics({f"test_{k}": float(v) for k, v in calibration_metrics(result).items()})
         with tempfile.TemporaryDirectory() as tmp:
-            path = Path(tmp, "confusion_matrix.png")
-            path.write_bytes(plots.confusion_matrices({result["model"]: result}))
-            mlflow.log_artifact(str(path), "evaluation")
+            figures = {
+                "confusion_matrix.png": plots.confusion_matrices({result["model"]: result}),
+                "reliability.png": plots.reliability_diagrams({result["model"]: result}),
+                "accuracy_coverage.png": plots.accuracy_coverage({result["model"]: result}),
+            }
+            for name, png in figures.items():
+                Path(tmp, name).write_bytes(png)
+                mlflow.log_artifact(str(Path(tmp, name)), "evaluation")
+
+
+def calibration_metrics(result: dict) -> dict[str, float]:
+    """The calibration and selective-prediction figures of an evaluation result, by name (MLflow's, compare's)."""
+    quality = result.get("calibration", {})
+    return {k: v for k, v in quality.items() if isinstance(v, (int, float)) and v is not None and k != "temperature"}

@@ -141,3 +141,125 @@ def misclassified(result: dict) -> bytes:
         axes.flat[0].text(0, 0.5, "no misclassified test image", fontsize=10)
     fig.suptitle(f"Misclassified test images of {result['model']} (first {len(wrong)})")
     return _png(fig)
+
+
+def _grid(count: int, per_row: int = 4, size: tuple[float, float] = (3.6, 3.4)):
+    columns = min(count, per_row)
+    rows = -(-count // columns)
+    fig, axes = plt.subplots(rows, columns, figsize=(size[0] * columns, size[1] * rows), squeeze=False)
+    for ax in axes.flat[count:]:
+        ax.axis("off")
+    return fig, axes
+
+
+def reliability_diagrams(results: dict[str, dict]) -> bytes:
+    """Per model: accuracy against confidence in 15 bins, before (grey) and after calibration (blue)."""
+    fig, axes = _grid(len(results))
+    for ax, (name, result) in zip(axes.flat, results.items(), strict=False):
+        quality = result["calibration"]
+        for key, colour, label in (("reliability_before", "0.6", "before"), ("reliability", "C0", "calibrated")):
+            bins = [b for b in quality[key] if b["count"]]
+            ece_key = "ece_before" if key == "reliability_before" else "ece"
+            ax.plot(
+                [b["confidence"] for b in bins],
+                [b["accuracy"] for b in bins],
+                "o-",
+                color=colour,
+                markersize=3,
+                label=f"{label}: ECE {quality[ece_key]:.3f}",
+            )
+        ax.plot([0, 1], [0, 1], ":", color="black", linewidth=0.8)
+        ax.set_xlim(0, 1.01)
+        ax.set_ylim(0, 1.01)
+        ax.set_title(f"{name} (T = {quality['temperature']:.2f})", fontsize=10)
+        ax.set_xlabel("confidence (mean of bin)")
+        ax.set_ylabel("accuracy")
+        ax.legend(fontsize=8, loc="upper left")
+        ax.grid(alpha=0.3)
+    fig.suptitle("Reliability on the test split (15 confidence bins; dotted: perfect calibration)")
+    fig.tight_layout(rect=(0, 0, 1, 0.95))
+    return _png(fig)
+
+
+def accuracy_coverage(results: dict[str, dict]) -> bytes:
+    """Accuracy of the kept test images against the share kept (the least confident referred first)."""
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for name, result in results.items():
+        quality = result["calibration"]
+        curve = quality["risk_coverage"]
+        (line,) = ax.plot(np.array(curve["coverage"]) * 100, np.array(curve["accuracy"]) * 100, label=name)
+        if quality.get("kept_share") is not None:
+            ax.plot(
+                quality["kept_share"] * 100,
+                quality["kept_accuracy"] * 100,
+                "o",
+                color=line.get_color(),
+                markersize=5,
+            )
+    ax.axhline(99, color="black", linestyle=":", linewidth=0.8)
+    ax.set_xlim(50, 100.5)
+    ax.set_ylim(90, 100.2)
+    ax.set_xlabel("coverage: % of test images kept (the rest referred to a person)")
+    ax.set_ylabel("accuracy of the kept images, %")
+    ax.set_title("Selective prediction (dots: each model's stored refer threshold)")
+    ax.legend(fontsize=8, loc="lower left")
+    ax.grid(alpha=0.3)
+    return _png(fig)
+
+
+EXPLAINED_PER_CLASS = 2  # correct and misclassified test images shown per class
+
+
+def explanation_examples(y_true: np.ndarray, y_pred: np.ndarray, confidence: np.ndarray) -> list[tuple[int, bool]]:
+    """Per class: its most confident correct test images, then its most confidently misclassified ones."""
+    chosen = []
+    for c in np.unique(y_true):
+        for correct in (True, False):
+            members = np.flatnonzero((y_true == c) & ((y_pred == y_true) == correct))
+            ranked = members[np.argsort(-confidence[members], kind="stable")][:EXPLAINED_PER_CLASS]
+            chosen += [(int(i), correct) for i in ranked]
+    return chosen
+
+
+def explanations(result: dict) -> bytes:
+    """A grid of Grad-CAM overlays for ``result``'s model: per class (row) correct, then misclassified test images."""
+    import tempfile
+    from pathlib import Path
+
+    from bloodcell import explain, predict
+
+    predictions = np.load(io.BytesIO(storage.read_bytes(result["predictions_uri"])))
+    y_true, probabilities = predictions["y_true"], predictions["probabilities"]
+    y_pred, confidence = probabilities.argmax(axis=1), probabilities.max(axis=1)
+    train = storage.read_json(storage.join(result["model_uri"].rsplit("/", 1)[0], "train.json"))
+    x_test, _ = arrays.load(train["arrays_uri"], "test")
+    with tempfile.TemporaryDirectory() as tmp:
+        path = storage.download_file(result["model_uri"], Path(tmp, "model.keras"))
+        model = predict.load_keras(path, result["model_uri"])
+    chosen = explanation_examples(y_true, y_pred, confidence)
+    rows: dict[int, list[tuple[int, bool, np.ndarray]]] = {int(y_true[i]): [] for i, _ in chosen}
+    indices = np.array([i for i, _ in chosen])
+    maps, _ = explain.gradcam(model, x_test[indices], y_pred[indices])
+    for (index, is_right), heatmap in zip(chosen, maps, strict=True):
+        rows[int(y_true[index])].append((index, is_right, heatmap))
+    columns = 2 * EXPLAINED_PER_CLASS
+    fig, axes = plt.subplots(len(rows), columns, figsize=(2.0 * columns, 2.25 * len(rows)), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    classes = result["classes"]
+    for row, (label, items) in zip(axes, rows.items(), strict=True):
+        correct = [item for item in items if item[1]]
+        wrong = [item for item in items if not item[1]]
+        padding: list[tuple[int, bool, np.ndarray] | None] = [None] * (EXPLAINED_PER_CLASS - len(correct))
+        slots = [*correct, *padding, *wrong]  # misclassified on the right
+        for ax, item in zip(row, slots, strict=False):
+            if item is None:
+                continue
+            index, is_correct, heatmap = item
+            ax.imshow(explain.overlay(x_test[index], heatmap))
+            verdict = "right" if is_correct else f"as {classes[y_pred[index]]}"
+            colour = "black" if is_correct else "firebrick"
+            ax.set_title(f"{classes[label]}: {verdict}\np = {confidence[index]:.2f}", fontsize=8, color=colour)
+    fig.suptitle(f"Grad-CAM of {result['model']}: correct (left) and misclassified (right) test images per class")
+    fig.tight_layout(rect=(0, 0, 1, 0.97))  # room for the title
+    return _png(fig)

@@ -6,14 +6,17 @@ import json
 import tempfile
 import time
 import zipfile
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import keras
 import numpy as np
 from sklearn import metrics as skm
+from tabulate import tabulate
+from tqdm import tqdm
 
-from bloodcell import ensemble, feeding, models, storage  # noqa: F401 - both register custom layers
+from bloodcell import calibration, ensemble, explain, feeding, models, storage  # noqa: F401 - custom layers
 from bloodcell.arrays import decode_resized
 from bloodcell.errors import BloodcellError
 from bloodcell.ingest import IMAGE_SUFFIXES
@@ -77,49 +80,136 @@ def image_files(paths: list[str]) -> list[Path]:
     return files
 
 
-def main(model_uri: str, paths: list[str], labels_from_folders: bool = False, as_json: bool = False) -> None:
+@dataclass
+class Prediction:
+    """One image's prediction: class, calibrated probabilities, whether a person should look at it."""
+
+    path: str
+    label: str  # the predicted class
+    confidence: float  # its calibrated probability
+    probabilities: dict[str, float]  # calibrated, per class
+    refer: bool  # confidence below the model's refer threshold: a person should look at this cell
+    explanation: str | None = None  # the Grad-CAM overlay's path (with --explain)
+
+    def to_json(self) -> dict[str, Any]:
+        fields = asdict(self)
+        return {"path": fields.pop("path"), "class": fields.pop("label"), **fields}
+
+
+def main(
+    model_uri: str,
+    paths: list[str],
+    labels_from_folders: bool = False,
+    as_json: bool = False,
+    explain_dir: str | None = None,
+) -> None:
+    """Classify the images of ``paths`` and print the predictions (a table, or JSON with ``as_json``)."""
     started = time.perf_counter()
     model, classes = load(model_uri)
-    size = model.input_shape[1]
-    model_batch = ensemble.inference_batch(model, BATCH)  # the combined model runs 8 symmetries per image
+    layer = calibration.calibration_layer(model)
+    refer_below = layer.refer_below if layer else 0.0
+    classes = classes or [f"class_{i}" for i in range(model.output_shape[-1])]
     first_prediction_seconds = None
-    results: list[dict[str, Any]] = []
+    predictions: list[Prediction] = []
     unreadable: list[dict[str, str]] = []
     files = image_files(paths)
-    for start in range(0, len(files), BATCH):
-        batch, kept = [], []
-        for path in files[start : start + BATCH]:
-            try:
-                batch.append(decode_resized(str(path), [size])[0])
-                kept.append(path)
-            except Exception as exc:
-                unreadable.append({"path": str(path), "error": f"{type(exc).__name__}: {exc}"})
-        if not batch:
+    batches = tqdm(range(0, len(files), BATCH), desc="predicting", unit="batch", disable=len(files) <= BATCH)
+    for start in batches:
+        images, kept = read_images(files[start : start + BATCH], model.input_shape[1], unreadable)
+        if not kept:
             continue
-        probabilities = feeding.predict(model, np.stack(batch), model_batch)
+        probabilities = feeding.predict(model, images, ensemble.inference_batch(model, BATCH))
         if first_prediction_seconds is None:
             first_prediction_seconds = round(time.perf_counter() - started, 2)  # loading included
-        for path, row in zip(kept, probabilities, strict=True):
-            index = int(row.argmax())
-            label = classes[index] if index < len(classes) else f"class_{index}"
-            results.append({"path": str(path), "class": label, "probability": float(row[index])})
-    summary: dict = {
-        "images": len(results),
+        batch = [prediction(path, row, classes, refer_below) for path, row in zip(kept, probabilities, strict=True)]
+        if explain_dir:
+            write_explanations(model, images, probabilities.argmax(axis=1), batch, Path(explain_dir))
+        predictions += batch
+    summary = summarize(predictions, unreadable, refer_below, labels_from_folders)
+    summary.update(
+        seconds=round(time.perf_counter() - started, 2),
+        first_prediction_seconds=first_prediction_seconds,
+        calibrated=layer is not None,
+        temperature=layer.temperature if layer else None,
+    )
+    if as_json:
+        print(json.dumps({"predictions": [p.to_json() for p in predictions], **summary}))
+    else:
+        print_table(predictions, unreadable, summary)
+
+
+def read_images(files: list[Path], size: int, unreadable: list[dict[str, str]]) -> tuple[np.ndarray, list[Path]]:
+    """The readable ``files`` decoded at ``size`` px; each unreadable one is added to ``unreadable`` with why."""
+    images, kept = [], []
+    for path in files:
+        try:
+            images.append(decode_resized(str(path), [size])[0])
+            kept.append(path)
+        except Exception as exc:  # any decoding failure: reported, the other images still classified
+            unreadable.append({"path": str(path), "error": f"{type(exc).__name__}: {exc}"})
+    return (np.stack(images) if images else np.empty((0, size, size, 3), np.uint8)), kept
+
+
+def prediction(path: Path, row: np.ndarray, classes: list[str], refer_below: float) -> Prediction:
+    index = int(row.argmax())
+    return Prediction(
+        path=str(path),
+        label=classes[index],
+        confidence=float(row[index]),
+        probabilities={c: round(float(p), 6) for c, p in zip(classes, row, strict=True)},
+        refer=bool(row[index] < refer_below),
+    )
+
+
+def write_explanations(
+    model: keras.Model, images: np.ndarray, classes: np.ndarray, batch: list[Prediction], folder: Path
+) -> None:
+    """A Grad-CAM overlay per image, ``<folder>/<image's folder>/<image name>.png``; its path in the prediction."""
+    maps, _ = explain.gradcam(model, images, classes)
+    for image, heatmap, item in zip(images, maps, batch, strict=True):
+        source = Path(item.path)
+        target = folder / source.parent.name / f"{source.stem}.png"
+        item.explanation = str(explain.save_overlay(image, heatmap, target))
+
+
+def summarize(
+    predictions: list[Prediction], unreadable: list[dict[str, str]], refer_below: float, labels_from_folders: bool
+) -> dict[str, Any]:
+    """Counts, the refer threshold and, with the folders as truth, accuracy of all and of the kept images."""
+    kept = [p for p in predictions if not p.refer]
+    summary: dict[str, Any] = {
+        "images": len(predictions),
+        "referred": len(predictions) - len(kept),
+        "refer_below": refer_below,
         "unreadable": unreadable,
-        "seconds": round(time.perf_counter() - started, 2),
-        "first_prediction_seconds": first_prediction_seconds,
     }
-    if labels_from_folders and results:
-        truth = [Path(r["path"]).parent.name for r in results]
-        predicted = [r["class"] for r in results]
+    if labels_from_folders and predictions:
+        truth = [Path(p.path).parent.name for p in predictions]
+        predicted = [p.label for p in predictions]
         summary["accuracy"] = float(skm.accuracy_score(truth, predicted))
         summary["macro_f1"] = float(skm.f1_score(truth, predicted, average="macro", zero_division=0))
-    if as_json:
-        print(json.dumps({"predictions": results, **summary}))
-        return
-    for r in results:
-        print(f"{r['path']}\t{r['class']}\t{r['probability']:.4f}")
+        summary["kept_accuracy"] = float(np.mean([Path(p.path).parent.name == p.label for p in kept])) if kept else None
+    return summary
+
+
+def print_table(predictions: list[Prediction], unreadable: list[dict[str, str]], summary: dict[str, Any]) -> None:
+    rows = [
+        [p.path, p.label, f"{p.confidence:.3f}", "refer" if p.refer else "", p.explanation or ""] for p in predictions
+    ]
+    headers = ["image", "class", "confidence", "refer", "explanation"]
+    if not any(p.explanation for p in predictions):
+        headers, rows = headers[:-1], [r[:-1] for r in rows]
+    print(tabulate(rows, headers=headers, disable_numparse=True))
     for u in unreadable:
         print(f"unreadable: {u['path']} ({u['error']})")
+    line = (
+        f"{summary['images']} images, {summary['referred']} referred to a person "
+        f"(calibrated confidence below {summary['refer_below']:.3f})"
+    )
+    if not summary["calibrated"]:
+        line = f"{summary['images']} images; this model has no calibration, so none is referred"
     if "accuracy" in summary:
-        print(f"accuracy {summary['accuracy']:.4f}  macro F1 {summary['macro_f1']:.4f}  ({len(results)} images)")
+        kept = summary["kept_accuracy"]
+        line += f"; accuracy {summary['accuracy']:.4f}, macro F1 {summary['macro_f1']:.4f}"
+        line += f", accuracy of the images kept {kept:.4f}" if kept is not None else ""
+    print(line)

@@ -24,8 +24,11 @@ def should_promote(candidate_accuracy: float, champion_accuracy: float | None) -
     return champion_accuracy is None or candidate_accuracy > champion_accuracy
 
 
-def register_best(model_uri: str, model: str, test_accuracy: float, pipeline_run_id: str) -> dict[str, Any]:
-    """Register ``model_uri`` as a new version of ``bloodcell-classifier``; move ``champion`` if it is better."""
+def register_best(
+    model_uri: str, model: str, test_accuracy: float, pipeline_run_id: str, tags: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """Register ``model_uri`` as a new version of ``bloodcell-classifier`` (with ``tags``, e.g. its calibration);
+    move ``champion`` if it is better."""
     client = MlflowClient()
     try:
         current = client.get_model_version_by_alias(REGISTERED_MODEL, CHAMPION)
@@ -34,7 +37,8 @@ def register_best(model_uri: str, model: str, test_accuracy: float, pipeline_run
     except MlflowException:
         champion_accuracy, champion_version = None, None
     version = mlflow.register_model(model_uri, REGISTERED_MODEL).version
-    for key, value in {"test_accuracy": test_accuracy, "model": model, "pipeline_run_id": pipeline_run_id}.items():
+    version_tags = {"test_accuracy": test_accuracy, "model": model, "pipeline_run_id": pipeline_run_id, **(tags or {})}
+    for key, value in version_tags.items():
         client.set_model_version_tag(REGISTERED_MODEL, version, key, str(value))
     promoted = should_promote(test_accuracy, champion_accuracy)
     if promoted:
@@ -61,8 +65,16 @@ def register_run_best(best: dict[str, Any], pipeline_run_id: str, tracker: track
         best["model"],
         best["accuracy"],
         pipeline_run_id,
+        calibration_tags(best),
     )
     return registry or {"error": "MLflow could not be reached (see the MLflow logging section)"}
+
+
+def calibration_tags(result: dict[str, Any]) -> dict[str, Any]:
+    """What a model version says of its calibration (the model file itself carries it: its last layer)."""
+    quality = result.get("calibration") or {}
+    keys = ("temperature", "refer_below", "target_accuracy", "ece", "kept_share", "kept_accuracy")
+    return {f"calibration_{k}": f"{quality[k]:.6g}" for k in keys if isinstance(quality.get(k), (int, float))}
 
 
 def describe(registry: dict[str, Any]) -> str:

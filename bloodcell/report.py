@@ -20,10 +20,13 @@ from bloodcell.config import ENSEMBLE_NAME, SUBSETS
 
 SECTIONS = [
     ("comparison", "Model comparison"),
+    ("calibration", "Calibration: how far to trust the confidence"),
+    ("selective", "Referring the least confident cells to a person"),
     ("per_class_f1", "Per-class F1"),
     ("confusion", "Confusion matrices"),
     ("curves", "Training curves"),
     ("misclassified", "Misclassified test images"),
+    ("explanations", "What the best model looks at (Grad-CAM)"),
 ]
 TEMPLATES = jinja2.Environment(
     loader=jinja2.PackageLoader("bloodcell", "templates"),
@@ -70,11 +73,15 @@ def build_report(
         "curves": plots.training_curves(histories),
         "misclassified": plots.misclassified(results[best]),
     }
+    if all("calibration" in r for r in results.values()):  # runs evaluated before calibration existed have none
+        figures["calibration"] = plots.reliability_diagrams(results)
+        figures["selective"] = plots.accuracy_coverage(results)
+        figures["explanations"] = plots.explanations(results[best])
     report_uri = storage.join(run_uri, "report")
     for name, png in figures.items():
         storage.upload_bytes(png, storage.join(report_uri, "plots", f"{name}.png"), "image/png")
     summary = {**summary, "tracking_failures": tracking.recorded_failures(run_uri)}
-    context = page_context(results, counts, manifest, best, summary)
+    context = page_context(results, counts, manifest, best, summary, list(figures))
     page = render_html(context, figures)
     markdown = render_markdown(context)
     html_uri = storage.upload_bytes(page, storage.join(report_uri, "report.html"), "text/html")
@@ -114,9 +121,25 @@ def summary_row(result: dict) -> dict[str, Any]:
         "bucket_model_uri": result["model_uri"],
         "mlflow_run_id": result["mlflow_run_id"],
     }
+    quality = result.get("calibration") or {}
+    row.update({key: quality[key] for key in SUMMARY_CALIBRATION if key in quality})
     if result["model"] == ENSEMBLE_NAME:
         row.update({key: result[key] for key in ("members", "description", "tta", "resize", "val_accuracy")})
     return row
+
+
+SUMMARY_CALIBRATION = (
+    "temperature",
+    "ece_before",
+    "ece",
+    "nll_before",
+    "nll",
+    "accuracy_at_coverage_90",
+    "coverage_at_accuracy_99",
+    "refer_below",
+    "kept_share",
+    "kept_accuracy",
+)
 
 
 def _log_report(parent: str, page: str, markdown: str, results: dict, manifest: dict, best: str) -> None:
@@ -197,9 +220,40 @@ def left_out(manifest: dict) -> list[dict[str, str]]:
     ]
 
 
-def page_context(results: dict[str, dict], counts: dict, manifest: dict, best: str, summary: dict) -> dict[str, Any]:
+def calibration_rows(results: dict[str, dict]) -> list[dict[str, str]]:
+    """Per model, on the test split: calibration before -> after, selective prediction, the stored threshold."""
+    rows = []
+    for r in sorted(results.values(), key=lambda r: -r["accuracy"]):
+        q = r.get("calibration")
+        if not q:
+            continue
+        rows.append(
+            {
+                "model": r["model"],
+                "temperature": f"{q['temperature']:.2f}",
+                "ECE (15 bins)": f"{q['ece_before']:.4f} -> {q['ece']:.4f}",
+                "NLL": f"{q['nll_before']:.4f} -> {q['nll']:.4f}",
+                "Brier": f"{q['brier_before']:.4f} -> {q['brier']:.4f}",
+                "accuracy at 100/95/90% coverage": " / ".join(
+                    f"{q[f'accuracy_at_coverage_{c}']:.2%}" for c in (100, 95, 90)
+                ),
+                "coverage at 99% / 99.5% accuracy": f"{q['coverage_at_accuracy_99']:.1%} / "
+                f"{q['coverage_at_accuracy_99_5']:.1%}",
+                "refer below": f"{q['refer_below']:.3f}" if q.get("refer_below") is not None else "-",
+                "kept on test (accuracy)": f"{q['kept_share']:.1%} ({q['kept_accuracy']:.2%})"
+                if q.get("kept_share") is not None
+                else "-",
+            }
+        )
+    return rows
+
+
+def page_context(
+    results: dict[str, dict], counts: dict, manifest: dict, best: str, summary: dict, figures: list[str]
+) -> dict[str, Any]:
     """What both pages show."""
     rows = comparison_rows(results, best)
+    calibration = calibration_rows(results)
     dataset_columns, dataset_rows = dataset_table(counts)
     return {
         "run_id": summary.get("run_id", ""),
@@ -212,7 +266,12 @@ def page_context(results: dict[str, dict], counts: dict, manifest: dict, best: s
         "ensemble": describe_ensemble(results),
         "registry": registry.describe(summary.get("registry", {"error": "not attempted"})),
         "tracking_failures": tracking.describe_failures(summary.get("tracking_failures", {})),
-        "sections": SECTIONS,
+        "sections": [(key, title) for key, title in SECTIONS if key in figures],
+        "calibration_columns": list(calibration[0]) if calibration else [],
+        "calibration_rows": [list(r.values()) for r in calibration],
+        "refer_target": next(
+            (r["calibration"].get("target_accuracy") for r in results.values() if r.get("calibration")), None
+        ),
         "dataset_columns": dataset_columns,
         "dataset_rows": dataset_rows,
         "left_out": left_out(manifest),
@@ -229,6 +288,12 @@ def render_markdown(context: dict[str, Any]) -> str:
         **context,
         comparison_table=tabulate(
             context["rows"], headers=context["columns"], tablefmt="github", disable_numparse=True
+        ),
+        calibration_table=tabulate(
+            context["calibration_rows"],
+            headers=context["calibration_columns"],
+            tablefmt="github",
+            disable_numparse=True,
         ),
         dataset_table=tabulate(
             context["dataset_rows"], headers=context["dataset_columns"], tablefmt="github", disable_numparse=True

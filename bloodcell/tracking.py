@@ -166,6 +166,16 @@ def log_metric_steps(run_id: str, steps: list[tuple[dict[str, float], int]]) -> 
     )
 
 
+def log_calibration(run_id: str, calibrated: dict[str, float]) -> None:
+    """A model's calibration (``calibration.Calibrated``'s fields): the temperature and refer threshold as
+    params, the validation measures behind them as metrics."""
+    if not calibrated:
+        return
+    settings = ("temperature", "refer_below", "target_accuracy")
+    log_params(run_id, {f"calibration_{k}": f"{calibrated[k]:.6g}" for k in settings})
+    log_metrics(run_id, {k: v for k, v in calibrated.items() if k not in settings})
+
+
 def log_keras_model(run_id: str, model: Any, classes: list[str], pip_requirements: list[str]) -> str:
     """Log ``model`` to ``run_id``; return its logged-model URI (``models:/m-...``)."""
     with mlflow.start_run(run_id=run_id):

@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import tempfile
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import keras
 import numpy as np
 
-from bloodcell import arrays, feeding, hardware, models, sources, storage, tracking
+from bloodcell import arrays, calibration, feeding, hardware, models, sources, storage, tracking
 from bloodcell.config import ModelConfig, Profile
 
 
@@ -35,6 +35,7 @@ class TrainResult:
     arrays_uri: str
     mlflow_run_id: str | None
     mlflow_model_uri: str | None
+    calibration: dict = field(default_factory=dict)  # calibration.Calibrated's fields; empty before calibration
 
 
 @dataclass(frozen=True)
@@ -99,6 +100,7 @@ def train(
             tracker.attempt("mark the model run failed", tracking.finish, mlflow_run_id, "FAILED")
         raise
     seconds = time.perf_counter() - started
+    model, calibrated = calibrate(model, data, cfg.batch_size, profile.refer_target_accuracy)
     epochs = len(history.get("loss", []))
     result = TrainResult(
         model=model_name,
@@ -113,6 +115,7 @@ def train(
         arrays_uri=arrays_uri,
         mlflow_run_id=mlflow_run_id,
         mlflow_model_uri=None,
+        calibration=calibrated.params(),
     )
     storing = time.perf_counter()
     if mlflow_run_id:
@@ -125,6 +128,21 @@ def train(
         f"MLflow model {result.mlflow_model_uri}"
     )
     return result
+
+
+def calibrate(
+    model: keras.Model, data: TrainingData, batch_size: int, target_accuracy: float
+) -> tuple[keras.Model, calibration.Calibrated]:
+    """``model`` ending in its calibration layer, fitted on the validation split (temperature, then the
+    refer threshold for ``target_accuracy``)."""
+    x_val, y_val = data.val
+    calibrated = calibration.calibrate(y_val, feeding.predict(model, x_val, batch_size), target_accuracy)
+    print(
+        f"calibrated on {len(y_val)} validation images: temperature {calibrated.temperature:.3f}, ECE "
+        f"{calibrated.val_ece_before:.4f} -> {calibrated.val_ece_after:.4f}; refer below confidence "
+        f"{calibrated.refer_below:.4f} (keeps {calibrated.val_coverage:.1%} at >= {target_accuracy:.1%} accuracy)"
+    )
+    return calibration.with_calibration(model, calibrated), calibrated
 
 
 def stored_result(out_uri: str) -> TrainResult | None:
@@ -260,6 +278,7 @@ def _log_results(run_id: str, result: TrainResult) -> None:
     tracking.log_metrics(
         run_id, {"train_seconds": result.train_seconds, "train_images_per_second": result.images_per_second}
     )
+    tracking.log_calibration(run_id, result.calibration)
 
 
 def _pip_requirements() -> list[str]:

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from mlflow.tracking import MlflowClient
 
-from bloodcell import arrays, ensemble, evaluate, predict, registry, storage, tracking
+from bloodcell import arrays, calibration, ensemble, evaluate, predict, registry, storage, tracking
 from bloodcell.arrays import decode_resized
 from conftest import SHARED_DATA
 
@@ -225,7 +225,10 @@ def test_saved_registered_and_reloaded_it_predicts_the_same(stored_run, services
     assert run.data.tags["mlflow.parentRunId"] == parent and run.data.tags["bloodcell.model"] == "ensemble"
     assert run.data.params["members"] == "red" and run.data.metrics["val_accuracy"] == 1.0
     members = {info["model"]: ensemble.load_member(info) for info in stored_run["trained"]}
-    built_here = ensemble.combined_model({"red": members["red"]}, record.tta, 24, record.resize)
+    built_here = calibration.with_calibration(
+        ensemble.combined_model({"red": members["red"]}, record.tta, 24, record.resize),
+        calibration.Calibrated(**record.calibration),
+    )
     version = registry.register_best(record.mlflow_model_uri, "ensemble", 0.5, stored_run["run_id"])["version"]
 
     images = uniform_images(colours(np.random.default_rng(9), np.tile([0, 1], 8), label_channel=0), 24)
@@ -234,8 +237,18 @@ def test_saved_registered_and_reloaded_it_predicts_the_same(stored_run, services
         model, classes = predict.load(uri)  # Keras safe mode: no Lambda layer, only registered ones
         assert classes == CLASSES and model.input_shape == (None, 24, 24, 3)
         np.testing.assert_array_equal(keras.ops.convert_to_numpy(model.predict_on_batch(images)), expected)
+        layer = calibration.calibration_layer(model)  # calibrated exactly as built, wherever it was loaded from
+        assert layer is not None
+        assert (layer.temperature, layer.refer_below) == (
+            record.calibration["temperature"],
+            record.calibration["refer_below"],
+        )
 
     files = [str(path) for path in sorted((SHARED_DATA / "platelet").iterdir())[:3]]
     predict.main(f"models:/{registry.REGISTERED_MODEL}/{version}", files, as_json=True)
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert len(result["predictions"]) == 3 and result["first_prediction_seconds"] <= 10
+    assert result["refer_below"] == record.calibration["refer_below"] and result["calibrated"]
+    for item in result["predictions"]:
+        assert set(item["probabilities"]) == set(CLASSES) and item["class"] in CLASSES
+        assert abs(sum(item["probabilities"].values()) - 1) < 1e-4 and isinstance(item["refer"], bool)

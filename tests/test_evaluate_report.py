@@ -12,7 +12,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 from sklearn import metrics as skm
 
-from bloodcell import comparison, evaluate, plots, registry, report, tracking
+from bloodcell import calibration, comparison, evaluate, plots, registry, report, tracking
 
 CLASSES = ["a", "b", "c"]
 
@@ -75,6 +75,13 @@ def synthetic_results():
                 "model_size_bytes": 2**20,
             }
         )
+        rolled = np.roll(probabilities, index, axis=0)
+        calibrated = calibration.apply_temperature(rolled, 1.5)
+        result["calibration"] = {
+            "temperature": 1.5,
+            "target_accuracy": 0.99,
+            **calibration.quality(y_true, rolled, calibrated, refer_below=0.6),
+        }
         results[name] = result
     return results
 
@@ -94,6 +101,9 @@ def test_html_report_has_every_section_with_embedded_images():
             }
         ),
         "misclassified": plots.comparison(results, best),
+        "calibration": plots.reliability_diagrams(results),
+        "selective": plots.accuracy_coverage(results),
+        "explanations": plots.comparison(results, best),  # the real one needs a stored model (pipeline tests)
     }
     counts = {"train": {"a": 14, "b": 14}, "val": {"a": 3, "b": 3}, "test": {"a": 3, "b": 3}}
     manifest = {"quarantined": [{"path": "b/.DS_1.jpg", "reason": "hidden file"}], "duplicates": []}
@@ -107,18 +117,21 @@ def test_html_report_has_every_section_with_embedded_images():
         "previous_champion_accuracy": 0.99,
     }
     context = report.page_context(
-        results, counts, manifest, best, {"run_id": "r1", "profile": "smoke", "registry": outcome}
+        results, counts, manifest, best, {"run_id": "r1", "profile": "smoke", "registry": outcome}, list(figures)
     )
     page = report.render_html(context, figures)
     parser = Collector()
     parser.feed(page)
     parser.close()
     assert not parser.open
-    assert {"comparison", "per_class_f1", "confusion", "curves", "misclassified", "dataset", "registry"} <= parser.ids
-    assert len(parser.images) == 5 and all(src.startswith("data:image/png;base64,") for src in parser.images)
+    sections = {"comparison", "per_class_f1", "confusion", "curves", "misclassified", "dataset", "registry"}
+    assert sections | {"calibration", "selective", "explanations"} <= parser.ids
+    assert len(parser.images) == 8 and all(src.startswith("data:image/png;base64,") for src in parser.images)
+    assert "1.50" in page and "ECE (15 bins)" in page and "refer below" in page  # the calibration table
     assert "b/.DS_1.jpg" in page and "stays on version 1" in page and f"{best} (best)" in page
     markdown = report.render_markdown(context)
     assert "| model " in markdown and "![Confusion matrices](plots/confusion.png)" in markdown
+    assert "temperature" in markdown.split("## Calibration")[1]
     assert "- `b/.DS_1.jpg`: hidden file" in markdown
 
 
@@ -158,7 +171,7 @@ def test_the_combined_model_is_a_row_like_the_trained_models():
     assert row["members"] == ["cnn1", "cnn2"] and row["inference_images_per_second"] == 60.0
     assert "members" not in report.summary_row({**results["ensemble"], "model": "cnn1"})
     counts = {"train": {"a": 14}, "val": {"a": 3}, "test": {"a": 3}}
-    context = report.page_context(results, counts, {"quarantined": [], "duplicates": []}, "ensemble", {})
+    context = report.page_context(results, counts, {"quarantined": [], "duplicates": []}, "ensemble", {}, [])
     assert sentence in report.render_markdown(context)
     assert f'<p id="ensemble">{sentence}</p>' in report.render_html(context, {key: b"" for key, _ in report.SECTIONS})
     assert plots.confusion_matrices(results).startswith(b"\x89PNG")  # 4 models: a 2 x 2 grid

@@ -81,6 +81,25 @@ def test_killed_trainer_resumes_from_its_checkpoint(services, smoke_split):
     assert len(history["loss"]) == len(history["val_accuracy"]) == EPOCHS
     state = storage.read_json(state_uri)
     assert state["done"] and state["epoch"] == EPOCHS
+    assert_stored_model_is_calibrated(result)
+
+
+def assert_stored_model_is_calibrated(result: dict) -> None:
+    """The stored model ends in the calibration fitted on validation, recorded in its training record."""
+    import tempfile
+    from pathlib import Path
+
+    from bloodcell import calibration, predict
+
+    fitted = result["calibration"]
+    assert 0.05 <= fitted["temperature"] <= 20 and fitted["target_accuracy"] == 0.99
+    with tempfile.TemporaryDirectory() as tmp:
+        model = predict.load_keras(storage.download_file(result["model_uri"], Path(tmp, "m.keras")), "test")
+    layer = calibration.calibration_layer(model)
+    assert model.layers[-1] is layer and (layer.temperature, layer.refer_below) == (
+        fitted["temperature"],
+        fitted["refer_below"],
+    )
 
 
 def small_training_data():

@@ -1,0 +1,259 @@
+"""Calibrated confidence and the "refer to a person" threshold.
+
+Each model ends in a :class:`Calibration` layer: its probabilities divided by a temperature in log
+space (temperature scaling, fitted on the validation split), and the confidence below which a cell is
+referred to a hematologist (chosen on the validation split for a target accuracy of the cells kept).
+Both live in the layer's config, so the ``.keras`` file carries them wherever it goes: the bucket,
+MLflow, the registry, ``predict``.
+
+The measures: expected calibration error (equal-width confidence bins), negative log-likelihood,
+Brier score, and selective prediction (accuracy when only the most confident cells are kept).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import keras
+import numpy as np
+from keras import layers, ops
+from scipy import optimize
+
+ECE_BINS = 15
+LAYER_NAME = "calibration"
+DEFAULT_TARGET_ACCURACY = 0.99
+TINY = 1e-37  # clip before log: float32 softmax outputs reach 0 only for logit gaps above ~87
+REPORTED_COVERAGES = (1.0, 0.95, 0.9)
+REPORTED_TARGETS = (0.99, 0.995)
+
+
+def log_probabilities(probabilities: np.ndarray) -> np.ndarray:
+    return np.log(np.clip(np.asarray(probabilities, dtype=np.float64), TINY, 1.0))
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    shifted = logits - logits.max(axis=1, keepdims=True)
+    exp = np.exp(shifted)
+    return exp / exp.sum(axis=1, keepdims=True)
+
+
+def apply_temperature(probabilities: np.ndarray, temperature: float) -> np.ndarray:
+    """softmax(log p / T): the same as dividing the logits by T (log p differs from them by a constant per row)."""
+    return softmax(log_probabilities(probabilities) / temperature)
+
+
+def nll(y_true: np.ndarray, probabilities: np.ndarray) -> float:
+    """Mean negative log-likelihood of the true classes."""
+    rows = np.arange(len(y_true))
+    return float(-log_probabilities(probabilities)[rows, y_true].mean())
+
+
+def brier(y_true: np.ndarray, probabilities: np.ndarray) -> float:
+    """Mean squared distance between the probabilities and the one-hot truth, summed over classes."""
+    onehot = np.eye(probabilities.shape[1])[y_true]
+    return float(((np.asarray(probabilities, dtype=np.float64) - onehot) ** 2).sum(axis=1).mean())
+
+
+def fit_temperature(y_true: np.ndarray, probabilities: np.ndarray) -> float:
+    """The temperature minimizing the negative log-likelihood of ``probabilities`` (searched in log space)."""
+    logp = log_probabilities(probabilities)
+    rows = np.arange(len(y_true))
+
+    def loss(log_t: float) -> float:
+        scaled = logp / np.exp(log_t)
+        scaled -= scaled.max(axis=1, keepdims=True)
+        return float(-(scaled[rows, y_true] - np.log(np.exp(scaled).sum(axis=1))).mean())
+
+    found = optimize.minimize_scalar(loss, bounds=(np.log(0.05), np.log(20.0)), method="bounded")
+    return float(np.exp(found.x))
+
+
+@dataclass(frozen=True)
+class ReliabilityBin:
+    lower: float
+    upper: float
+    count: int
+    confidence: float  # mean confidence of its predictions (0 when empty)
+    accuracy: float
+
+
+def reliability(y_true: np.ndarray, probabilities: np.ndarray, bins: int = ECE_BINS) -> list[ReliabilityBin]:
+    """Predictions grouped by confidence into ``bins`` equal-width bins (lower, upper], the first [0, 1/bins]."""
+    confidence = probabilities.max(axis=1)
+    correct = probabilities.argmax(axis=1) == y_true
+    edges = np.linspace(0.0, 1.0, bins + 1)
+    index = np.clip(np.ceil(confidence * bins).astype(int) - 1, 0, bins - 1)
+    result = []
+    for b in range(bins):
+        members = index == b
+        count = int(members.sum())
+        result.append(
+            ReliabilityBin(
+                float(edges[b]),
+                float(edges[b + 1]),
+                count,
+                float(confidence[members].mean()) if count else 0.0,
+                float(correct[members].mean()) if count else 0.0,
+            )
+        )
+    return result
+
+
+def ece(y_true: np.ndarray, probabilities: np.ndarray, bins: int = ECE_BINS) -> float:
+    """Expected calibration error: sum over bins of (bin share) x |accuracy - mean confidence|."""
+    n = len(y_true)
+    return float(sum(b.count / n * abs(b.accuracy - b.confidence) for b in reliability(y_true, probabilities, bins)))
+
+
+def risk_coverage(y_true: np.ndarray, probabilities: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Keeping the k most confident predictions, k = 1..n: (coverage k/n, accuracy of those kept, the
+    confidence of the k-th), only at k where the next prediction is less confident (ties kept together)."""
+    confidence = probabilities.max(axis=1)
+    order = np.argsort(-confidence, kind="stable")
+    correct = (probabilities.argmax(axis=1) == y_true)[order].astype(np.float64)
+    sorted_confidence = confidence[order]
+    k = np.arange(1, len(order) + 1)
+    accuracy = np.cumsum(correct) / k
+    group_ends = np.append(sorted_confidence[1:] < sorted_confidence[:-1], True)
+    return k[group_ends] / len(order), accuracy[group_ends], sorted_confidence[group_ends]
+
+
+def accuracy_at_coverage(y_true: np.ndarray, probabilities: np.ndarray, coverage: float) -> float:
+    """Accuracy of the ``coverage`` most confident share of the predictions."""
+    confidence = probabilities.max(axis=1)
+    keep = max(1, int(round(coverage * len(y_true))))
+    order = np.argsort(-confidence, kind="stable")[:keep]
+    return float((probabilities[order].argmax(axis=1) == y_true[order]).mean())
+
+
+def coverage_for_accuracy(y_true: np.ndarray, probabilities: np.ndarray, target: float) -> tuple[float, float]:
+    """The largest coverage whose kept predictions reach ``target`` accuracy, and the confidence threshold
+    that keeps them (predictions with confidence >= it). Coverage 0 and threshold above 1 when none does."""
+    coverage, accuracy, threshold = risk_coverage(y_true, probabilities)
+    reaching = np.flatnonzero(accuracy >= target)
+    if not len(reaching):
+        return 0.0, float(np.nextafter(1.0, 2.0))
+    best = reaching[-1]
+    return float(coverage[best]), float(threshold[best])
+
+
+@dataclass(frozen=True)
+class Calibrated:
+    """A model's calibration, fitted on the validation split."""
+
+    temperature: float
+    refer_below: float  # confidence threshold: predictions less confident go to a person
+    target_accuracy: float  # what the kept predictions reached on validation, at least
+    val_coverage: float  # share of the validation images kept at that threshold
+    val_ece_before: float
+    val_ece_after: float
+    val_nll_before: float
+    val_nll_after: float
+
+    def params(self) -> dict[str, float]:
+        return asdict(self)
+
+
+def calibrate(y_val: np.ndarray, probabilities: np.ndarray, target_accuracy: float) -> Calibrated:
+    """Fit the temperature on validation predictions, then the refer threshold on the calibrated ones."""
+    temperature = fit_temperature(y_val, probabilities)
+    calibrated = apply_temperature(probabilities, temperature)
+    coverage, threshold = coverage_for_accuracy(y_val, calibrated, target_accuracy)
+    return Calibrated(
+        temperature=temperature,
+        refer_below=threshold,
+        target_accuracy=target_accuracy,
+        val_coverage=coverage,
+        val_ece_before=ece(y_val, probabilities),
+        val_ece_after=ece(y_val, calibrated),
+        val_nll_before=nll(y_val, probabilities),
+        val_nll_after=nll(y_val, calibrated),
+    )
+
+
+def coverage_key(target: float) -> str:
+    """``coverage_at_accuracy_99`` for 0.99, ``coverage_at_accuracy_99_5`` for 0.995."""
+    return "coverage_at_accuracy_" + f"{target * 100:g}".replace(".", "_")
+
+
+def quality(y_true: np.ndarray, uncalibrated: np.ndarray, calibrated: np.ndarray, refer_below: float | None) -> dict:
+    """Calibration and selective-prediction measures of one model on one split (the report's and MLflow's)."""
+    result: dict = {
+        "ece_before": ece(y_true, uncalibrated),
+        "ece": ece(y_true, calibrated),
+        "nll_before": nll(y_true, uncalibrated),
+        "nll": nll(y_true, calibrated),
+        "brier_before": brier(y_true, uncalibrated),
+        "brier": brier(y_true, calibrated),
+        "reliability_before": [asdict(b) for b in reliability(y_true, uncalibrated)],
+        "reliability": [asdict(b) for b in reliability(y_true, calibrated)],
+    }
+    for coverage in REPORTED_COVERAGES:
+        result[f"accuracy_at_coverage_{round(coverage * 100)}"] = accuracy_at_coverage(y_true, calibrated, coverage)
+    for target in REPORTED_TARGETS:
+        result[coverage_key(target)] = coverage_for_accuracy(y_true, calibrated, target)[0]
+    curve_coverage, curve_accuracy, _ = risk_coverage(y_true, calibrated)
+    step = max(1, len(curve_coverage) // 200)  # enough points for a plot
+    result["risk_coverage"] = {
+        "coverage": curve_coverage[::step].round(4).tolist() + [float(curve_coverage[-1])],
+        "accuracy": curve_accuracy[::step].round(4).tolist() + [float(curve_accuracy[-1])],
+    }
+    if refer_below is not None:
+        kept = calibrated.max(axis=1) >= refer_below
+        result["refer_below"] = refer_below
+        result["kept_share"] = float(kept.mean())
+        result["kept_accuracy"] = float((calibrated[kept].argmax(axis=1) == y_true[kept]).mean()) if kept.any() else 0.0
+    return result
+
+
+@keras.saving.register_keras_serializable(package="bloodcell")
+class Calibration(layers.Layer):
+    """Temperature-scaled probabilities: softmax(log p / temperature); carries the refer threshold.
+
+    ``refer_below`` and ``target_accuracy`` do not change the output: they travel in the layer's config
+    so whoever loads the model (``predict``, the registry) refers with the threshold chosen for it.
+    """
+
+    def __init__(
+        self, temperature: float = 1.0, refer_below: float = 0.0, target_accuracy: float = 0.0, **kwargs
+    ) -> None:
+        super().__init__(**kwargs)
+        self.temperature, self.refer_below, self.target_accuracy = temperature, refer_below, target_accuracy
+
+    def call(self, probabilities):
+        logp = ops.log(ops.clip(ops.cast(probabilities, "float32"), TINY, 1.0))
+        return ops.softmax(logp / self.temperature, axis=-1)
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+    def get_config(self):
+        return {
+            **super().get_config(),
+            "temperature": self.temperature,
+            "refer_below": self.refer_below,
+            "target_accuracy": self.target_accuracy,
+        }
+
+
+def with_calibration(model: keras.Model, calibrated: Calibrated) -> keras.Model:
+    """``model`` followed by its :class:`Calibration` layer (one flat functional model, same name)."""
+    layer = Calibration(
+        calibrated.temperature, calibrated.refer_below, calibrated.target_accuracy, name=LAYER_NAME, dtype="float32"
+    )
+    return keras.Model(model.inputs, layer(model.outputs[0]), name=model.name)
+
+
+def calibration_layer(model: keras.Model) -> Calibration | None:
+    """The model's calibration layer; None for a model trained before calibration existed."""
+    found = [layer for layer in model.layers if isinstance(layer, Calibration)]
+    return found[-1] if found else None
+
+
+def both_outputs(model: keras.Model) -> keras.Model:
+    """A model giving (uncalibrated, calibrated) probabilities in one pass; the same output twice without
+    a calibration layer."""
+    layer = calibration_layer(model)
+    if layer is None:
+        return keras.Model(model.inputs, [model.outputs[0], model.outputs[0]])
+    return keras.Model(model.inputs, [layer.input, model.outputs[0]])
