@@ -184,24 +184,20 @@ def reliability_diagrams(results: dict[str, dict]) -> bytes:
 def accuracy_coverage(results: dict[str, dict]) -> bytes:
     """Accuracy of the kept test images against the share kept (the least confident referred first)."""
     fig, ax = plt.subplots(figsize=(7, 4))
+    lowest = 100.0
     for name, result in results.items():
         quality = result["calibration"]
-        curve = quality["risk_coverage"]
-        (line,) = ax.plot(np.array(curve["coverage"]) * 100, np.array(curve["accuracy"]) * 100, label=name)
+        coverage, accuracy = (np.array(quality["risk_coverage"][k]) * 100 for k in ("coverage", "accuracy"))
+        (line,) = ax.plot(coverage, accuracy, label=name)
+        lowest = min(lowest, accuracy[coverage >= 50].min(initial=100.0))
         if quality.get("kept_share") is not None:
-            ax.plot(
-                quality["kept_share"] * 100,
-                quality["kept_accuracy"] * 100,
-                "o",
-                color=line.get_color(),
-                markersize=5,
-            )
+            ax.plot(quality["kept_share"] * 100, quality["kept_accuracy"] * 100, "o", color=line.get_color())
     ax.axhline(99, color="black", linestyle=":", linewidth=0.8)
     ax.set_xlim(50, 100.5)
-    ax.set_ylim(90, 100.2)
+    ax.set_ylim(max(0.0, np.floor(lowest) - 1), 100.2)  # the range the models span when keeping half or more
     ax.set_xlabel("coverage: % of test images kept (the rest referred to a person)")
     ax.set_ylabel("accuracy of the kept images, %")
-    ax.set_title("Selective prediction (dots: each model's stored refer threshold)")
+    ax.set_title("Selective prediction (dots: each model's stored refer threshold; dotted: 99%)")
     ax.legend(fontsize=8, loc="lower left")
     ax.grid(alpha=0.3)
     return _png(fig)

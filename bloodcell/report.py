@@ -231,9 +231,9 @@ def calibration_rows(results: dict[str, dict]) -> list[dict[str, str]]:
             {
                 "model": r["model"],
                 "temperature": f"{q['temperature']:.2f}",
-                "ECE (15 bins)": f"{q['ece_before']:.4f} -> {q['ece']:.4f}",
-                "NLL": f"{q['nll_before']:.4f} -> {q['nll']:.4f}",
-                "Brier": f"{q['brier_before']:.4f} -> {q['brier']:.4f}",
+                "ECE (15 bins)": f"{q['ece_before']:.4f} → {q['ece']:.4f}",
+                "NLL": f"{q['nll_before']:.4f} → {q['nll']:.4f}",
+                "Brier": f"{q['brier_before']:.4f} → {q['brier']:.4f}",
                 "accuracy at 100/95/90% coverage": " / ".join(
                     f"{q[f'accuracy_at_coverage_{c}']:.2%}" for c in (100, 95, 90)
                 ),
