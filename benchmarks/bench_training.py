@@ -263,6 +263,7 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=4, help="epochs per measurement; the first is excluded")
     parser.add_argument("--original-batch-size", type=int, default=32, help="image_dataset_from_directory's default")
     parser.add_argument("--vgg-sizes", default="64,224")
+    parser.add_argument("--models", default="cnn1,cnn2", help="which of cnn1, cnn2 to measure (comma-separated)")
     args = parser.parse_args()
     from bloodcell import storage
     from bloodcell.services import LocalServices, free_port
@@ -288,7 +289,7 @@ def main() -> None:
                 f"(first excluded, median epoch), CPU bf16: {hardware.cpu_has_bf16()}"
             )
             ours_batch = {name: config.resolve("gpu").model(name).batch_size for name in ("cnn1", "cnn2")}
-            for name in ("cnn1", "cnn2"):
+            for name in (n.strip() for n in args.models.split(",") if n.strip()):
                 ours, policy = our_recipe(name, (x, y), (x_val, y_val), args.epochs, ours_batch[name], "bench")
                 as_trained = original_recipe(
                     name, train_folder, val_folder, args.epochs, args.original_batch_size, True

@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass
 import keras
 import numpy as np
 from keras import layers, ops
-from scipy import optimize
+from scipy import optimize, stats
 
 ECE_BINS = 15
 LAYER_NAME = "calibration"
@@ -25,6 +25,9 @@ DEFAULT_TARGET_ACCURACY = 0.99
 TINY = 1e-37  # clip before log: float32 softmax outputs reach 0 only for logit gaps above ~87
 REPORTED_COVERAGES = (1.0, 0.95, 0.9)
 REPORTED_TARGETS = (0.99, 0.995)
+# The refer threshold keeps the cells whose accuracy on validation is at least the target with this confidence
+# (a one-sided Clopper-Pearson bound): the largest share that only just reaches it there falls short on new data.
+REFER_CONFIDENCE = 0.95
 
 
 def log_probabilities(probabilities: np.ndarray) -> np.ndarray:
@@ -105,17 +108,28 @@ def ece(y_true: np.ndarray, probabilities: np.ndarray, bins: int = ECE_BINS) -> 
     return float(sum(b.count / n * abs(b.accuracy - b.confidence) for b in reliability(y_true, probabilities, bins)))
 
 
-def risk_coverage(y_true: np.ndarray, probabilities: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Keeping the k most confident predictions, k = 1..n: (coverage k/n, accuracy of those kept, the
-    confidence of the k-th), only at k where the next prediction is less confident (ties kept together)."""
+def _kept_counts(y_true: np.ndarray, probabilities: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Keeping the k most confident predictions: (k, how many of them are right, the k-th's confidence), only
+    at k where the next prediction is less confident (ties are kept or referred together)."""
     confidence = probabilities.max(axis=1)
     order = np.argsort(-confidence, kind="stable")
-    correct = (probabilities.argmax(axis=1) == y_true)[order].astype(np.float64)
+    right = np.cumsum(probabilities.argmax(axis=1)[order] == y_true[order])
     sorted_confidence = confidence[order]
-    k = np.arange(1, len(order) + 1)
-    accuracy = np.cumsum(correct) / k
+    kept = np.arange(1, len(order) + 1)
     group_ends = np.append(sorted_confidence[1:] < sorted_confidence[:-1], True)
-    return k[group_ends] / len(order), accuracy[group_ends], sorted_confidence[group_ends]
+    return kept[group_ends], right[group_ends], sorted_confidence[group_ends]
+
+
+def risk_coverage(y_true: np.ndarray, probabilities: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Keeping the k most confident predictions: (coverage k/n, accuracy of those kept, the k-th's confidence)."""
+    kept, right, threshold = _kept_counts(y_true, probabilities)
+    return kept / len(y_true), right / kept, threshold
+
+
+def accuracy_lower_bound(right: np.ndarray, kept: np.ndarray, confidence: float) -> np.ndarray:
+    """One-sided Clopper-Pearson lower bound of the accuracy ``right / kept`` at ``confidence``."""
+    bound = stats.beta.ppf(1 - confidence, right, kept - right + 1)
+    return np.where(right > 0, np.nan_to_num(bound), 0.0)
 
 
 def accuracy_at_coverage(y_true: np.ndarray, probabilities: np.ndarray, coverage: float) -> float:
@@ -126,15 +140,19 @@ def accuracy_at_coverage(y_true: np.ndarray, probabilities: np.ndarray, coverage
     return float((probabilities[order].argmax(axis=1) == y_true[order]).mean())
 
 
-def coverage_for_accuracy(y_true: np.ndarray, probabilities: np.ndarray, target: float) -> tuple[float, float]:
-    """The largest coverage whose kept predictions reach ``target`` accuracy, and the confidence threshold
-    that keeps them (predictions with confidence >= it). Coverage 0 and threshold above 1 when none does."""
-    coverage, accuracy, threshold = risk_coverage(y_true, probabilities)
+def coverage_for_accuracy(
+    y_true: np.ndarray, probabilities: np.ndarray, target: float, confidence: float | None = None
+) -> tuple[float, float]:
+    """The largest coverage whose kept predictions reach ``target`` accuracy (with ``confidence``: whose
+    accuracy's lower confidence bound does), and the confidence threshold that keeps them (predictions with
+    confidence >= it). Coverage 0 and a threshold above 1 when none does."""
+    kept, right, threshold = _kept_counts(y_true, probabilities)
+    accuracy = right / kept if confidence is None else accuracy_lower_bound(right, kept, confidence)
     reaching = np.flatnonzero(accuracy >= target)
     if not len(reaching):
         return 0.0, float(np.nextafter(1.0, 2.0))
     best = reaching[-1]
-    return float(coverage[best]), float(threshold[best])
+    return float(kept[best] / len(y_true)), float(threshold[best])
 
 
 @dataclass(frozen=True)
@@ -143,7 +161,7 @@ class Calibrated:
 
     temperature: float
     refer_below: float  # confidence threshold: predictions less confident go to a person
-    target_accuracy: float  # what the kept predictions reached on validation, at least
+    target_accuracy: float  # the kept predictions reached it on validation (with REFER_CONFIDENCE confidence)
     val_coverage: float  # share of the validation images kept at that threshold
     val_ece_before: float
     val_ece_after: float
@@ -153,12 +171,19 @@ class Calibrated:
     def params(self) -> dict[str, float]:
         return asdict(self)
 
+    def describe(self) -> str:
+        return (
+            f"Calibrated on the validation split: temperature {self.temperature:.2f}. Predictions less confident "
+            f"than {self.refer_below:.3f} are referred to a person; on validation the rest ({self.val_coverage:.1%}) "
+            f"reached {self.target_accuracy:.1%} accuracy with {REFER_CONFIDENCE:.0%} confidence."
+        )
+
 
 def calibrate(y_val: np.ndarray, probabilities: np.ndarray, target_accuracy: float) -> Calibrated:
     """Fit the temperature on validation predictions, then the refer threshold on the calibrated ones."""
     temperature = fit_temperature(y_val, probabilities)
     calibrated = apply_temperature(probabilities, temperature)
-    coverage, threshold = coverage_for_accuracy(y_val, calibrated, target_accuracy)
+    coverage, threshold = coverage_for_accuracy(y_val, calibrated, target_accuracy, REFER_CONFIDENCE)
     return Calibrated(
         temperature=temperature,
         refer_below=threshold,

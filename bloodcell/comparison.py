@@ -21,6 +21,9 @@ COLUMNS = {  # column: number format
     "epochs": "",
     "train_minutes": ".1f",
     "images_per_s": ",.0f",  # test-set inference speed
+    "ece": ".4f",  # calibrated, test split
+    "acc_at_90pct": ".4f",  # accuracy of the 90% most confident test images
+    "refer_share": ".3f",  # share of test images below the stored refer threshold
 }
 
 
@@ -56,6 +59,9 @@ def compare(experiment: str, last: int = 10) -> list[dict[str, Any]]:
                     "epochs": params.get("epochs_run"),
                     "train_minutes": (metrics.get("train_seconds") or 0) / 60 or None,
                     "images_per_s": metrics.get("test_inference_images_per_second"),
+                    "ece": metrics.get("test_ece"),
+                    "acc_at_90pct": metrics.get("test_accuracy_at_coverage_90"),
+                    "refer_share": 1 - metrics["test_kept_share"] if "test_kept_share" in metrics else None,
                     "mlflow_run_id": child.info.run_id,
                 }
             )

@@ -448,5 +448,10 @@ def _log_choices(run_id: str, record: EnsembleRecord) -> None:
         scores.update({f"val_accuracy_{name}_{method}": score["accuracy"] for method, score in by_method.items()})
     tracking.log_metrics(run_id, scores)
     tracking.log_calibration(run_id, record.calibration)
+    tracking.describe_run(
+        run_id,
+        f"{ENSEMBLE_NAME}: {record.description}, chosen on the validation split (accuracy "
+        f"{record.val_accuracy:.2%}). " + calibration.Calibrated(**record.calibration).describe(),
+    )
     with mlflow.start_run(run_id=run_id):
         mlflow.log_dict(record.selection, "ensemble/selection.json")

@@ -190,7 +190,7 @@ def finish(
     print(f"summary: {summary_path}")
     for line in tracking.describe_failures(summary.get("tracking_failures", {})):
         print(f"warning: MLflow logging failed in {line}")
-    experiment_url = f"{summary['mlflow_tracking_uri']}/#/experiments"
+    experiment_url = tracking.experiment_url(summary["mlflow_tracking_uri"], summary.get("mlflow_experiment_id"))
     print(
         f"MLflow UI: {experiment_url} (experiment {arguments['experiment']!r}; log in as `reader`, "
         f"password in {state / 'mlflow-users.json'}); stop services: python pipeline.py stop"

@@ -160,14 +160,11 @@ def reliability_diagrams(results: dict[str, dict]) -> bytes:
         for key, colour, label in (("reliability_before", "0.6", "before"), ("reliability", "C0", "calibrated")):
             bins = [b for b in quality[key] if b["count"]]
             ece_key = "ece_before" if key == "reliability_before" else "ece"
-            ax.plot(
-                [b["confidence"] for b in bins],
-                [b["accuracy"] for b in bins],
-                "o-",
-                color=colour,
-                markersize=3,
-                label=f"{label}: ECE {quality[ece_key]:.3f}",
-            )
+            confidence, accuracy = [b["confidence"] for b in bins], [b["accuracy"] for b in bins]
+            ax.plot(confidence, accuracy, "-", color=colour, linewidth=1, label=f"{label}: ECE {quality[ece_key]:.3f}")
+            total = sum(b["count"] for b in bins)
+            sizes = [4 + 300 * b["count"] / total for b in bins]  # area: the bin's share of the images
+            ax.scatter(confidence, accuracy, s=sizes, color=colour, alpha=0.7, zorder=3)
         ax.plot([0, 1], [0, 1], ":", color="black", linewidth=0.8)
         ax.set_xlim(0, 1.01)
         ax.set_ylim(0, 1.01)
@@ -176,7 +173,9 @@ def reliability_diagrams(results: dict[str, dict]) -> bytes:
         ax.set_ylabel("accuracy")
         ax.legend(fontsize=8, loc="upper left")
         ax.grid(alpha=0.3)
-    fig.suptitle("Reliability on the test split (15 confidence bins; dotted: perfect calibration)")
+    fig.suptitle(
+        "Reliability on the test split: 15 confidence bins, marker area = share of the images; dotted: perfect"
+    )
     fig.tight_layout(rect=(0, 0, 1, 0.95))
     return _png(fig)
 

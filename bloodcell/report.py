@@ -61,6 +61,7 @@ def build_report(
     are listed in the report and the summary. ``summary["registry"]`` is the registry outcome.
     """
     tracker = tracker or tracking.Tracker(run_uri, "report")
+    results = dict(sorted(results.items(), key=lambda item: -item[1]["accuracy"]))  # every plot: best first
     histories = training_histories(run_uri, results)
     counts = storage.read_json(storage.join(split_uri, "counts.json"))
     split = storage.read_json(storage.join(split_uri, "split.json"))

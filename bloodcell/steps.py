@@ -230,6 +230,9 @@ def report(
         "mlflow_tracking_uri": os.environ.get("MLFLOW_TRACKING_URI", ""),
         "mlflow_experiment": experiment,
         "mlflow_parent_run_id": parent_run,
+        "mlflow_experiment_id": tracker.call("find the experiment", tracking.experiment_id, experiment)
+        if parent_run
+        else None,
         "registry": registry.register_run_best(best, run_id, tracker),
     }
     return report_lib.build_report(base, split_uri, results, summary, tracker).summary

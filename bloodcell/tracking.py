@@ -96,6 +96,18 @@ def parent_run(experiment: str, pipeline_run_id: str, run_uri: str, tags: dict[s
     return winner
 
 
+def experiment_url(tracking_uri: str, experiment_id: str | None = None) -> str:
+    """The MLflow UI page of an experiment (or the list), in its model-training view: MLflow 3's UI opens
+    in its GenAI view unless the link asks otherwise, whatever the experiment's kind tag says."""
+    page = f"experiments/{experiment_id}" if experiment_id else "experiments"
+    return f"{tracking_uri.rstrip('/')}/#/{page}?workflowType=machine_learning"
+
+
+def describe_run(run_id: str, text: str) -> None:
+    """The run's description in the MLflow UI (its note)."""
+    MlflowClient().set_tag(run_id, "mlflow.note.content", text)
+
+
 def model_run(experiment: str, pipeline_run_id: str, parent_run_id: str, model: str) -> str:
     """The id of the nested run of ``model`` under ``parent_run_id``, created on first use."""
     found = _find(experiment, pipeline_run_id, role="model", model=model)

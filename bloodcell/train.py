@@ -279,6 +279,10 @@ def _log_results(run_id: str, result: TrainResult) -> None:
         run_id, {"train_seconds": result.train_seconds, "train_images_per_second": result.images_per_second}
     )
     tracking.log_calibration(run_id, result.calibration)
+    text = f"{result.model}: {result.epochs} epochs at {result.image_size} px, {result.params:,} parameters."
+    if result.calibration:
+        text += " " + calibration.Calibrated(**result.calibration).describe()
+    tracking.describe_run(run_id, text)
 
 
 def _pip_requirements() -> list[str]:

@@ -39,20 +39,30 @@ def test_ece_equals_a_hand_computed_value():
 
 def test_the_refer_threshold_gives_the_promised_accuracy_on_validation():
     rng = np.random.default_rng(2)
-    logits = rng.normal(size=(5000, 8)) * 3.0
+    logits = rng.normal(size=(5000, 8)) * 5.0
     probabilities = calibration.softmax(logits)
     labels = sampled_labels(rng, probabilities)
     for target in (0.9, 0.99):
         fitted = calibration.calibrate(labels, probabilities, target)
         calibrated = calibration.apply_temperature(probabilities, fitted.temperature)
         kept = calibrated.max(axis=1) >= fitted.refer_below
-        assert (calibrated[kept].argmax(axis=1) == labels[kept]).mean() >= target
-        assert kept.mean() == pytest.approx(fitted.val_coverage)
-        # the largest such share: keeping the next less confident prediction too would fall short
-        next_one = calibrated.max(axis=1)[~kept].max()
-        wider = calibrated.max(axis=1) >= next_one
-        assert (calibrated[wider].argmax(axis=1) == labels[wider]).mean() < target
-    assert 0 < calibration.calibrate(labels, probabilities, 0.99).val_coverage < 0.6
+        right = int((calibrated[kept].argmax(axis=1) == labels[kept]).sum())
+        assert right / kept.sum() >= target and kept.mean() == pytest.approx(fitted.val_coverage)
+        bound = calibration.accuracy_lower_bound(np.array([right]), np.array([kept.sum()]), 0.95)[0]
+        assert target <= bound < right / kept.sum()  # promised with 95% confidence, not just reached
+        # the largest such share: keeping the next less confident prediction too, the bound falls short
+        wider = calibrated.max(axis=1) >= calibrated.max(axis=1)[~kept].max()
+        right_wider = int((calibrated[wider].argmax(axis=1) == labels[wider]).sum())
+        assert calibration.accuracy_lower_bound(np.array([right_wider]), np.array([wider.sum()]), 0.95)[0] < target
+    assert 0 < calibration.calibrate(labels, probabilities, 0.99).val_coverage < 0.5
+
+
+def test_the_accuracy_bound_is_clopper_pearson():
+    # 99 of 100 right: the exact one-sided 95% lower bound is 0.9535 (solving P(X >= 99 | p) = 0.05)
+    assert calibration.accuracy_lower_bound(np.array([99]), np.array([100]), 0.95)[0] == pytest.approx(0.9535, abs=1e-4)
+    assert calibration.accuracy_lower_bound(np.array([100]), np.array([100]), 0.95)[0] == pytest.approx(
+        0.05 ** (1 / 100)
+    )
 
 
 def test_selective_prediction_figures():

@@ -234,7 +234,11 @@ def test_compare_lists_models_across_runs_best_first(experiment):
             ).info.run_id
             client.log_metric(child, "test_accuracy", accuracy)
             client.log_metric(child, "test_macro_f1", accuracy - 0.01)
+            if model == "vgg16":
+                client.log_metric(child, "test_ece", 0.012)
+                client.log_metric(child, "test_kept_share", 0.9)
     rows = comparison.compare(experiment, last=5)
+    assert (rows[0]["ece"], rows[0]["refer_share"]) == (0.012, pytest.approx(0.1)) and rows[1]["ece"] is None
     assert [(r["pipeline_run"], r["model"]) for r in rows] == [
         ("run-b", "vgg16"),
         ("run-a", "cnn2"),

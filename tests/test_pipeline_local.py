@@ -138,6 +138,14 @@ def test_mlflow_parent_run_has_a_nested_run_per_model_with_test_accuracy(smoke_r
             assert child.data.params["members"] and "val_accuracy" in child.data.metrics
         else:
             assert "accuracy" in child.data.metrics and "val_loss" in child.data.metrics
+        # calibration, fitted on validation, and its test figures
+        params = child.data.params
+        assert float(params["calibration_temperature"]) > 0 and "calibration_refer_below" in params
+        for metric in ("test_ece", "test_ece_before", "test_nll", "test_brier", "test_accuracy_at_coverage_90"):
+            assert metric in child.data.metrics, metric
+        assert "test_coverage_at_accuracy_99" in child.data.metrics and "val_ece_after" in child.data.metrics
+    version = mlflow_client.get_model_version_by_alias("bloodcell-classifier", "champion")
+    assert float(version.tags["calibration_temperature"]) > 0 and "calibration_refer_below" in version.tags
 
 
 def predict(smoke_run, model: str, *args: str) -> dict:
@@ -172,6 +180,18 @@ def test_predict_takes_the_combined_model_like_any_model(smoke_run):
     result = predict(smoke_run, "ensemble", "--labels-from-folders", *images)
     assert len(result["predictions"]) == len(images) == 16 and 0 <= result["accuracy"] <= 1
     assert result["first_prediction_seconds"] <= 10  # loading the combined model included
+
+
+def test_predict_gives_calibrated_probabilities_refer_flags_and_explanations(smoke_run, tmp_path):
+    images = [str(path) for folder in sorted(SHARED_DATA.iterdir()) for path in sorted(folder.glob("*.jpg"))[:1]]
+    result = predict(smoke_run, "cnn2", "--labels-from-folders", "--explain", str(tmp_path / "why"), *images)
+    assert result["calibrated"] and result["temperature"] > 0 and 0 <= result["referred"] <= len(images)
+    for item in result["predictions"]:
+        assert abs(sum(item["probabilities"].values()) - 1) < 1e-4 and item["class"] in item["probabilities"]
+        assert item["refer"] == (item["confidence"] < result["refer_below"])
+        overlay = Path(item["explanation"])
+        assert overlay.is_file() and overlay.parent.name == Path(item["path"]).parent.name
+        assert overlay.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_stop_ends_only_the_services_it_started(smoke_run):
