@@ -20,7 +20,11 @@ from bloodcell.errors import BloodcellError
 
 # predict and compare answer a person: a service that does not answer is reported within seconds.
 INTERACTIVE_STORAGE_WAIT_S = 8
-INTERACTIVE_MLFLOW_SETTINGS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "8"}
+INTERACTIVE_MLFLOW_SETTINGS = {
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "8",
+    "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",  # a model's few files: the bar only adds noise
+}
 
 
 def _common(parser: argparse.ArgumentParser, run: bool = True, profile: bool = True) -> None:

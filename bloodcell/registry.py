@@ -4,6 +4,7 @@ and the alias ``champion`` points at the best version so far. Models are read ba
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -106,6 +107,14 @@ def download_keras_model(model_uri: str, dst: Path) -> tuple[Path, list[str]]:
     try:
         local = Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=str(dst)))
     except MlflowException as exc:
+        text = str(exc)
+        # MLflow's auth answers 403 for a model id it does not know, so both causes read the same
+        if exc.error_code in ("PERMISSION_DENIED", "RESOURCE_DOES_NOT_EXIST") or "403" in text or "not found" in text:
+            user = os.environ.get("MLFLOW_TRACKING_USERNAME") or "(none)"
+            raise BloodcellError(
+                f"model {model_uri} not found or not readable in MLflow at {mlflow.get_tracking_uri()} for user "
+                f"{user}: check the URI (`bloodcell compare` lists the runs' models; the run summary has their URIs)"
+            ) from None
         raise BloodcellError(f"cannot download model {model_uri} from MLflow: {exc.message[:300]}") from exc
     return keras_file_of(local, model_uri), list((_mlmodel(local, model_uri).metadata or {}).get("classes", []))
 

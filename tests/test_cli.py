@@ -52,6 +52,14 @@ def test_a_model_that_is_not_there_is_one_line(local_services):
     assert code == 2 and errors.count("\n") == 0 and "not found in object storage: gs://bloodcell/runs/x/" in errors
 
 
+def test_an_unknown_registry_model_is_one_line_naming_it(local_services):
+    image = next((SHARED_DATA / "basophil").glob("*.jpg"))
+    code, _, errors = bloodcell("predict", "--model", "models:/m-0123456789abcdef", str(image), state=local_services)
+    # MLflow's auth answers 403 for a model id it does not know: say both possibilities, not "permission denied"
+    assert code == 2 and errors.count("\n") == 0 and "not found or not readable" in errors, errors
+    assert "models:/m-0123456789abcdef" in errors and "for user reader" in errors and "bloodcell compare" in errors
+
+
 @pytest.mark.parametrize(
     "service, message", [("gcs", "object storage does not answer"), ("mlflow", "MLflow does not answer")]
 )
