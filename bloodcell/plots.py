@@ -174,7 +174,7 @@ def reliability_diagrams(results: dict[str, dict]) -> bytes:
         ax.legend(fontsize=8, loc="upper left")
         ax.grid(alpha=0.3)
     fig.suptitle(
-        "Reliability on the test split: 15 confidence bins, marker area = share of the images; dotted: perfect"
+        "Reliability on the test split: 15 confidence bins, marker area = share of the images; dotted: calibrated"
     )
     fig.tight_layout(rect=(0, 0, 1, 0.95))
     return _png(fig)
