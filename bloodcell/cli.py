@@ -215,12 +215,10 @@ def _mlflow_error(exc: Exception) -> BloodcellError | None:
             f"not in MLflow at {uri}: {first}. Check the URI (`bloodcell compare` lists the runs' models) or set "
             "MLFLOW_TRACKING_URI to the server that logged it."
         )
-    if "403" in text or "PERMISSION_DENIED" in text:  # MLflow's auth answers 403 for a model id it does not know
-        user = os.environ.get("MLFLOW_TRACKING_USERNAME") or "(none)"
-        return BloodcellError(
-            f"not found or not readable in MLflow at {uri} for user {user}: check the model URI (`bloodcell "
-            "compare` lists the runs' models); if it is right, that user has no READ permission on it."
-        )
+    if "403" in text or "PERMISSION_DENIED" in text:
+        from bloodcell import registry
+
+        return registry.not_readable("the requested model or run")
     if "401" in text or "UNAUTHENTICATED" in text:
         return BloodcellError(
             f"MLflow at {uri} refused the login: set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD "

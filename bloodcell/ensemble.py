@@ -407,11 +407,11 @@ def log_to_mlflow(
     )
     if not run_id:
         return record
-    from bloodcell.train import _pip_requirements  # what loading a model of this run needs
+    from bloodcell.train import pip_requirements  # what loading a model of this run needs
 
     tracker.attempt(f"log the {ENSEMBLE_NAME} choices", _log_choices, run_id, record)
     model_uri = tracker.call(
-        f"log the {ENSEMBLE_NAME} model", tracking.log_keras_model, run_id, model, record.classes, _pip_requirements()
+        f"log the {ENSEMBLE_NAME} model", tracking.log_keras_model, run_id, model, record.classes, pip_requirements()
     )
     tracker.attempt(f"close the {ENSEMBLE_NAME} run", tracking.finish, run_id)
     return replace(record, mlflow_run_id=run_id, mlflow_model_uri=model_uri)

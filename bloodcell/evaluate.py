@@ -60,9 +60,9 @@ def evaluate_one(info: dict) -> dict:
         model = keras.saving.load_model(path, safe_mode=True)
     batch = ensemble.inference_batch(model, INFERENCE_BATCH)  # the combined model: 8 symmetries per image
     both = calibration.both_outputs(model)  # one pass: the calibration layer's input and output
-    predict_both(both, x_test[:batch], batch)  # warm-up
+    feeding.predict_outputs(both, x_test[:batch], batch)  # warm-up
     started = time.perf_counter()
-    uncalibrated, probabilities = predict_both(both, x_test, batch)
+    uncalibrated, probabilities = feeding.predict_outputs(both, x_test, batch)
     seconds = time.perf_counter() - started
     result = classification_metrics(y_test, probabilities, info["classes"])
     layer = calibration.calibration_layer(model)
@@ -92,14 +92,6 @@ def evaluate_one(info: dict) -> dict:
     model_dir = info["model_uri"].rsplit("/", 1)[0]
     result["predictions_uri"] = storage.upload_bytes(buffer.getvalue(), storage.join(model_dir, "test_predictions.npz"))
     return result
-
-
-def predict_both(both: keras.Model, x: np.ndarray, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
-    """Uncalibrated and calibrated probabilities of :func:`calibration.both_outputs`' model, batch by batch."""
-    parts = [both.predict_on_batch(x[start : start + batch_size]) for start in range(0, len(x), batch_size)]
-    return tuple(  # type: ignore[return-value]
-        np.concatenate([keras.ops.convert_to_numpy(p[i]) for p in parts]).astype(np.float32) for i in range(2)
-    )
 
 
 def classification_metrics(y_true: np.ndarray, probabilities: np.ndarray, classes: list[str]) -> dict:
@@ -163,4 +155,4 @@ def _log_to_mlflow(run_id: str, result: dict) -> None:
 def calibration_metrics(result: dict) -> dict[str, float]:
     """The calibration and selective-prediction figures of an evaluation result, by name (MLflow's, compare's)."""
     quality = result.get("calibration", {})
-    return {k: v for k, v in quality.items() if isinstance(v, (int, float)) and v is not None and k != "temperature"}
+    return {k: v for k, v in quality.items() if isinstance(v, (int, float)) and k != "temperature"}

@@ -41,11 +41,19 @@ def describe() -> str:
 
 def predict(model: keras.Model, x: np.ndarray, batch_size: int) -> np.ndarray:
     """Class probabilities for ``x``, batch by batch (no input pipeline to tear down)."""
-    outputs = [
-        keras.ops.convert_to_numpy(model.predict_on_batch(x[start : start + batch_size]))
-        for start in range(0, len(x), batch_size)
+    return predict_outputs(model, x, batch_size)[0]
+
+
+def predict_outputs(model: keras.Model, x: np.ndarray, batch_size: int) -> list[np.ndarray]:
+    """Each of ``model``'s outputs for ``x`` (float32), batch by batch, as :func:`predict` does for one."""
+    parts = []
+    for start in range(0, len(x), batch_size):
+        out = model.predict_on_batch(x[start : start + batch_size])
+        parts.append(out if isinstance(out, (list, tuple)) else [out])
+    return [
+        np.concatenate([keras.ops.convert_to_numpy(p[i]) for p in parts]).astype(np.float32)
+        for i in range(len(parts[0]))
     ]
-    return np.concatenate(outputs).astype(np.float32)
 
 
 class ArrayBatches(keras.utils.PyDataset):

@@ -120,9 +120,21 @@ def _round_robin_by_class(indices: np.ndarray, labels: np.ndarray) -> np.ndarray
     return np.array(ordered, dtype=int)
 
 
-def misclassified(result: dict) -> bytes:
+def _test_predictions(result: dict) -> tuple[np.ndarray, np.ndarray]:
+    """The true labels and (calibrated) probabilities evaluate stored for ``result``'s model."""
     predictions = np.load(io.BytesIO(storage.read_bytes(result["predictions_uri"])))
-    y_true, y_pred = predictions["y_true"], predictions["probabilities"].argmax(axis=1)
+    return predictions["y_true"], predictions["probabilities"]
+
+
+def _test_images(result: dict) -> np.ndarray:
+    """The test images ``result``'s model was evaluated on (the arrays its training record names)."""
+    train = storage.read_json(storage.join(result["model_uri"].rsplit("/", 1)[0], "train.json"))
+    return arrays.load(train["arrays_uri"], "test")[0]
+
+
+def misclassified(result: dict) -> bytes:
+    y_true, probabilities = _test_predictions(result)
+    y_pred = probabilities.argmax(axis=1)
     wrong = _round_robin_by_class(np.flatnonzero(y_true != y_pred), y_true)[:MISCLASSIFIED_SHOWN]
     columns = 6
     rows = max(1, -(-len(wrong) // columns))
@@ -130,8 +142,7 @@ def misclassified(result: dict) -> bytes:
     for ax in axes.flat:
         ax.axis("off")
     if len(wrong):
-        train = storage.read_json(storage.join(result["model_uri"].rsplit("/", 1)[0], "train.json"))
-        x_test, _ = arrays.load(train["arrays_uri"], "test")
+        x_test = _test_images(result)
         for ax, index in zip(axes.flat, wrong, strict=False):  # more axes than images
             ax.imshow(x_test[index])
             ax.set_title(
@@ -218,19 +229,12 @@ def explanation_examples(y_true: np.ndarray, y_pred: np.ndarray, confidence: np.
 
 def explanations(result: dict) -> bytes:
     """A grid of Grad-CAM overlays for ``result``'s model: per class (row) correct, then misclassified test images."""
-    import tempfile
-    from pathlib import Path
-
     from bloodcell import explain, predict
 
-    predictions = np.load(io.BytesIO(storage.read_bytes(result["predictions_uri"])))
-    y_true, probabilities = predictions["y_true"], predictions["probabilities"]
+    y_true, probabilities = _test_predictions(result)
     y_pred, confidence = probabilities.argmax(axis=1), probabilities.max(axis=1)
-    train = storage.read_json(storage.join(result["model_uri"].rsplit("/", 1)[0], "train.json"))
-    x_test, _ = arrays.load(train["arrays_uri"], "test")
-    with tempfile.TemporaryDirectory() as tmp:
-        path = storage.download_file(result["model_uri"], Path(tmp, "model.keras"))
-        model = predict.load_keras(path, result["model_uri"])
+    x_test = _test_images(result)
+    model, _ = predict.load(result["model_uri"])  # safe mode, as predict loads any model
     chosen = explanation_examples(y_true, y_pred, confidence)
     rows: dict[int, list[tuple[int, bool, np.ndarray]]] = {int(y_true[i]): [] for i, _ in chosen}
     indices = np.array([i for i, _ in chosen])

@@ -108,15 +108,21 @@ def download_keras_model(model_uri: str, dst: Path) -> tuple[Path, list[str]]:
         local = Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=str(dst)))
     except MlflowException as exc:
         text = str(exc)
-        # MLflow's auth answers 403 for a model id it does not know, so both causes read the same
         if exc.error_code in ("PERMISSION_DENIED", "RESOURCE_DOES_NOT_EXIST") or "403" in text or "not found" in text:
-            user = os.environ.get("MLFLOW_TRACKING_USERNAME") or "(none)"
-            raise BloodcellError(
-                f"model {model_uri} not found or not readable in MLflow at {mlflow.get_tracking_uri()} for user "
-                f"{user}: check the URI (`bloodcell compare` lists the runs' models; the run summary has their URIs)"
-            ) from None
+            raise not_readable(f"model {model_uri}") from None
         raise BloodcellError(f"cannot download model {model_uri} from MLflow: {exc.message[:300]}") from exc
     return keras_file_of(local, model_uri), list((_mlmodel(local, model_uri).metadata or {}).get("classes", []))
+
+
+def not_readable(what: str) -> BloodcellError:
+    """``what`` is not in MLflow or its user may not read it: MLflow's auth answers 403 for an id it does not
+    know, so both causes read the same."""
+    user = os.environ.get("MLFLOW_TRACKING_USERNAME") or "(none)"
+    return BloodcellError(
+        f"{what} not found or not readable in MLflow at {mlflow.get_tracking_uri()} for user {user}: check the "
+        "URI (`bloodcell compare` lists the runs' models; the run summary has their URIs); if it is right, that "
+        "user has no READ permission on it."
+    )
 
 
 def keras_file_of(model_dir: Path, model_uri: str) -> Path:

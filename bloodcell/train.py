@@ -201,7 +201,7 @@ def log_trained_model(
     epoch_logger.flush()  # epochs that ended during an outage
     tracker.attempt("log results", _log_results, run_id, result)
     model_uri = tracker.call(
-        "log the model", tracking.log_keras_model, run_id, model, result.classes, _pip_requirements()
+        "log the model", tracking.log_keras_model, run_id, model, result.classes, pip_requirements()
     )
     tracker.attempt("close the model run", tracking.finish, run_id)
     return replace(result, mlflow_model_uri=model_uri)
@@ -285,7 +285,7 @@ def _log_results(run_id: str, result: TrainResult) -> None:
     tracking.describe_run(run_id, text)
 
 
-def _pip_requirements() -> list[str]:
+def pip_requirements() -> list[str]:
     """What loading the logged model needs: Keras and the backend it was trained with (and bloodcell's layers)."""
     import importlib.metadata
 
