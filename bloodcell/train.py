@@ -15,8 +15,17 @@ from pathlib import Path
 import keras
 import numpy as np
 
-from bloodcell import arrays, calibration, feeding, hardware, models, sources, storage, tracking
+from bloodcell import arrays, calibration, feeding, hardware, models, recipes, sources, storage, tracking
 from bloodcell.config import ModelConfig, Profile
+from bloodcell.recipes import (
+    VGG16_PATHS,
+    build_on_images,
+    compile_model,
+    learning_rate,
+    schedule_description,
+    scratch_config,
+    vgg16_path,
+)
 
 
 @dataclass(frozen=True)
@@ -178,14 +187,11 @@ def fit_model(
         weights = resolve_vgg16_weights(vgg16_weights)
         print(f"vgg16 path: {vgg16_path(vgg16_weights)} ({VGG16_PATHS[vgg16_path(vgg16_weights)]})")
         if weights is None:
-            cfg = scratch_config(cfg)
-            model = models.build_model(
-                "vgg16", n_classes, cfg.image_size, augment=cfg.augment, weights=None, width=cfg.scratch_width
-            )
+            model, cfg = build_on_images(model_name, cfg, n_classes)
             return model, fit_vgg16_from_scratch(model, cfg, data, ckpt_uri, epoch_logger)
         model = models.build_model("vgg16", n_classes, cfg.image_size, augment=False, weights=weights)
         return model, fit_vgg16(model, cfg, data, ckpt_uri, epoch_logger)
-    model = models.build_model(model_name, n_classes, cfg.image_size, augment=cfg.augment)
+    model, cfg = build_on_images(model_name, cfg, n_classes)
     compile_model(model, learning_rate(cfg, len(data.train[0])))
     return model, fit(
         model, data.train, data.val, cfg, cfg.epochs, storage.join(ckpt_uri, "main"), epoch_logger=epoch_logger
@@ -238,7 +244,7 @@ def training_params(
         "n_train": len(data.train[0]),
         "n_val": len(data.val[0]),
         "optimizer": "adam",
-        "lr_schedule": _schedule_description(cfg),
+        "lr_schedule": schedule_description(cfg),
         "early_stopping": f"val_loss, patience {cfg.early_stopping_patience}, from epoch "
         f"{cfg.early_stopping_start + 1}, restore best",
         "input_pipeline": feeding.describe(),
@@ -300,31 +306,6 @@ def pip_requirements() -> list[str]:
     return requirements
 
 
-def _schedule_description(cfg: ModelConfig) -> str:
-    if cfg.lr_schedule == "cosine":
-        return "1 epoch linear warm-up from lr/10, then cosine decay to 0"
-    return "ReduceLROnPlateau(val_loss, factor 0.5, patience 2)"
-
-
-def learning_rate(cfg: ModelConfig, n_train: int) -> float | keras.optimizers.schedules.LearningRateSchedule:
-    """The constant rate (ReduceLROnPlateau adjusts it) or, for ``cosine``, a warm-up + cosine schedule."""
-    if cfg.lr_schedule != "cosine":
-        return cfg.learning_rate
-    steps_per_epoch = -(-n_train // cfg.batch_size)
-    return keras.optimizers.schedules.CosineDecay(
-        cfg.learning_rate / 10,
-        decay_steps=max(steps_per_epoch * (cfg.epochs - 1), 1),
-        warmup_target=cfg.learning_rate,
-        warmup_steps=steps_per_epoch,
-    )
-
-
-def compile_model(model: keras.Model, learning_rate: float | keras.optimizers.schedules.LearningRateSchedule) -> None:
-    model.compile(
-        optimizer=keras.optimizers.Adam(learning_rate), loss="sparse_categorical_crossentropy", metrics=["accuracy"]
-    )
-
-
 def fit(
     model: keras.Model,
     train_data: tuple,
@@ -345,24 +326,10 @@ def fit(
     initial_epoch = state.get("epoch", 0)
     if initial_epoch:
         print(f"resuming from {ckpt_uri} at epoch {initial_epoch + 1}/{epochs}")
-    callbacks = [
-        keras.callbacks.EarlyStopping(
-            "val_loss",
-            patience=cfg.early_stopping_patience,
-            restore_best_weights=True,
-            start_from_epoch=cfg.early_stopping_start,
-            verbose=1,
-        ),
-        BucketCheckpoint(ckpt_uri, history),
-        *extra_callbacks,
-    ]
+    callbacks = [*recipes.callbacks(cfg), BucketCheckpoint(ckpt_uri, history), *extra_callbacks]
     if epoch_logger:
         epoch_logger.step_offset = step_offset
         callbacks.append(epoch_logger)
-    if cfg.lr_schedule == "plateau":
-        callbacks.insert(
-            1, keras.callbacks.ReduceLROnPlateau("val_loss", factor=0.5, patience=2, min_lr=1e-6, verbose=1)
-        )
     x, y = train_data
     result = model.fit(
         feeding.batches(x, y, batch_size=cfg.batch_size, shuffle=True),
@@ -493,32 +460,6 @@ def fit_vgg16_from_scratch(
     return fit(
         model, data.train, data.val, cfg, cfg.epochs, storage.join(ckpt_uri, "scratch"), epoch_logger=epoch_logger
     )
-
-
-def scratch_config(cfg: ModelConfig) -> ModelConfig:
-    """The vgg16 settings as the from-scratch path uses them: its own epochs and rate, warm-up + cosine decay.
-
-    Early stopping watches the second half only: while the rate is high, batch norm's moving statistics lag
-    behind the weights and the validation loss says little.
-    """
-    return replace(
-        cfg,
-        epochs=cfg.scratch_epochs,
-        learning_rate=cfg.scratch_learning_rate,
-        lr_schedule="cosine",
-        early_stopping_start=max(cfg.early_stopping_start, cfg.scratch_epochs // 2),
-    )
-
-
-VGG16_PATHS = {
-    "from_scratch": "no pretrained weights: every layer trains from random weights, on augmented images",
-    "frozen_then_fine_tune": "phase 1: head on frozen blocks 1-5; phase 2: block 5 and head, blocks 1-4 frozen",
-}
-
-
-def vgg16_path(weights: str) -> str:
-    """How vgg16 trains with ``--vgg16-weights weights``: a key of :data:`VGG16_PATHS`."""
-    return "from_scratch" if weights in ("none", "") else "frozen_then_fine_tune"
 
 
 def resolve_vgg16_weights(weights: str) -> str | None:
