@@ -126,10 +126,10 @@ PROFILES: dict[str, Profile] = {
         # A cosine decay over a fixed budget: ReduceLROnPlateau stopped cnn1 while it was still improving.
         cnn1=ModelConfig(
             image_size=64,
-            epochs=48,
+            epochs=40,
             batch_size=64,
             early_stopping_patience=10,
-            early_stopping_start=24,
+            early_stopping_start=20,
             lr_schedule="cosine",
         ),
         # cnn2's epochs are the profile's costliest (README): fewer of them, each with twice the updates.
@@ -141,9 +141,9 @@ PROFILES: dict[str, Profile] = {
             early_stopping_start=8,
             lr_schedule="cosine",
         ),
-        # With `none`, VGG16 trains from scratch: a quarter of its width at 48 px fits the laptop budget.
+        # With `none`, VGG16 trains from scratch: a quarter of its width at 64 px fits the laptop budget.
         vgg16=ModelConfig(
-            image_size=48,
+            image_size=64,
             epochs=8,
             batch_size=128,
             learning_rate=1e-3,

@@ -47,6 +47,9 @@ class Service:
     start_time: int | None = None  # with the pid, tells our process from a later one given the same pid
 
 
+AUTH_CACHE_TTL_S = 300
+
+
 class LocalServices:
     """Start, find and stop the local object store and tracking server."""
 
@@ -166,6 +169,9 @@ class LocalServices:
         auth_config.write_text(
             "[mlflow]\ndefault_permission = READ\n"
             f"database_uri = sqlite:///{self.state_dir / 'mlflow-auth.db'}\nadmin_username = {ADMIN_USER}\n"
+            # Without the cache every request re-checks a scrypt password hash: most of each call's time here.
+            # One worker, so a password changed through the API takes effect at once.
+            f"auth_cache_ttl_seconds = {AUTH_CACHE_TTL_S}\n"
         )
         server_env = {
             **env,

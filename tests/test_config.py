@@ -49,5 +49,6 @@ def test_unknown_profile_and_assignment_syntax():
 
 
 def test_image_sizes_are_what_the_models_need():
-    assert config.resolve("laptop").image_sizes() == [48, 64, 96]
+    assert config.resolve("laptop").image_sizes() == [64, 96]
+    assert config.resolve("smoke").image_sizes() == [32, 48, 96]
     assert config.resolve("gpu").image_sizes() == [128, 224]
