@@ -1,10 +1,10 @@
 #!/usr/bin/env python3
 """Train the models of a profile on the real split under any Keras backend, e.g. JAX on a bare GPU machine.
 
-Needs only keras (+ its backend), numpy, scipy and Pillow: no TensorFlow, google-cloud-storage or MLflow.
+Needs only keras (+ its backend), numpy and Pillow: no TensorFlow, google-cloud-storage or MLflow.
 The split travels as one compact file: every image of the pipeline's train/val/test split (same
 ingest checks, same ``splitfolders`` assignment and seed), resized once and re-encoded (WebP at 224 px:
-about 50 MiB for all 14.5k images). Models that train at another size are resized from it on arrival.
+52 MiB for all 14,502 images). Models that train at another size are resized from it on arrival.
 
     # here: export the split of a dataset folder
     .venv/bin/python benchmarks/gpu_training.py export ../shared/datasets/PBC_dataset_normal_DIB split224.npz
