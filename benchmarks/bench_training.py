@@ -54,6 +54,7 @@ from bloodcell import (  # noqa: E402
     hardware,
     ingest,
     models,
+    recipes,
     split,
     tracking,
     train,
@@ -173,7 +174,7 @@ def original_recipe(name: str, train_folder: Path, val_folder: Path, epochs: int
     if augment:
         images = keras.Input((128, 128, 3))
         model = keras.Model(images, model(original_augmentation()(images)))
-    train.compile_model(model, 1e-3)
+    recipes.compile_model(model, 1e-3)
     timer = EpochTimer()
     model.fit(train_set, validation_data=val_set, epochs=epochs, verbose=0, callbacks=[timer])
     return images_per_second(count, batch, timer)
@@ -184,7 +185,7 @@ def our_recipe(
 ) -> tuple[Speed, str]:
     policy = hardware.apply_precision("auto")
     model = models.build_model(name, 8, 128, augment=True)
-    train.compile_model(model, 1e-3)
+    recipes.compile_model(model, 1e-3)
     cfg = ModelConfig(image_size=128, epochs=epochs, batch_size=batch, early_stopping_patience=100)
     timer = EpochTimer()
     with mlflow.start_run() as run:
@@ -211,7 +212,7 @@ def vgg16_frozen(x: np.ndarray, y: np.ndarray, size: int, epochs: int, batch: in
         else x
     )
     full = models.vgg16_transfer(8, size, augment=False, weights=None)
-    train.compile_model(full, 1e-3)
+    recipes.compile_model(full, 1e-3)
     timer = EpochTimer()
     full.fit(
         feeding.batches(x, y, batch_size=batch, shuffle=True),
@@ -230,7 +231,7 @@ def vgg16_frozen(x: np.ndarray, y: np.ndarray, size: int, epochs: int, batch: in
     features = feeding.predict(extractor, x, batch)
     once = time.perf_counter() - started
     head = models.vgg16_head(features.shape[1:], 8)
-    train.compile_model(head, 1e-3)
+    recipes.compile_model(head, 1e-3)
     timer = EpochTimer()
     head.fit(
         feeding.batches(features, y, batch_size=batch, shuffle=True),

@@ -23,13 +23,13 @@ import keras
 import numpy as np
 
 from benchmarks.bench_training import EpochTimer
-from bloodcell import feeding, models, train
+from bloodcell import feeding, models, recipes
 
 
 def measure(label: str, fit_input: dict, epochs: int) -> None:
     keras.utils.set_random_seed(777)
     model = models.build_model("cnn1", 8, 128, augment=False)
-    train.compile_model(model, 1e-3)
+    recipes.compile_model(model, 1e-3)
     timer = EpochTimer()
     model.fit(**fit_input, epochs=epochs, verbose=0, callbacks=[timer])
     for index, (wall, steps) in enumerate(zip(timer.durations, timer.in_steps, strict=True), 1):

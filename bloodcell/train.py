@@ -17,15 +17,6 @@ import numpy as np
 
 from bloodcell import arrays, calibration, feeding, hardware, models, recipes, sources, storage, tracking
 from bloodcell.config import ModelConfig, Profile
-from bloodcell.recipes import (
-    VGG16_PATHS,
-    build_on_images,
-    compile_model,
-    learning_rate,
-    schedule_description,
-    scratch_config,
-    vgg16_path,
-)
 
 
 @dataclass(frozen=True)
@@ -185,14 +176,15 @@ def fit_model(
     n_classes = len(data.classes)
     if model_name == "vgg16":
         weights = resolve_vgg16_weights(vgg16_weights)
-        print(f"vgg16 path: {vgg16_path(vgg16_weights)} ({VGG16_PATHS[vgg16_path(vgg16_weights)]})")
+        path = recipes.vgg16_path(vgg16_weights)
+        print(f"vgg16 path: {path} ({recipes.VGG16_PATHS[path]})")
         if weights is None:
-            model, cfg = build_on_images(model_name, cfg, n_classes)
+            model, cfg = recipes.build_on_images(model_name, cfg, n_classes)
             return model, fit_vgg16_from_scratch(model, cfg, data, ckpt_uri, epoch_logger)
         model = models.build_model("vgg16", n_classes, cfg.image_size, augment=False, weights=weights)
         return model, fit_vgg16(model, cfg, data, ckpt_uri, epoch_logger)
-    model, cfg = build_on_images(model_name, cfg, n_classes)
-    compile_model(model, learning_rate(cfg, len(data.train[0])))
+    model, cfg = recipes.build_on_images(model_name, cfg, n_classes)
+    recipes.compile_model(model, recipes.learning_rate(cfg, len(data.train[0])))
     return model, fit(
         model, data.train, data.val, cfg, cfg.epochs, storage.join(ckpt_uri, "main"), epoch_logger=epoch_logger
     )
@@ -233,8 +225,8 @@ def training_params(
     vgg16_weights: str,
 ) -> dict:
     """Every training choice, as MLflow params: the ones this model's recipe really uses."""
-    from_scratch = model_name == "vgg16" and vgg16_path(vgg16_weights) == "from_scratch"
-    cfg = scratch_config(cfg) if from_scratch else cfg
+    from_scratch = model_name == "vgg16" and recipes.vgg16_path(vgg16_weights) == "from_scratch"
+    cfg = recipes.scratch_config(cfg) if from_scratch else cfg
     params = {
         **asdict(cfg),
         "precision": precision,
@@ -244,7 +236,7 @@ def training_params(
         "n_train": len(data.train[0]),
         "n_val": len(data.val[0]),
         "optimizer": "adam",
-        "lr_schedule": schedule_description(cfg),
+        "lr_schedule": recipes.schedule_description(cfg),
         "early_stopping": f"val_loss, patience {cfg.early_stopping_patience}, from epoch "
         f"{cfg.early_stopping_start + 1}, restore best",
         "input_pipeline": feeding.describe(),
@@ -259,7 +251,7 @@ def training_params(
             batch_norm=True,
             augmentation=_augmentation(cfg),
             input_scaling="rescale 1/255",
-            training=VGG16_PATHS["from_scratch"],
+            training=recipes.VGG16_PATHS["from_scratch"],
         )
     elif model_name == "vgg16":
         params.update(
@@ -268,7 +260,7 @@ def training_params(
             augmentation="none: both phases train on features the frozen layers computed once",
             input_scaling="vgg16 preprocess (BGR, ImageNet channel means)",
             vgg16_weights=vgg16_weights,
-            training=VGG16_PATHS["frozen_then_fine_tune"],
+            training=recipes.VGG16_PATHS["frozen_then_fine_tune"],
         )
     else:
         params.update(augmentation=_augmentation(cfg), input_scaling="rescale 1/255")
@@ -415,7 +407,7 @@ def fit_vgg16(
     stem_train, stem_val = (feeding.predict(featurizer, x, cfg.batch_size) for x in (x_train, x_val))
     block5_train, block5_val = (feeding.predict(block5, x, cfg.batch_size) for x in (stem_train, stem_val))
 
-    compile_model(head, cfg.learning_rate)
+    recipes.compile_model(head, cfg.learning_rate)
     history = fit(
         head,
         (block5_train, y_train),
@@ -429,7 +421,7 @@ def fit_vgg16(
         block5.trainable = True
         features = keras.Input(stem.output_shape[1:])
         tuned = keras.Model(features, head(block5(features)))
-        compile_model(tuned, cfg.fine_tune_learning_rate)
+        recipes.compile_model(tuned, cfg.fine_tune_learning_rate)
         tune_history = fit(
             tuned,
             (stem_train, y_train),
@@ -441,7 +433,7 @@ def fit_vgg16(
             epoch_logger=epoch_logger,
         )
         history = {k: history.get(k, []) + tune_history.get(k, []) for k in set(history) | set(tune_history)}
-    compile_model(model, cfg.fine_tune_learning_rate)
+    recipes.compile_model(model, cfg.fine_tune_learning_rate)
     return history
 
 
@@ -456,7 +448,7 @@ def fit_vgg16_from_scratch(
 
     ``cfg`` is the :func:`scratch_config` of the vgg16 settings.
     """
-    compile_model(model, learning_rate(cfg, len(data.train[0])))
+    recipes.compile_model(model, recipes.learning_rate(cfg, len(data.train[0])))
     return fit(
         model, data.train, data.val, cfg, cfg.epochs, storage.join(ckpt_uri, "scratch"), epoch_logger=epoch_logger
     )

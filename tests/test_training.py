@@ -119,13 +119,13 @@ def test_vgg16_trains_the_model_its_builder_makes_in_two_phases(services, tmp_pa
     import keras
     import numpy as np
 
-    from bloodcell import models, train
+    from bloodcell import models, recipes, train
 
     data = small_training_data()
     x = data.train[0]
     weights = tmp_path / "vgg16_notop.weights.h5"
     keras.applications.VGG16(include_top=False, weights=None, input_shape=(32, 32, 3)).save_weights(weights)
-    assert train.vgg16_path(str(weights)) == "frozen_then_fine_tune"
+    assert recipes.vgg16_path(str(weights)) == "frozen_then_fine_tune"
     cfg = config.ModelConfig(image_size=32, epochs=2, batch_size=8, fine_tune_epochs=1, early_stopping_patience=100)
     keras.utils.set_random_seed(1)
     model = models.build_model("vgg16", 3, 32, augment=False, weights=str(weights))
@@ -149,11 +149,11 @@ def test_vgg16_with_none_updates_every_layers_weights_in_training(services):
     import keras
     import numpy as np
 
-    from bloodcell import models, train
+    from bloodcell import models, recipes, train
 
     data = small_training_data()
-    assert train.vgg16_path("none") == "from_scratch"
-    cfg = train.scratch_config(
+    assert recipes.vgg16_path("none") == "from_scratch"
+    cfg = recipes.scratch_config(
         config.ModelConfig(
             image_size=32, epochs=1, batch_size=8, early_stopping_patience=100, scratch_width=0.125, scratch_epochs=2
         )
