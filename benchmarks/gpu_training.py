@@ -71,29 +71,27 @@ def _encode(path: str, size: int, quality: int) -> bytes:
     return buffer.getvalue()
 
 
-def load(path: Path, size: int, limit: int = 0) -> tuple[list[str], Subsets]:
-    """The exported split (or ``limit`` evenly spaced images of each subset), decoded and resized to ``size`` px."""
+def load(path: Path, sizes: list[int], limit: int = 0) -> tuple[list[str], dict[int, Subsets]]:
+    """The exported split (or ``limit`` evenly spaced images of each subset), decoded once and resized to each
+    of ``sizes`` px: per size, the subsets."""
     saved = np.load(path)
-    subsets = {}
+    by_size: dict[int, Subsets] = {size: {} for size in sizes}
     with ProcessPoolExecutor() as pool:
         for subset in SUBSETS:
             blob, offsets = saved[f"{subset}_webp"], saved[f"{subset}_offsets"]
             total = len(offsets) - 1
             chosen = np.linspace(0, total - 1, min(limit, total)).astype(int) if limit else np.arange(total)
             parts = [blob[offsets[i] : offsets[i + 1]].tobytes() for i in chosen]
-            images = list(pool.map(_decode, parts, [size] * len(parts), chunksize=256))
-            subsets[subset] = (np.stack(images), saved[f"{subset}_y"][chosen])
-    return [str(c) for c in saved["classes"]], subsets
+            decoded = list(pool.map(_decode, parts, [sizes] * len(parts), chunksize=256))
+            for index, size in enumerate(sizes):
+                by_size[size][subset] = (np.stack([d[index] for d in decoded]), saved[f"{subset}_y"][chosen])
+    return [str(c) for c in saved["classes"]], by_size
 
 
-def _decode(blob: bytes, size: int) -> np.ndarray:
-    from PIL import Image
+def _decode(blob: bytes, sizes: list[int]) -> list[np.ndarray]:
+    from bloodcell import arrays
 
-    with Image.open(io.BytesIO(blob)) as image:
-        rgb = image.convert("RGB")
-        if rgb.size != (size, size):
-            rgb = rgb.resize((size, size), Image.Resampling.BILINEAR)
-        return np.asarray(rgb)
+    return arrays.decode_resized(io.BytesIO(blob), sizes)
 
 
 def train_one(model_name: str, profile: Profile, data: Subsets, n_classes: int, epochs: int | None) -> dict:
@@ -151,11 +149,11 @@ def run(args: argparse.Namespace) -> list[dict]:
     names = args.models.split(",")
     loading = time.perf_counter()
     # Decoded before Keras starts its backend: the decoding workers fork, and a forked JAX process can deadlock.
-    by_size = {size: load(args.data, size, args.limit) for size in {profile.model(n).image_size for n in names}}
-    print(f"decoded the split at {sorted(by_size)} px in {time.perf_counter() - loading:.1f} s")
+    classes, by_size = load(args.data, sorted({profile.model(n).image_size for n in names}), args.limit)
+    print(f"decoded the split at {list(by_size)} px in {time.perf_counter() - loading:.1f} s")
     results = []
     for model_name in names:
-        classes, data = by_size[profile.model(model_name).image_size]
+        data = by_size[profile.model(model_name).image_size]
         result = train_one(model_name, profile, data, len(classes), args.epochs)
         print(json.dumps(result), flush=True)
         results.append(result)

@@ -11,6 +11,7 @@ import os
 import tempfile
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 from PIL import Image
@@ -90,8 +91,8 @@ class NpyWriter:
             raise RuntimeError(f"{self.file.name}: wrote {self.rows} rows, expected {self.shape[0]}")
 
 
-def decode_resized(path: str, sizes: list[int]) -> list[np.ndarray]:
-    """Decode ``path`` once and resize it to each square size (RGB, uint8)."""
+def decode_resized(path: str | BinaryIO, sizes: list[int]) -> list[np.ndarray]:
+    """Decode ``path`` (a file name or an open binary file) once and resize it to each square size (RGB, uint8)."""
     with Image.open(path) as img:
         img.draft("RGB", (max(sizes), max(sizes)))  # JPEG: decode at a reduced scale when possible
         rgb = img.convert("RGB")

@@ -25,7 +25,8 @@ def test_export_carries_the_pipelines_split_and_trains_from_it(sample_dataset: P
     records, _ = ingest.drop_duplicates(records)
     profile = config.resolve("smoke")
     expected = split.assign([asdict(r) for r in records], profile.split_ratio, profile.seed)
-    classes, subsets = gpu_training.load(exported, size=48)
+    classes, by_size = gpu_training.load(exported, sizes=[48])
+    subsets = by_size[48]
     assert classes == sorted({r.label for r in records})
     assert [q["path"] for q in quarantined] == ["neutrophil/.DS_169665.jpg"]
     for subset in config.SUBSETS:
