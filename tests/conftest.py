@@ -105,6 +105,16 @@ class PipelineRun:
         return returncode, "\n".join(self.lines)
 
 
+@pytest.fixture(autouse=True)
+def keras_dtype_policy() -> Iterator[None]:
+    """Training sets Keras' global mixed-precision policy; restore it so no test depends on which ran before."""
+    import keras
+
+    policy = keras.mixed_precision.global_policy()
+    yield
+    keras.mixed_precision.set_global_policy(policy)
+
+
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
