@@ -2,7 +2,7 @@
 """Train the models of a profile on the real split under any Keras backend, e.g. JAX on a bare GPU machine.
 
 Needs only keras (+ its backend), numpy and Pillow: no TensorFlow, google-cloud-storage or MLflow.
-The split travels as one compact file: every image of the pipeline's train/val/test split (same
+The split travels as one compact file: every image of the pipeline's train/val/calibration/test split (same
 ingest checks, same ``splitfolders`` assignment and seed), resized once and re-encoded (WebP at 224 px:
 52 MiB for all 14,502 images). Models that train at another size are resized from it on arrival.
 
@@ -105,7 +105,7 @@ def train_one(model_name: str, profile: Profile, data: Subsets, n_classes: int, 
     keras.utils.set_random_seed(profile.seed)
     precision = hardware.apply_precision(profile.precision)
     model, cfg = recipes.build_on_images(model_name, cfg, n_classes)
-    (x, y), (x_val, y_val), (x_test, y_test) = (data[s] for s in SUBSETS)
+    (x, y), (x_val, y_val), (x_test, y_test) = (data[s] for s in ("train", "val", "test"))
     recipes.compile_model(model, recipes.learning_rate(cfg, len(x)))
     durations: list[float] = []
     timer = keras.callbacks.LambdaCallback(

@@ -1,10 +1,11 @@
-"""Calibrated confidence and the "refer to a person" threshold.
+"""Calibrated confidence, the "refer to a person" thresholds and the prediction sets.
 
 Each model ends in a :class:`Calibration` layer: its probabilities divided by a temperature in log
-space (temperature scaling, fitted on the validation split), and the confidence below which a cell is
-referred to a hematologist (chosen on the validation split for a target accuracy of the cells kept).
-Both live in the layer's config, so the ``.keras`` file carries them wherever it goes: the bucket,
-MLflow, the registry, ``predict``.
+space (temperature scaling, fitted on the validation split), the confidence below which a cell the model
+calls class c is referred to a hematologist, per class, and the per-class thresholds of its prediction
+sets (both fitted on the calibration split: :mod:`bloodcell.selective`). They live in the layer's config,
+so the ``.keras`` file carries them wherever it goes: the bucket, MLflow, the registry, ``predict``.
+:func:`calibrate` also chooses the familiarity check's threshold (:mod:`bloodcell.familiarity`).
 
 The measures: expected calibration error (equal-width confidence bins), negative log-likelihood,
 Brier score, and selective prediction (accuracy when only the most confident cells are kept).
@@ -17,7 +18,9 @@ from dataclasses import asdict, dataclass
 import keras
 import numpy as np
 from keras import layers, ops
-from scipy import optimize, stats
+from scipy import optimize
+
+from bloodcell import familiarity, selective
 
 ECE_BINS = 15
 LAYER_NAME = "calibration"
@@ -25,9 +28,6 @@ DEFAULT_TARGET_ACCURACY = 0.99
 TINY = 1e-37  # clip before log: float32 softmax outputs reach 0 only for logit gaps above ~87
 REPORTED_COVERAGES = (1.0, 0.95, 0.9)
 REPORTED_TARGETS = (0.99, 0.995)
-# The refer threshold keeps the cells whose accuracy on validation is at least the target with this confidence
-# (a one-sided Clopper-Pearson bound): the largest share that only just reaches it there falls short on new data.
-REFER_CONFIDENCE = 0.95
 
 
 def log_probabilities(probabilities: np.ndarray) -> np.ndarray:
@@ -126,12 +126,6 @@ def risk_coverage(y_true: np.ndarray, probabilities: np.ndarray) -> tuple[np.nda
     return kept / len(y_true), right / kept, threshold
 
 
-def accuracy_lower_bound(right: np.ndarray, kept: np.ndarray, confidence: float) -> np.ndarray:
-    """One-sided Clopper-Pearson lower bound of the accuracy ``right / kept`` at ``confidence``."""
-    bound = stats.beta.ppf(1 - confidence, right, kept - right + 1)
-    return np.where(right > 0, np.nan_to_num(bound), 0.0)
-
-
 def accuracy_at_coverage(y_true: np.ndarray, probabilities: np.ndarray, coverage: float) -> float:
     """Accuracy of the ``coverage`` most confident share of the predictions."""
     confidence = probabilities.max(axis=1)
@@ -147,7 +141,7 @@ def coverage_for_accuracy(
     accuracy's lower confidence bound does), and the confidence threshold that keeps them (predictions with
     confidence >= it). Coverage 0 and a threshold above 1 when none does."""
     kept, right, threshold = _kept_counts(y_true, probabilities)
-    accuracy = right / kept if confidence is None else accuracy_lower_bound(right, kept, confidence)
+    accuracy = right / kept if confidence is None else selective.accuracy_lower_bound(right, kept, confidence)
     reaching = np.flatnonzero(accuracy >= target)
     if not len(reaching):
         return 0.0, float(np.nextafter(1.0, 2.0))
@@ -157,42 +151,87 @@ def coverage_for_accuracy(
 
 @dataclass(frozen=True)
 class Calibrated:
-    """A model's calibration, fitted on the validation split."""
+    """A model's calibration and promises: the temperature (fitted on the validation split), the refer
+    thresholds per predicted class and the prediction-set thresholds (fitted on the calibration split)."""
 
     temperature: float
-    refer_below: float  # confidence threshold: predictions less confident go to a person
-    target_accuracy: float  # the kept predictions reached it on validation (with REFER_CONFIDENCE confidence)
-    val_coverage: float  # share of the validation images kept at that threshold
+    refer_below: list[float]  # per predicted class: less confident predictions go to a person
+    promise: list[str]  # per predicted class: selective.PROMISE_CLASS, PROMISE_GROUP or PROMISE_NONE
+    target_accuracy: float  # what the kept predictions reach, with `level` confidence, where promised
+    level: float
+    set_min_probability: list[float]  # per class: in an image's prediction set when its probability reaches it
+    set_alpha: float
+    set_calibration_cells: list[int]  # per class, the calibration cells its set threshold was fitted on
+    cal_kept_share: float  # share of the familiar calibration cells kept
+    familiarity_threshold: float  # scores above it are unlike the training images
+    flag_share: float  # the share of familiar cells the threshold was chosen to flag
+    flagged_share: float  # the share of the validation and calibration cells it flags
     val_ece_before: float
     val_ece_after: float
     val_nll_before: float
     val_nll_after: float
 
-    def params(self) -> dict[str, float]:
+    def params(self) -> dict:
         return asdict(self)
 
-    def describe(self) -> str:
-        return (
-            f"Calibrated on the validation split: temperature {self.temperature:.2f}. Predictions less confident "
-            f"than {self.refer_below:.3f} are referred to a person; on validation the rest ({self.val_coverage:.1%}) "
-            f"reached {self.target_accuracy:.1%} accuracy with {REFER_CONFIDENCE:.0%} confidence."
+    def describe(self, classes: list[str]) -> str:
+        promised = selective.promised_classes(self.refer_rule(), classes)
+        alone, group, none = (", ".join(promised[k]) for k in selective.PROMISE_KINDS)
+        text = (
+            f"Calibrated on the validation split: temperature {self.temperature:.2f}. On the calibration split, per "
+            f"predicted class, a confidence threshold below which cells are referred to a person; the cells kept reach "
+            f"{self.target_accuracy:.1%} accuracy (all these promises together with {self.level:.0%} confidence) "
+            f"for each class alone: {alone or 'none'}; for these classes together: {group or 'none'}"
+        )
+        text += f"; always referred: {none}" if none else ""
+        return text + (
+            f" ({self.cal_kept_share:.1%} of the familiar calibration cells kept). Prediction sets hold the true "
+            f"class with probability >= {1 - self.set_alpha:.0%} whatever it is."
         )
 
+    def refer_rule(self) -> selective.ReferRule:
+        return selective.ReferRule(self.refer_below, self.promise, self.target_accuracy, self.level)
 
-def calibrate(y_val: np.ndarray, probabilities: np.ndarray, target_accuracy: float) -> Calibrated:
-    """Fit the temperature on validation predictions, then the refer threshold on the calibrated ones."""
-    temperature = fit_temperature(y_val, probabilities)
-    calibrated = apply_temperature(probabilities, temperature)
-    coverage, threshold = coverage_for_accuracy(y_val, calibrated, target_accuracy, REFER_CONFIDENCE)
+
+def calibrate(
+    validation: tuple[np.ndarray, np.ndarray, np.ndarray],
+    calibration_cells: tuple[np.ndarray, np.ndarray, np.ndarray],
+    target_accuracy: float,
+    set_alpha: float = selective.DEFAULT_SET_ALPHA,
+    flag_share: float = familiarity.DEFAULT_FLAG_SHARE,
+) -> Calibrated:
+    """Fit a model's rules from (labels, uncalibrated probabilities, familiarity scores) of the validation
+    and calibration splits: the temperature on validation; the familiarity threshold on both (the share
+    ``flag_share`` of them above it); the refer rule on the familiar calibration cells; the set rule on
+    every calibration cell."""
+    y_val, p_val, s_val = validation
+    y_cal, p_cal, s_cal = calibration_cells
+    temperature = fit_temperature(y_val, p_val)
+    calibrated_val = apply_temperature(p_val, temperature)
+    calibrated_cal = apply_temperature(p_cal, temperature)
+    scores = np.concatenate([s_val, s_cal])
+    threshold = familiarity.flag_threshold(scores, flag_share)
+    familiar = s_cal <= threshold
+    rule = selective.refer_rule(y_cal[familiar], calibrated_cal[familiar], target_accuracy)
+    sets = selective.set_rule(y_cal, calibrated_cal, set_alpha)
+    kept = selective.kept_mask(calibrated_cal[familiar], rule.thresholds)
     return Calibrated(
         temperature=temperature,
-        refer_below=threshold,
+        refer_below=rule.thresholds,
+        promise=rule.promise,
         target_accuracy=target_accuracy,
-        val_coverage=coverage,
-        val_ece_before=ece(y_val, probabilities),
-        val_ece_after=ece(y_val, calibrated),
-        val_nll_before=nll(y_val, probabilities),
-        val_nll_after=nll(y_val, calibrated),
+        level=rule.level,
+        set_min_probability=sets.min_probability,
+        set_alpha=set_alpha,
+        set_calibration_cells=sets.calibration_cells,
+        cal_kept_share=float(kept.mean()) if len(kept) else 0.0,
+        familiarity_threshold=threshold,
+        flag_share=flag_share,
+        flagged_share=float((scores > threshold).mean()),
+        val_ece_before=ece(y_val, p_val),
+        val_ece_after=ece(y_val, calibrated_val),
+        val_nll_before=nll(y_val, p_val),
+        val_nll_after=nll(y_val, calibrated_val),
     )
 
 
@@ -201,7 +240,7 @@ def coverage_key(target: float) -> str:
     return "coverage_at_accuracy_" + f"{target * 100:g}".replace(".", "_")
 
 
-def quality(y_true: np.ndarray, uncalibrated: np.ndarray, calibrated: np.ndarray, refer_below: float | None) -> dict:
+def quality(y_true: np.ndarray, uncalibrated: np.ndarray, calibrated: np.ndarray) -> dict:
     """Calibration and selective-prediction measures of one model on one split (the report's and MLflow's)."""
     result: dict = {
         "ece_before": ece(y_true, uncalibrated),
@@ -223,27 +262,33 @@ def quality(y_true: np.ndarray, uncalibrated: np.ndarray, calibrated: np.ndarray
         "coverage": curve_coverage[::step].round(4).tolist() + [float(curve_coverage[-1])],
         "accuracy": curve_accuracy[::step].round(4).tolist() + [float(curve_accuracy[-1])],
     }
-    if refer_below is not None:
-        kept = calibrated.max(axis=1) >= refer_below
-        result["refer_below"] = refer_below
-        result["kept_share"] = float(kept.mean())
-        result["kept_accuracy"] = float((calibrated[kept].argmax(axis=1) == y_true[kept]).mean()) if kept.any() else 0.0
     return result
 
 
 @keras.saving.register_keras_serializable(package="bloodcell")
 class Calibration(layers.Layer):
-    """Temperature-scaled probabilities: softmax(log p / temperature); carries the refer threshold.
+    """Temperature-scaled probabilities: softmax(log p / temperature); carries the refer and set rules.
 
-    ``refer_below`` and ``target_accuracy`` do not change the output: they travel in the layer's config
-    so whoever loads the model (``predict``, the registry) refers with the threshold chosen for it.
+    The rules do not change the output: they travel in the layer's config so whoever loads the model
+    (``predict``, ``validate``, the registry) refers and builds prediction sets as chosen for it.
+    ``refer_below`` is one number in models saved before per-class thresholds (the same for every class).
     """
 
     def __init__(
-        self, temperature: float = 1.0, refer_below: float = 0.0, target_accuracy: float = 0.0, **kwargs
+        self,
+        temperature: float = 1.0,
+        refer_below: float | list[float] = 0.0,
+        target_accuracy: float = 0.0,
+        promise: list[str] | None = None,
+        level: float = selective.DEFAULT_LEVEL,
+        set_min_probability: list[float] | None = None,
+        set_alpha: float | None = None,
+        **kwargs,
     ) -> None:
         super().__init__(**kwargs)
         self.temperature, self.refer_below, self.target_accuracy = temperature, refer_below, target_accuracy
+        self.promise, self.level = promise, level
+        self.set_min_probability, self.set_alpha = set_min_probability, set_alpha
 
     def call(self, probabilities):
         logp = ops.log(ops.clip(ops.cast(probabilities, "float32"), TINY, 1.0))
@@ -258,15 +303,26 @@ class Calibration(layers.Layer):
             "temperature": self.temperature,
             "refer_below": self.refer_below,
             "target_accuracy": self.target_accuracy,
+            "promise": self.promise,
+            "level": self.level,
+            "set_min_probability": self.set_min_probability,
+            "set_alpha": self.set_alpha,
         }
 
 
-def with_calibration(model: keras.Model, calibrated: Calibrated) -> keras.Model:
-    """``model`` followed by its :class:`Calibration` layer (one flat functional model, same name)."""
-    layer = Calibration(
-        calibrated.temperature, calibrated.refer_below, calibrated.target_accuracy, name=LAYER_NAME, dtype="float32"
+def calibration_layer_for(calibrated: Calibrated) -> Calibration:
+    """The :class:`Calibration` layer carrying ``calibrated``."""
+    return Calibration(
+        calibrated.temperature,
+        calibrated.refer_below,
+        calibrated.target_accuracy,
+        calibrated.promise,
+        calibrated.level,
+        calibrated.set_min_probability,
+        calibrated.set_alpha,
+        name=LAYER_NAME,
+        dtype="float32",
     )
-    return keras.Model(model.inputs, layer(model.outputs[0]), name=model.name)
 
 
 def calibration_layer(model: keras.Model) -> Calibration | None:
@@ -275,10 +331,7 @@ def calibration_layer(model: keras.Model) -> Calibration | None:
     return found[-1] if found else None
 
 
-def both_outputs(model: keras.Model) -> keras.Model:
-    """A model giving (uncalibrated, calibrated) probabilities in one pass; the same output twice without
-    a calibration layer."""
+def uncalibrated_output(model: keras.Model) -> keras.KerasTensor:
+    """The probabilities before the calibration layer (the model's first output without one)."""
     layer = calibration_layer(model)
-    if layer is None:
-        return keras.Model(model.inputs, [model.outputs[0], model.outputs[0]])
-    return keras.Model(model.inputs, [layer.input, model.outputs[0]])
+    return model.outputs[0] if layer is None else layer.input

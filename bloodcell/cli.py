@@ -125,6 +125,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _local_services_option(p)
     p.set_defaults(handler=_interactive(_predict))
+
+    p = steps.add_parser(
+        "validate",
+        help="check a model on labelled images of your own (one folder per class) before trusting it on them",
+    )
+    p.add_argument("folder", help="a folder with one sub-folder per class, named as the model's classes")
+    p.add_argument("--model", required=True, help="models:/..., gs://.../model.keras or a local .keras file")
+    p.add_argument("--output", default="validation", help="where validation.html and .json go (default validation/)")
+    p.add_argument("--json", action="store_true", help="print the figures as JSON instead of a summary")
+    _local_services_option(p)
+    p.set_defaults(handler=_interactive(_validate))
     return parser
 
 
@@ -144,10 +155,10 @@ def _interactive(handler: Callable[[argparse.Namespace], Any]) -> Callable[[argp
         from bloodcell import storage
 
         _use_local_services(Path(args.state_dir))
-        predicting = handler is _predict
+        with_model = handler in (_predict, _validate)
         _check_services_answer(
-            mlflow=not predicting or args.model.startswith(("models:/", "runs:/")),
-            storage=predicting and not Path(args.model).is_file(),
+            mlflow=not with_model or args.model.startswith(("models:/", "runs:/")),
+            storage=with_model and not Path(args.model).is_file(),
         )
         storage.set_retry_deadline(INTERACTIVE_STORAGE_WAIT_S)
         for name, value in INTERACTIVE_MLFLOW_SETTINGS.items():
@@ -252,6 +263,16 @@ def _predict(args: argparse.Namespace) -> None:
     from bloodcell import predict
 
     predict.main(args.model, args.paths, args.labels_from_folders, args.json, args.explain)
+
+
+def _validate(args: argparse.Namespace) -> dict | None:
+    from bloodcell import validate
+
+    report = validate.validate(args.model, args.folder, Path(args.output))
+    if args.json:
+        return report
+    validate.print_result(report, Path(args.output))
+    return None
 
 
 def main(argv: list[str] | None = None) -> int:

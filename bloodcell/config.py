@@ -30,7 +30,9 @@ DEFAULT_IMAGE = os.environ.get("BLOODCELL_IMAGE") or IMAGE
 DEFAULT_BUCKET = os.environ.get("BLOODCELL_BUCKET", "bloodcell")
 DEFAULT_EXPERIMENT = os.environ.get("BLOODCELL_EXPERIMENT", "bloodcell")
 DEFAULT_VGG16_WEIGHTS = os.environ.get("VGG16_WEIGHTS") or "imagenet"
-SUBSETS = ("train", "val", "test")  # in the order of Profile.split_ratio
+# In the order of Profile.split_ratio. val: early stopping, the combined model's choices, the temperature
+# and the familiarity check; calibration: the refer thresholds and prediction sets, and nothing else.
+SUBSETS = ("train", "val", "calibration", "test")
 
 
 IMAGE_UID = 10001  # the image's non-root user and group (docker/Dockerfile)
@@ -80,11 +82,18 @@ class Profile:
     cnn2: ModelConfig
     vgg16: ModelConfig
     max_images_per_class: int = 0  # 0 keeps every image
-    split_ratio: tuple[float, float, float] = (0.7, 0.15, 0.15)
+    # train, val, calibration, test. split-folders makes train+val / calibration / test (70/15/15 as the
+    # original work, seed 777), then val is carved from the first part per class (README: the split).
+    split_ratio: tuple[float, float, float, float] = (0.65, 0.05, 0.15, 0.15)
     seed: int = 777
     precision: str = "auto"  # auto | float32 | mixed_bfloat16 | mixed_float16
     # The accuracy the cells a model keeps must reach on validation; the less confident are referred to a person.
     refer_target_accuracy: float = 0.99
+    # Prediction sets hold the true class with probability at least 1 - this, whatever the class.
+    prediction_set_alpha: float = 0.01
+    # The familiarity check flags about this share of images like the training ones (validation).
+    familiarity_flag_share: float = 0.05
+    familiarity_fit_images: int = 5000  # training images its statistics are fitted on (0: all)
 
     def model(self, name: str) -> ModelConfig:
         if name not in MODEL_NAMES:
@@ -288,13 +297,13 @@ def _coerce(value: typing.Any, hint: typing.Any, key: str) -> typing.Any:
         if typing.get_origin(hint) is tuple:
             parts = value if isinstance(value, (list, tuple)) else str(value).split(",")
             ratio = tuple(float(p) for p in parts)
-            if len(ratio) != 3 or abs(sum(ratio) - 1) > 1e-6 or min(ratio) <= 0:
+            if len(ratio) != len(SUBSETS) or abs(sum(ratio) - 1) > 1e-6 or min(ratio) <= 0:
                 raise ValueError(value)
             return ratio
         return hint(value)
     except (TypeError, ValueError):
         expected = (
-            "three positive fractions summing to 1, e.g. 0.7,0.15,0.15"
+            "four positive fractions (train, val, calibration, test) summing to 1, e.g. 0.65,0.05,0.15,0.15"
             if typing.get_origin(hint) is tuple
             else getattr(hint, "__name__", str(hint))
         )

@@ -15,6 +15,7 @@ then lower validation log loss). The test split is never read here.
 from __future__ import annotations
 
 import itertools
+import math
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field, replace
@@ -27,7 +28,7 @@ from keras import layers, ops
 from mlflow.tracking import MlflowClient
 from sklearn import metrics as skm
 
-from bloodcell import arrays, calibration, feeding, models, storage, tracking  # noqa: F401 - members' layers
+from bloodcell import arrays, calibration, decisions, familiarity, feeding, models, selective, storage, tracking  # noqa: F401
 from bloodcell.config import ENSEMBLE_NAME
 from bloodcell.errors import BloodcellError
 
@@ -140,14 +141,24 @@ def resized_input(member: keras.Model, images: keras.KerasTensor, name: str, met
     return ResizeImages(size, method or RESIZE_METHODS[0], name=f"{name}_resize")(images)
 
 
+def member_outputs(member: keras.Model, x: keras.KerasTensor) -> list[keras.KerasTensor]:
+    """``member`` called on ``x``: [probabilities] or, with its familiarity check, [probabilities, score]."""
+    out = member(x)
+    return list(out) if isinstance(out, (list, tuple)) else [out]
+
+
 def branch(
     member: keras.Model, images: keras.KerasTensor, name: str, tta: bool, resize: str | None
-) -> keras.KerasTensor:
-    """``member``'s probabilities for ``images`` (any size), averaged over the 8 symmetries if ``tta``."""
+) -> list[keras.KerasTensor]:
+    """``member``'s outputs for ``images`` (any size), averaged over the 8 symmetries if ``tta``."""
     x = resized_input(member, images, name, resize)
     if not tta:
-        return member(x)
-    return SymmetryMean(name=f"{name}_tta_mean", dtype="float32")(member(DihedralImages(name=f"{name}_tta")(x)))
+        return member_outputs(member, x)
+    stacked = member_outputs(member, DihedralImages(name=f"{name}_tta")(x))
+    means = [SymmetryMean(name=f"{name}_tta_mean", dtype="float32")(stacked[0])]
+    if len(stacked) > 1:
+        means.append(SymmetryMean(name=f"{name}_tta_familiarity", dtype="float32")(stacked[1]))
+    return means
 
 
 def combined_model(
@@ -155,14 +166,36 @@ def combined_model(
     tta: dict[str, bool],
     image_size: int,
     resize: dict[str, str | None] | None = None,
+    calibrated: calibration.Calibrated | None = None,
 ) -> keras.Model:
     """The average of ``members``' probabilities for uint8 images of ``image_size`` px: each member shrinks
-    them with its ``resize`` method and uses test-time augmentation where ``tta`` says."""
+    them with its ``resize`` method and uses test-time augmentation where ``tta`` says.
+
+    When every member has a familiarity check, a second output combines them (:class:`CombinedFamiliarity`).
+    With ``calibrated``, the average ends in its calibration layer and the familiarity in its threshold.
+    """
     images = keras.Input((image_size, image_size, 3), dtype="uint8", name="image")
     resize = resize or {}
     outputs = [branch(member, images, name, tta[name], resize.get(name)) for name, member in members.items()]
-    average = layers.Average(name="probabilities", dtype="float32")
-    return keras.Model(images, outputs[0] if len(outputs) == 1 else average(outputs), name=ENSEMBLE_NAME)
+    probabilities = [o[0] for o in outputs]
+    average = (
+        probabilities[0]
+        if len(probabilities) == 1
+        else layers.Average(name="probabilities", dtype="float32")(probabilities)
+    )
+    if calibrated is not None:
+        average = calibration.calibration_layer_for(calibrated)(average)
+    checks = [familiarity.familiarity_layer(member) for member in members.values()]
+    if any(check is None for check in checks):
+        return keras.Model(images, average, name=ENSEMBLE_NAME)
+    combined = familiarity.CombinedFamiliarity(
+        [check.threshold for check in checks if check is not None],
+        threshold=calibrated.familiarity_threshold if calibrated else math.inf,
+        flag_share=calibrated.flag_share if calibrated else familiarity.DEFAULT_FLAG_SHARE,
+        name=familiarity.LAYER_NAME,
+        dtype="float32",
+    )([o[1] for o in outputs])
+    return keras.Model(images, [average, combined], name=ENSEMBLE_NAME)
 
 
 def inference_batch(model: keras.Model, images_per_batch: int = BRANCH_IMAGES_PER_BATCH) -> int:
@@ -174,7 +207,7 @@ def inference_batch(model: keras.Model, images_per_batch: int = BRANCH_IMAGES_PE
 def plain_probabilities(member: keras.Model, x: np.ndarray, name: str, resize: str | None) -> np.ndarray:
     """``member``'s probabilities for ``x``, shrunk to its size inside the model as in :func:`branch`."""
     images = keras.Input(x.shape[1:], dtype="uint8", name="image")
-    model = keras.Model(images, member(resized_input(member, images, name, resize)))
+    model = keras.Model(images, member_outputs(member, resized_input(member, images, name, resize))[0])
     return feeding.predict(model, x, BRANCH_IMAGES_PER_BATCH)
 
 
@@ -182,7 +215,9 @@ def symmetry_probabilities(member: keras.Model, x: np.ndarray, name: str, resize
     """``member``'s probabilities for each of the 8 symmetries of ``x`` (shrunk to its size inside the
     model, exactly as in :func:`branch`): shape (8, N, K), row 0 the images as given."""
     images = keras.Input(x.shape[1:], dtype="uint8", name="image")
-    stacked = keras.Model(images, member(DihedralImages()(resized_input(member, images, name, resize))))
+    stacked = keras.Model(
+        images, member_outputs(member, DihedralImages()(resized_input(member, images, name, resize)))[0]
+    )
     batch = BRANCH_IMAGES_PER_BATCH // SYMMETRIES
     parts = []
     for start in range(0, len(x), batch):
@@ -266,7 +301,9 @@ class EnsembleRecord:
     mlflow_model_uri: str | None
     epochs: int = 0
     selection: dict = field(default_factory=dict)  # every measurement behind the choices
-    calibration: dict = field(default_factory=dict)  # calibration.Calibrated's fields, fitted on validation
+    calibration: dict = field(
+        default_factory=dict
+    )  # calibration.Calibrated's fields, fitted on validation and calibration
 
 
 def stored(run_uri: str) -> EnsembleRecord | None:
@@ -286,11 +323,12 @@ def build(trained: list[dict], run_uri: str, tracker: tracking.Tracker) -> Ensem
     largest = max(trained, key=lambda info: int(info["image_size"]))
     x_val, y_val = arrays.load(largest["arrays_uri"], "val")
     members = {info["model"]: load_member(info) for info in trained}
-    tta, resize, selection, val_probabilities = choose(members, x_val, y_val)
-    calibrated = calibration.calibrate(y_val, val_probabilities, target_accuracy(trained))
-    model = calibration.with_calibration(
-        combined_model({name: members[name] for name in tta}, tta, x_val.shape[1], resize), calibrated
+    tta, resize, selection = choose(members, x_val, y_val)
+    chosen = {name: members[name] for name in tta}
+    calibrated = fit_rules(
+        combined_model(chosen, tta, x_val.shape[1], resize), trained, (x_val, y_val), largest["arrays_uri"]
     )
+    model = combined_model(chosen, tta, x_val.shape[1], resize, calibrated)
     best = selection["candidates"][0]
     record = EnsembleRecord(
         model=ENSEMBLE_NAME,
@@ -320,18 +358,39 @@ def build(trained: list[dict], run_uri: str, tracker: tracking.Tracker) -> Ensem
     return record
 
 
-def target_accuracy(trained: list[dict]) -> float:
-    """The refer threshold's target accuracy the members were calibrated for (the profile's)."""
-    targets = [info.get("calibration", {}).get("target_accuracy") for info in trained]
-    return max([t for t in targets if t] or [calibration.DEFAULT_TARGET_ACCURACY])
+def member_setting(trained: list[dict], key: str, default: float) -> float:
+    """A setting the members were calibrated with (the profile's: target accuracy, set alpha, flag share)."""
+    values = [info.get("calibration", {}).get(key) for info in trained]
+    return max([v for v in values if v] or [default])
+
+
+def fit_rules(
+    uncalibrated: keras.Model, trained: list[dict], validation: tuple[np.ndarray, np.ndarray], arrays_uri: str
+) -> calibration.Calibrated:
+    """The combined model's own rules, fitted like a trained model's (:func:`calibration.calibrate`) on its
+    outputs for the validation and calibration splits, through the very branches it will have."""
+    x_cal, y_cal = arrays.load(arrays_uri, "calibration")
+    scoring = decisions.scoring_model(uncalibrated)
+    batch = inference_batch(uncalibrated)
+    (x_val, y_val), parts = validation, []
+    for x in (x_val, x_cal):
+        out = decisions.outputs_of(scoring, x, batch)
+        parts.append((out.probabilities, out.familiarity if out.familiarity is not None else np.zeros(len(x))))
+    (p_val, s_val), (p_cal, s_cal) = parts
+    return calibration.calibrate(
+        (y_val, p_val, s_val),
+        (y_cal, p_cal, s_cal),
+        member_setting(trained, "target_accuracy", calibration.DEFAULT_TARGET_ACCURACY),
+        member_setting(trained, "set_alpha", selective.DEFAULT_SET_ALPHA),
+        member_setting(trained, "flag_share", familiarity.DEFAULT_FLAG_SHARE),
+    )
 
 
 def choose(
     members: dict[str, keras.Model], x_val: np.ndarray, y_val: np.ndarray
-) -> tuple[dict[str, bool], dict[str, str | None], dict, np.ndarray]:
-    """The chosen members with their test-time augmentation and resize method, every measurement behind
-    the choices (all on the validation split, through the branches the combined model will have), and the
-    chosen average's validation probabilities."""
+) -> tuple[dict[str, bool], dict[str, str | None], dict]:
+    """The chosen members with their test-time augmentation and resize method, and every measurement behind
+    the choices (all on the validation split, through the branches the combined model will have)."""
     resizing = {name: choose_resize(member, x_val, y_val, name) for name, member in members.items()}
     resize = {name: method for name, (method, _) in resizing.items()}
     by_symmetry = {name: symmetry_probabilities(m, x_val, name, resize[name]) for name, m in members.items()}
@@ -346,8 +405,7 @@ def choose(
         "tta": tta,
         "candidates": candidates,
     }
-    average = np.mean([probabilities[n] for n in chosen], axis=0)
-    return {n: bool(tta[n]["use"]) for n in chosen}, {n: resize[n] for n in chosen}, selection, average
+    return {n: bool(tta[n]["use"]) for n in chosen}, {n: resize[n] for n in chosen}, selection
 
 
 def check_members(trained: list[dict]) -> None:
@@ -447,11 +505,11 @@ def _log_choices(run_id: str, record: EnsembleRecord) -> None:
     for name, by_method in record.selection["resize"].items():
         scores.update({f"val_accuracy_{name}_{method}": score["accuracy"] for method, score in by_method.items()})
     tracking.log_metrics(run_id, scores)
-    tracking.log_calibration(run_id, record.calibration)
+    tracking.log_calibration(run_id, record.calibration, record.classes)
     tracking.describe_run(
         run_id,
         f"{ENSEMBLE_NAME}: {record.description}, chosen on the validation split (accuracy "
-        f"{record.val_accuracy:.2%}). " + calibration.Calibrated(**record.calibration).describe(),
+        f"{record.val_accuracy:.2%}). " + calibration.Calibrated(**record.calibration).describe(record.classes),
     )
     with mlflow.start_run(run_id=run_id):
         mlflow.log_dict(record.selection, "ensemble/selection.json")

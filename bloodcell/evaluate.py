@@ -19,7 +19,7 @@ import mlflow
 import numpy as np
 from sklearn import metrics as skm
 
-from bloodcell import arrays, calibration, ensemble, feeding, models, plots, storage, tracking  # noqa: F401
+from bloodcell import arrays, calibration, decisions, ensemble, feeding, models, plots, storage, tracking  # noqa: F401
 from bloodcell.config import ENSEMBLE_NAME
 
 INFERENCE_BATCH = 128
@@ -59,18 +59,21 @@ def evaluate_one(info: dict) -> dict:
         size_bytes = path.stat().st_size
         model = keras.saving.load_model(path, safe_mode=True)
     batch = ensemble.inference_batch(model, INFERENCE_BATCH)  # the combined model: 8 symmetries per image
-    both = calibration.both_outputs(model)  # one pass: the calibration layer's input and output
-    feeding.predict_outputs(both, x_test[:batch], batch)  # warm-up
+    scoring = decisions.scoring_model(model)  # one pass: before and after calibration, familiarity
+    feeding.predict_outputs(scoring, x_test[:batch], batch)  # warm-up
     started = time.perf_counter()
-    uncalibrated, probabilities = feeding.predict_outputs(both, x_test, batch)
+    outputs = decisions.outputs_of(scoring, x_test, batch)
     seconds = time.perf_counter() - started
+    uncalibrated, probabilities = outputs.uncalibrated, outputs.probabilities
     result = classification_metrics(y_test, probabilities, info["classes"])
     layer = calibration.calibration_layer(model)
+    rules = decisions.Rules.of(model)
     result["calibration"] = {
         "temperature": layer.temperature if layer else 1.0,
         "target_accuracy": layer.target_accuracy if layer else None,
-        **calibration.quality(y_test, uncalibrated, probabilities, layer.refer_below if layer else None),
+        **calibration.quality(y_test, uncalibrated, probabilities),
     }
+    result["answers"] = answers_summary(y_test, rules, outputs, info["classes"])
     result.update(
         {
             "model": info["model"],
@@ -88,10 +91,29 @@ def evaluate_one(info: dict) -> dict:
     if info["model"] == ENSEMBLE_NAME:
         result.update({key: info[key] for key in ("members", "description", "tta", "resize", "val_accuracy")})
     buffer = io.BytesIO()
-    np.savez_compressed(buffer, y_true=y_test, probabilities=probabilities, uncalibrated=uncalibrated)
+    np.savez_compressed(
+        buffer,
+        y_true=y_test,
+        probabilities=probabilities,
+        uncalibrated=uncalibrated,
+        familiarity=outputs.familiarity if outputs.familiarity is not None else np.full(len(y_test), np.nan),
+    )
     model_dir = info["model_uri"].rsplit("/", 1)[0]
     result["predictions_uri"] = storage.upload_bytes(buffer.getvalue(), storage.join(model_dir, "test_predictions.npz"))
     return result
+
+
+def answers_summary(y_true: np.ndarray, rules: decisions.Rules, outputs: decisions.Outputs, classes: list[str]) -> dict:
+    """What the model's answers achieve on the test split (:func:`decisions.measures`) and its rules."""
+    return {
+        **decisions.measures(y_true, decisions.decide(rules, outputs), classes),
+        "refer_below": dict(zip(classes, rules.refer_below.tolist(), strict=True)),
+        "promise": dict(zip(classes, rules.promise, strict=True)),
+        "target_accuracy": rules.target_accuracy,
+        "set_alpha": rules.set_alpha,
+        "familiarity_threshold": rules.familiarity_threshold,
+        "flag_share": rules.flag_share,
+    }
 
 
 def classification_metrics(y_true: np.ndarray, probabilities: np.ndarray, classes: list[str]) -> dict:
@@ -141,6 +163,8 @@ def _log_to_mlflow(run_id: str, result: dict) -> None:
         )
         mlflow.log_metrics({f"test_f1_{c}": v["f1-score"] for c, v in result["per_class"].items()})
         mlflow.log_metrics({f"test_{k}": float(v) for k, v in calibration_metrics(result).items()})
+        mlflow.log_metrics({f"test_{k}": v for k, v in answer_metrics(result).items()})
+        mlflow.log_dict(result.get("answers", {}), "evaluation/test_answers.json")
         with tempfile.TemporaryDirectory() as tmp:
             figures = {
                 "confusion_matrix.png": plots.confusion_matrices({result["model"]: result}),
@@ -150,6 +174,23 @@ def _log_to_mlflow(run_id: str, result: dict) -> None:
             for name, png in figures.items():
                 Path(tmp, name).write_bytes(png)
                 mlflow.log_artifact(str(Path(tmp, name)), "evaluation")
+
+
+def answer_metrics(result: dict) -> dict[str, float]:
+    """The refer, familiarity and prediction-set figures of an evaluation result as flat metrics: overall
+    (``kept_share``, ``unfamiliar_share``, ``set_coverage``, ...) and per class (``kept_accuracy_ig``, ...)."""
+    answers = result.get("answers", {})
+    flat = {k: float(v) for k, v in answers.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    flat.pop("images", None)
+    for name, entry in answers.get("per_class", {}).items():
+        for key in ("kept_share", "kept_accuracy", "set_coverage"):
+            if entry.get(key) is not None:
+                flat[f"{key}_{name}"] = float(entry[key])
+    return {
+        k: v
+        for k, v in flat.items()
+        if k not in ("target_accuracy", "set_alpha", "flag_share", "familiarity_threshold")
+    }
 
 
 def calibration_metrics(result: dict) -> dict[str, float]:

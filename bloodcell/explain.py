@@ -16,6 +16,7 @@ import keras
 import numpy as np
 from keras import ops
 
+from bloodcell import feeding
 from bloodcell.config import ENSEMBLE_NAME
 
 MIN_SIDE = 6  # the last layer whose maps are at least this wide: the last one at 48 px is 3 x 3
@@ -80,7 +81,7 @@ def gradcam(model: keras.Model, images: np.ndarray, classes: np.ndarray | None =
     """Heatmaps in [0, 1] at the images' size (N, H, W) for ``classes`` (default: the predicted ones), and
     the classes explained."""
     if classes is None:
-        classes = np.asarray(ops.convert_to_numpy(model.predict_on_batch(images))).argmax(axis=1)
+        classes = feeding.predict(model, images, len(images)).argmax(axis=1)  # the first output: probabilities
     classes = np.asarray(classes, dtype=np.int32)
     parts = members(model)
     if parts:

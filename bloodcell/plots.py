@@ -200,14 +200,15 @@ def accuracy_coverage(results: dict[str, dict]) -> bytes:
         coverage, accuracy = (np.array(quality["risk_coverage"][k]) * 100 for k in ("coverage", "accuracy"))
         (line,) = ax.plot(coverage, accuracy, label=name)
         lowest = min(lowest, accuracy[coverage >= 50].min(initial=100.0))
-        if quality.get("kept_share") is not None:
-            ax.plot(quality["kept_share"] * 100, quality["kept_accuracy"] * 100, "o", color=line.get_color())
+        answers = result.get("answers") or {}
+        if answers.get("kept_accuracy") is not None:
+            ax.plot(answers["kept_share"] * 100, answers["kept_accuracy"] * 100, "o", color=line.get_color())
     ax.axhline(99, color="black", linestyle=":", linewidth=0.8)
     ax.set_xlim(50, 100.5)
     ax.set_ylim(max(0.0, np.floor(lowest) - 1), 100.2)  # the range the models span when keeping half or more
     ax.set_xlabel("coverage: % of test images kept (the rest referred to a person)")
     ax.set_ylabel("accuracy of the kept images, %")
-    ax.set_title("Selective prediction (dots: each model's stored refer threshold; dotted: 99%)")
+    ax.set_title("Selective prediction (dots: what each model keeps by its stored rules; dotted: 99%)")
     ax.legend(fontsize=8, loc="lower left")
     ax.grid(alpha=0.3)
     return _png(fig)
@@ -261,4 +262,35 @@ def explanations(result: dict) -> bytes:
             ax.set_title(f"{classes[label]}: {verdict}\np = {confidence[index]:.2f}", fontsize=8, color=colour)
     fig.suptitle(f"Grad-CAM of {result['model']}: correct (left) and misclassified (right) test images per class")
     fig.tight_layout(rect=(0, 0, 1, 0.97))  # room for the title
+    return _png(fig)
+
+
+def per_class_answers(result: dict) -> bytes:
+    """For one model on the test split, per predicted class: the share of its cells kept and their accuracy,
+    coloured by what the model promises for that class; and per true class, the prediction sets' coverage."""
+    answers = result["answers"]
+    names = list(answers["per_class"])
+    entries = [answers["per_class"][n] for n in names]
+    colours = {"class": "C2", "group": "C0", "none": "0.6"}
+    colour = [colours.get(answers["promise"].get(n, "none"), "0.6") for n in names]
+    fig, axes = plt.subplots(1, 3, figsize=(15, 3.6))
+    panels = (
+        ("kept_share", "kept, % of the cells called this class", None),
+        ("kept_accuracy", "accuracy of the kept cells, %", answers.get("target_accuracy")),
+        ("set_coverage", "prediction sets holding the true class, %", 1 - (answers.get("set_alpha") or 0)),
+    )
+    for ax, (key, title, line) in zip(axes, panels, strict=True):
+        values = [100 * (e.get(key) if e.get(key) is not None else 0.0) for e in entries]
+        ax.bar(names, values, color=colour if key != "set_coverage" else "C1")
+        if line:
+            ax.axhline(100 * line, color="black", linestyle=":", linewidth=0.8)
+        low = min(values) if key != "kept_share" else 0.0
+        ax.set_ylim(max(0.0, np.floor(low) - 1) if key != "kept_share" else 0.0, 100.5)
+        ax.set_title(title, fontsize=10)
+        ax.tick_params(axis="x", rotation=45)
+    fig.suptitle(
+        f"{result['model']} on the test split, per class (green: promised alone, blue: with the group, grey: "
+        "always referred; dotted: the promise)"
+    )
+    fig.tight_layout(rect=(0, 0, 1, 0.92))
     return _png(fig)

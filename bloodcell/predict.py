@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 import tempfile
 import time
 import zipfile
@@ -16,7 +17,7 @@ from sklearn import metrics as skm
 from tabulate import tabulate
 from tqdm import tqdm
 
-from bloodcell import calibration, ensemble, explain, feeding, models, storage  # noqa: F401 - custom layers
+from bloodcell import calibration, decisions, ensemble, explain, familiarity, models, storage  # noqa: F401 - layers
 from bloodcell.arrays import decode_resized
 from bloodcell.errors import BloodcellError
 from bloodcell.ingest import IMAGE_SUFFIXES
@@ -82,18 +83,107 @@ def image_files(paths: list[str]) -> list[Path]:
 
 @dataclass
 class Prediction:
-    """One image's prediction: class, calibrated probabilities, whether a person should look at it."""
+    """One image's answer: class, calibrated probabilities, whether a person should look at it and why."""
 
     path: str
     label: str  # the predicted class
     confidence: float  # its calibrated probability
     probabilities: dict[str, float]  # calibrated, per class
-    refer: bool  # confidence below the model's refer threshold: a person should look at this cell
+    refer: bool  # a person should look at this cell (low confidence or unlike the training images)
+    refer_reason: str | None  # decisions.LOW_CONFIDENCE, decisions.UNFAMILIAR, both joined by "; ", or None
+    familiar: bool | None  # like the training images; None for a model without the familiarity check
+    familiarity: float | None  # its score (higher: less familiar); flagged above the model's threshold
+    prediction_set: list[str] | None  # the classes that hold the true one with probability >= 1 - alpha
+    promise: str  # what the model promises for cells it calls this class (selective.PROMISE_*)
     explanation: str | None = None  # the Grad-CAM overlay's path (with --explain)
 
     def to_json(self) -> dict[str, Any]:
         fields = asdict(self)
         return {"path": fields.pop("path"), "class": fields.pop("label"), **fields}
+
+
+@dataclass
+class Classified:
+    """A folder's or file list's answers, with the decisions behind them (for summaries and ``validate``)."""
+
+    predictions: list[Prediction]
+    unreadable: list[dict[str, str]]
+    rules: decisions.Rules
+    outputs: decisions.Outputs  # of the readable images, in the order of ``predictions``
+    decisions: decisions.Decisions
+    first_prediction_seconds: float | None
+
+
+def classify(
+    model: keras.Model, classes: list[str], files: list[Path], explain_dir: str | None = None, started: float = 0.0
+) -> Classified:
+    """Every readable file of ``files`` classified with ``model`` (its own rules), batch by batch."""
+    rules = decisions.Rules.of(model)
+    scoring = decisions.scoring_model(model)
+    first_prediction_seconds = None
+    predictions: list[Prediction] = []
+    unreadable: list[dict[str, str]] = []
+    parts: list[decisions.Outputs] = []
+    batches = tqdm(range(0, len(files), BATCH), desc="predicting", unit="batch", disable=len(files) <= BATCH)
+    for start in batches:
+        images, kept = read_images(files[start : start + BATCH], model.input_shape[1], unreadable)
+        if not kept:
+            continue
+        outputs = decisions.outputs_of(scoring, images, ensemble.inference_batch(model, BATCH))
+        if first_prediction_seconds is None:
+            first_prediction_seconds = round(time.perf_counter() - started, 2)  # loading included
+        batch = answers(kept, outputs, decisions.decide(rules, outputs), classes, rules)
+        if explain_dir:
+            write_explanations(model, images, outputs.probabilities.argmax(axis=1), batch, Path(explain_dir))
+        predictions += batch
+        parts.append(outputs)
+    outputs = joined(parts, len(classes))
+    return Classified(
+        predictions, unreadable, rules, outputs, decisions.decide(rules, outputs), first_prediction_seconds
+    )
+
+
+def joined(parts: list[decisions.Outputs], n_classes: int) -> decisions.Outputs:
+    """The outputs of several batches as one."""
+    if not parts:
+        empty = np.empty((0, n_classes), np.float32)
+        return decisions.Outputs(empty, empty, None)
+    scores = [p.familiarity for p in parts]
+    return decisions.Outputs(
+        np.concatenate([p.uncalibrated for p in parts]),
+        np.concatenate([p.probabilities for p in parts]),
+        None if scores[0] is None else np.concatenate(scores),  # type: ignore[arg-type]
+    )
+
+
+def answers(
+    paths: list[Path],
+    outputs: decisions.Outputs,
+    decided: decisions.Decisions,
+    classes: list[str],
+    rules: decisions.Rules,
+) -> list[Prediction]:
+    result = []
+    for i, path in enumerate(paths):
+        row = outputs.probabilities[i]
+        index = int(decided.predicted[i])
+        result.append(
+            Prediction(
+                path=str(path),
+                label=classes[index],
+                confidence=float(row[index]),
+                probabilities={c: round(float(p), 6) for c, p in zip(classes, row, strict=True)},
+                refer=bool(decided.refer[i]),
+                refer_reason=decided.reason(i),
+                familiar=None if decided.familiar is None else bool(decided.familiar[i]),
+                familiarity=None if outputs.familiarity is None else round(float(outputs.familiarity[i]), 6),
+                prediction_set=None
+                if decided.sets is None
+                else [c for c, inside in zip(classes, decided.sets[i], strict=True) if inside],
+                promise=rules.promise[index],
+            )
+        )
+    return result
 
 
 def main(
@@ -106,36 +196,18 @@ def main(
     """Classify the images of ``paths`` and print the predictions (a table, or JSON with ``as_json``)."""
     started = time.perf_counter()
     model, classes = load(model_uri)
-    layer = calibration.calibration_layer(model)
-    refer_below = layer.refer_below if layer else 0.0
-    classes = classes or [f"class_{i}" for i in range(model.output_shape[-1])]
-    first_prediction_seconds = None
-    predictions: list[Prediction] = []
-    unreadable: list[dict[str, str]] = []
-    files = image_files(paths)
-    batches = tqdm(range(0, len(files), BATCH), desc="predicting", unit="batch", disable=len(files) <= BATCH)
-    for start in batches:
-        images, kept = read_images(files[start : start + BATCH], model.input_shape[1], unreadable)
-        if not kept:
-            continue
-        probabilities = feeding.predict(model, images, ensemble.inference_batch(model, BATCH))
-        if first_prediction_seconds is None:
-            first_prediction_seconds = round(time.perf_counter() - started, 2)  # loading included
-        batch = [prediction(path, row, classes, refer_below) for path, row in zip(kept, probabilities, strict=True)]
-        if explain_dir:
-            write_explanations(model, images, probabilities.argmax(axis=1), batch, Path(explain_dir))
-        predictions += batch
-    summary = summarize(predictions, unreadable, refer_below, labels_from_folders)
+    classes = classes or [f"class_{i}" for i in range(int(model.outputs[0].shape[-1]))]
+    result = classify(model, classes, image_files(paths), explain_dir, started)
+    summary = summarize(result, classes, labels_from_folders)
     summary.update(
-        seconds=round(time.perf_counter() - started, 2),
-        first_prediction_seconds=first_prediction_seconds,
-        calibrated=layer is not None,
-        temperature=layer.temperature if layer else None,
+        seconds=round(time.perf_counter() - started, 2), first_prediction_seconds=result.first_prediction_seconds
     )
+    if summary.get("warning"):
+        print(f"warning: {summary['warning']}", file=sys.stderr)
     if as_json:
-        print(json.dumps({"predictions": [p.to_json() for p in predictions], **summary}))
+        print(json.dumps({"predictions": [p.to_json() for p in result.predictions], **summary}))
     else:
-        print_table(predictions, unreadable, summary)
+        print_table(result.predictions, result.unreadable, summary)
 
 
 def read_images(files: list[Path], size: int, unreadable: list[dict[str, str]]) -> tuple[np.ndarray, list[Path]]:
@@ -150,17 +222,6 @@ def read_images(files: list[Path], size: int, unreadable: list[dict[str, str]]) 
     return (np.stack(images) if images else np.empty((0, size, size, 3), np.uint8)), kept
 
 
-def prediction(path: Path, row: np.ndarray, classes: list[str], refer_below: float) -> Prediction:
-    index = int(row.argmax())
-    return Prediction(
-        path=str(path),
-        label=classes[index],
-        confidence=float(row[index]),
-        probabilities={c: round(float(p), 6) for c, p in zip(classes, row, strict=True)},
-        refer=bool(row[index] < refer_below),
-    )
-
-
 def write_explanations(
     model: keras.Model, images: np.ndarray, classes: np.ndarray, batch: list[Prediction], folder: Path
 ) -> None:
@@ -172,44 +233,95 @@ def write_explanations(
         item.explanation = str(explain.save_overlay(image, heatmap, target))
 
 
-def summarize(
-    predictions: list[Prediction], unreadable: list[dict[str, str]], refer_below: float, labels_from_folders: bool
-) -> dict[str, Any]:
-    """Counts, the refer threshold and, with the folders as truth, accuracy of all and of the kept images."""
-    kept = [p for p in predictions if not p.refer]
+def true_labels(predictions: list[Prediction], classes: list[str]) -> np.ndarray:
+    """Each image's folder name as its true class index (-1 for a folder that names no class of the model)."""
+    index = {c: i for i, c in enumerate(classes)}
+    return np.array([index.get(Path(p.path).parent.name, -1) for p in predictions], dtype=int)
+
+
+def summarize(result: Classified, classes: list[str], labels_from_folders: bool) -> dict[str, Any]:
+    """Counts (referred, and why), the rules and, with the folders as truth, accuracy of all and of the kept
+    images and the prediction sets' coverage."""
+    predictions, rules, decided = result.predictions, result.rules, result.decisions
+    unfamiliar = int((~decided.familiar).sum()) if decided.familiar is not None else None
     summary: dict[str, Any] = {
         "images": len(predictions),
-        "referred": len(predictions) - len(kept),
-        "refer_below": refer_below,
-        "unreadable": unreadable,
+        "referred": int(decided.refer.sum()),
+        "referred_low_confidence": int((~decided.confident).sum()),
+        "unfamiliar": unfamiliar,
+        "familiarity_check": rules.familiarity_threshold is not None,
+        "validation_unfamiliar_share": rules.flag_share,
+        "warning": decisions.shift_warning(unfamiliar, len(predictions), rules) if unfamiliar is not None else None,
+        "refer_below": dict(zip(classes, rules.refer_below.tolist(), strict=True)),
+        "promise": dict(zip(classes, rules.promise, strict=True)),
+        "prediction_sets": rules.set_min_probability is not None,
+        "set_alpha": rules.set_alpha,
+        "calibrated": rules.calibrated,
+        "temperature": rules.temperature,
+        "unreadable": result.unreadable,
     }
     if labels_from_folders and predictions:
         truth = [Path(p.path).parent.name for p in predictions]
         predicted = [p.label for p in predictions]
+        kept = [p for p in predictions if not p.refer]
         summary["accuracy"] = float(skm.accuracy_score(truth, predicted))
         summary["macro_f1"] = float(skm.f1_score(truth, predicted, average="macro", zero_division=0))
         summary["kept_accuracy"] = float(np.mean([Path(p.path).parent.name == p.label for p in kept])) if kept else None
+        if decided.sets is not None:
+            y = true_labels(predictions, classes)
+            inside = np.array([y[i] >= 0 and decided.sets[i, y[i]] for i in range(len(y))])
+            summary["set_coverage"] = float(inside.mean())
+            summary["set_mean_size"] = float(decided.sets.sum(axis=1).mean())
     return summary
 
 
 def print_table(predictions: list[Prediction], unreadable: list[dict[str, str]], summary: dict[str, Any]) -> None:
+    show_sets = any(p.prediction_set is not None and len(p.prediction_set) > 1 for p in predictions)
     rows = [
-        [p.path, p.label, f"{p.confidence:.3f}", "refer" if p.refer else "", p.explanation or ""] for p in predictions
+        [
+            p.path,
+            p.label,
+            f"{p.confidence:.3f}",
+            {None: "", True: "", False: "no"}[p.familiar],
+            f"refer: {p.refer_reason}" if p.refer else "",
+            ", ".join(p.prediction_set) if show_sets and p.prediction_set and len(p.prediction_set) > 1 else "",
+            p.explanation or "",
+        ]
+        for p in predictions
     ]
-    headers = ["image", "class", "confidence", "refer", "explanation"]
-    if not any(p.explanation for p in predictions):
-        headers, rows = headers[:-1], [r[:-1] for r in rows]
-    print(tabulate(rows, headers=headers, disable_numparse=True))
+    headers = ["image", "class", "confidence", "familiar", "refer", "prediction set", "explanation"]
+    keep = [True, True, True, summary["familiarity_check"], True, show_sets, any(p.explanation for p in predictions)]
+    print(
+        tabulate(
+            [[c for c, k in zip(r, keep, strict=True) if k] for r in rows],
+            headers=[h for h, k in zip(headers, keep, strict=True) if k],
+            disable_numparse=True,
+        )
+    )
     for u in unreadable:
         print(f"unreadable: {u['path']} ({u['error']})")
-    line = (
-        f"{summary['images']} images, {summary['referred']} referred to a person "
-        f"(calibrated confidence below {summary['refer_below']:.3f})"
-    )
+    print(summary_line(summary))
+
+
+def summary_line(summary: dict[str, Any]) -> str:
+    """The counts in words, with what the model cannot tell (an older model without the checks)."""
     if not summary["calibrated"]:
-        line = f"{summary['images']} images; this model has no calibration, so none is referred"
+        line = f"{summary['images']} images; this model has no calibration, so none is referred for low confidence"
+    else:
+        line = (
+            f"{summary['images']} images, {summary['referred']} referred to a person "
+            f"({summary['referred_low_confidence']} for low confidence"
+        )
+        if summary["unfamiliar"] is not None:
+            line += f", {summary['unfamiliar']} unlike the training images"
+        line += ")"
+    if not summary["familiarity_check"]:
+        line += "; this model was saved before the familiarity check: it cannot tell images unlike its training images"
     if "accuracy" in summary:
         kept = summary["kept_accuracy"]
         line += f"; accuracy {summary['accuracy']:.4f}, macro F1 {summary['macro_f1']:.4f}"
         line += f", accuracy of the images kept {kept:.4f}" if kept is not None else ""
-    print(line)
+        if "set_coverage" in summary:
+            line += f", prediction sets hold the true class for {summary['set_coverage']:.1%}"
+            line += f" (mean size {summary['set_mean_size']:.2f})"
+    return line

@@ -73,9 +73,13 @@ def register_run_best(best: dict[str, Any], pipeline_run_id: str, tracker: track
 
 def calibration_tags(result: dict[str, Any]) -> dict[str, Any]:
     """What a model version says of its calibration (the model file itself carries it: its last layer)."""
-    quality = result.get("calibration") or {}
-    keys = ("temperature", "refer_below", "target_accuracy", "ece", "kept_share", "kept_accuracy")
-    return {f"calibration_{k}": f"{quality[k]:.6g}" for k in keys if isinstance(quality.get(k), (int, float))}
+    quality = {**(result.get("calibration") or {}), **(result.get("answers") or {})}
+    keys = ("temperature", "target_accuracy", "ece", "kept_share", "kept_accuracy", "unfamiliar_share", "set_coverage")
+    tags = {f"calibration_{k}": f"{quality[k]:.6g}" for k in keys if isinstance(quality.get(k), (int, float))}
+    if isinstance(quality.get("promise"), dict):
+        promised = [c for c, p in quality["promise"].items() if p == "class"]
+        tags["calibration_promised_classes"] = ",".join(promised) or "none"
+    return tags
 
 
 def describe(registry: dict[str, Any]) -> str:

@@ -15,13 +15,14 @@ import jinja2
 import mlflow
 from tabulate import tabulate
 
-from bloodcell import plots, registry, storage, tracking
+from bloodcell import plots, registry, selective, storage, tracking
 from bloodcell.config import ENSEMBLE_NAME, SUBSETS
 
 SECTIONS = [
     ("comparison", "Model comparison"),
     ("calibration", "Calibration: how far to trust the confidence"),
     ("selective", "Referring the least confident cells to a person"),
+    ("answers", "Knowing when not to answer: unfamiliar images, promises per class, prediction sets"),
     ("per_class_f1", "Per-class F1"),
     ("confusion", "Confusion matrices"),
     ("curves", "Training curves"),
@@ -78,6 +79,8 @@ def build_report(
         figures["calibration"] = plots.reliability_diagrams(results)
         figures["selective"] = plots.accuracy_coverage(results)
         figures["explanations"] = plots.explanations(results[best])
+    if results[best].get("answers"):
+        figures["answers"] = plots.per_class_answers(results[best])
     report_uri = storage.join(run_uri, "report")
     for name, png in figures.items():
         storage.upload_bytes(png, storage.join(report_uri, "plots", f"{name}.png"), "image/png")
@@ -124,6 +127,10 @@ def summary_row(result: dict) -> dict[str, Any]:
     }
     quality = result.get("calibration") or {}
     row.update({key: quality[key] for key in SUMMARY_CALIBRATION if key in quality})
+    answers = result.get("answers") or {}
+    row.update({key: answers[key] for key in SUMMARY_ANSWERS if key in answers})
+    if answers.get("promise"):
+        row["promised_classes"] = [c for c, p in answers["promise"].items() if p == selective.PROMISE_CLASS]
     if result["model"] == ENSEMBLE_NAME:
         row.update({key: result[key] for key in ("members", "description", "tta", "resize", "val_accuracy")})
     return row
@@ -137,9 +144,15 @@ SUMMARY_CALIBRATION = (
     "nll",
     "accuracy_at_coverage_90",
     "coverage_at_accuracy_99",
+)
+SUMMARY_ANSWERS = (
     "refer_below",
     "kept_share",
     "kept_accuracy",
+    "unfamiliar_share",
+    "low_confidence_share",
+    "set_coverage",
+    "set_mean_size",
 )
 
 
@@ -240,13 +253,66 @@ def calibration_rows(results: dict[str, dict]) -> list[dict[str, str]]:
                 ),
                 "coverage at 99% / 99.5% accuracy": f"{q['coverage_at_accuracy_99']:.1%} / "
                 f"{q['coverage_at_accuracy_99_5']:.1%}",
-                "refer below": f"{q['refer_below']:.3f}" if q.get("refer_below") is not None else "-",
-                "kept on test (accuracy)": f"{q['kept_share']:.1%} ({q['kept_accuracy']:.2%})"
-                if q.get("kept_share") is not None
+            }
+        )
+    return rows
+
+
+def _share(value: float | None, digits: int = 1) -> str:
+    return "-" if value is None else f"{value:.{digits}%}"
+
+
+def answer_rows(results: dict[str, dict]) -> list[dict[str, str]]:
+    """Per model, on the test split: what its rules refer and keep, and its prediction sets."""
+    rows = []
+    for r in sorted(results.values(), key=lambda r: -r["accuracy"]):
+        a = r.get("answers")
+        if not a:
+            continue
+        promise = a.get("promise", {})
+        rows.append(
+            {
+                "model": r["model"],
+                "unlike the training images": _share(a["unfamiliar_share"]),
+                "low confidence": _share(a["low_confidence_share"]),
+                "kept (accuracy)": f"{_share(a['kept_share'])} ({_share(a['kept_accuracy'], 2)})",
+                "promised alone": ", ".join(c for c, p in promise.items() if p == selective.PROMISE_CLASS) or "none",
+                "always referred": ", ".join(c for c, p in promise.items() if p == selective.PROMISE_NONE) or "none",
+                "set coverage (mean size)": f"{_share(a.get('set_coverage'), 2)} ({a.get('set_mean_size', 0):.2f})"
+                if a.get("set_coverage") is not None
                 else "-",
             }
         )
     return rows
+
+
+def per_class_rows(result: dict) -> list[dict[str, str]]:
+    """Per class, for one model on the test split: its refer threshold and promise, what it keeps of the
+    cells it calls that class and how accurate they are, and how often the sets hold the cells of that class."""
+    a = result.get("answers") or {}
+    rows = []
+    for name, entry in a.get("per_class", {}).items():
+        promise = a.get("promise", {}).get(name, selective.PROMISE_NONE)
+        rows.append(
+            {
+                "class": name,
+                "promise": PROMISE_WORDS[promise],
+                "refer below": f"{a['refer_below'][name]:.4f}" if a["refer_below"][name] <= 1 else "always",
+                "called this class": str(entry["predicted"]),
+                "kept": _share(entry["kept_share"]),
+                "kept accuracy": _share(entry["kept_accuracy"], 2),
+                "cells of this class": str(entry["cells"]),
+                "set coverage": _share(entry.get("set_coverage"), 2),
+            }
+        )
+    return rows
+
+
+PROMISE_WORDS = {
+    selective.PROMISE_CLASS: "alone",
+    selective.PROMISE_GROUP: "with the group",
+    selective.PROMISE_NONE: "none: referred",
+}
 
 
 def page_context(
@@ -255,6 +321,8 @@ def page_context(
     """What both pages show."""
     rows = comparison_rows(results, best)
     calibration = calibration_rows(results)
+    answers = answer_rows(results)
+    per_class = per_class_rows(results[best])
     dataset_columns, dataset_rows = dataset_table(counts)
     return {
         "run_id": summary.get("run_id", ""),
@@ -270,6 +338,11 @@ def page_context(
         "sections": [(key, title) for key, title in SECTIONS if key in figures],
         "calibration_columns": list(calibration[0]) if calibration else [],
         "calibration_rows": [list(r.values()) for r in calibration],
+        "answer_columns": list(answers[0]) if answers else [],
+        "answer_rows": [list(r.values()) for r in answers],
+        "per_class_columns": list(per_class[0]) if per_class else [],
+        "per_class_rows": [list(r.values()) for r in per_class],
+        "set_alpha": (results[best].get("answers") or {}).get("set_alpha"),
         "refer_target": next(
             (r["calibration"].get("target_accuracy") for r in results.values() if r.get("calibration")), None
         ),
@@ -295,6 +368,12 @@ def render_markdown(context: dict[str, Any]) -> str:
             headers=context["calibration_columns"],
             tablefmt="github",
             disable_numparse=True,
+        ),
+        answer_table=tabulate(
+            context["answer_rows"], headers=context["answer_columns"], tablefmt="github", disable_numparse=True
+        ),
+        per_class_table=tabulate(
+            context["per_class_rows"], headers=context["per_class_columns"], tablefmt="github", disable_numparse=True
         ),
         dataset_table=tabulate(
             context["dataset_rows"], headers=context["dataset_columns"], tablefmt="github", disable_numparse=True

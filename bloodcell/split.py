@@ -1,4 +1,8 @@
-"""Split: a stratified, deterministic train/val/test split (split-folders) and decode-once arrays.
+"""Split: a stratified, deterministic train/val/calibration/test split (split-folders) and decode-once arrays.
+
+split-folders makes three parts (train and val together, calibration, test: 70/15/15 by default, as the
+original work's train/val/test); val is then carved from the first part, per class. So test and calibration
+are the original work's test and validation images, and the models train on the rest but val.
 
 Outputs, keyed by the split key (dataset hash + ratio + seed + sampling):
 ``gs://<bucket>/splits/<key>/split.json`` and ``counts.json``, and per image size
@@ -82,8 +86,10 @@ def sample(images: list[dict], per_class: int, seed: int) -> list[dict]:
     return chosen
 
 
-def assign(images: list[dict], ratio: tuple[float, float, float], seed: int) -> dict[str, Any]:
-    """Run ``splitfolders.ratio`` over placeholder files and read back which image went where."""
+def assign(images: list[dict], ratio: tuple[float, ...], seed: int) -> dict[str, Any]:
+    """Run ``splitfolders.ratio`` over placeholder files (train+val, calibration, test), read back which image
+    went where, then carve val from the first part (:func:`carve`)."""
+    train, val, calibration, test = ratio
     by_token = {}
     with tempfile.TemporaryDirectory(prefix="bloodcell-split-") as tmp:
         source, output = Path(tmp, "in"), Path(tmp, "out")
@@ -93,23 +99,42 @@ def assign(images: list[dict], ratio: tuple[float, float, float], seed: int) -> 
             (source / image["label"]).mkdir(parents=True, exist_ok=True)
             (source / image["label"] / token).touch()
         with contextlib.redirect_stderr(io.StringIO()):
-            splitfolders.ratio(str(source), str(output), seed=seed, ratio=tuple(ratio), move=True)
-        assignment = {
+            splitfolders.ratio(str(source), str(output), seed=seed, ratio=(train + val, calibration, test), move=True)
+        parts = {
             subset: sorted(
-                (by_token[(p.parent.name, p.name)] for p in (output / subset).glob("*/*")),
+                (by_token[(p.parent.name, p.name)] for p in (output / folder).glob("*/*")),
                 key=lambda i: i["path"],
             )
-            for subset in SUBSETS
+            for subset, folder in (("first", "train"), ("calibration", "val"), ("test", "test"))
         }
+    assignment = {**carve(parts.pop("first"), val / (train + val), seed), **parts}
     _check_every_class_in_every_subset(assignment, ratio)
-    return assignment
+    return {subset: assignment[subset] for subset in SUBSETS}
+
+
+def carve(images: list[dict], share: float, seed: int) -> dict[str, list[dict]]:
+    """``images`` split into train and val, ``share`` of each class (rounded, at least one) in val, chosen
+    reproducibly."""
+    by_class: dict[str, list[dict]] = {}
+    for image in sorted(images, key=lambda i: i["path"]):
+        by_class.setdefault(image["label"], []).append(image)
+    rng = random.Random(seed)  # nosec B311 - a reproducible split, not a secret
+    val = []
+    for label in sorted(by_class):
+        group = by_class[label]
+        val += rng.sample(group, max(1, round(share * len(group))) if len(group) > 1 else 0)
+    chosen = {image["path"] for image in val}
+    return {
+        "train": [i for i in sorted(images, key=lambda i: i["path"]) if i["path"] not in chosen],
+        "val": sorted(val, key=lambda i: i["path"]),
+    }
 
 
 def counts_of(assignment: dict) -> dict[str, dict[str, int]]:
     return {s: dict(sorted(Counter(i["label"] for i in assignment[s]).items())) for s in SUBSETS}
 
 
-def _check_every_class_in_every_subset(assignment: dict, ratio: tuple[float, float, float]) -> None:
+def _check_every_class_in_every_subset(assignment: dict, ratio: tuple[float, ...]) -> None:
     counts = counts_of(assignment)
     labels = sorted(set().union(*(c.keys() for c in counts.values())))
     needed = max(3, int(1 / min(ratio)) + 1)

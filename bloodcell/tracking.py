@@ -178,14 +178,31 @@ def log_metric_steps(run_id: str, steps: list[tuple[dict[str, float], int]]) -> 
     )
 
 
-def log_calibration(run_id: str, calibrated: dict[str, float]) -> None:
-    """A model's calibration (``calibration.Calibrated``'s fields): the temperature and refer threshold as
-    params, the validation measures behind them as metrics."""
+def log_calibration(run_id: str, calibrated: dict, classes: list[str]) -> None:
+    """A model's rules (``calibration.Calibrated``'s fields): the settings and per-class thresholds as params,
+    the measures behind them as metrics."""
     if not calibrated:
         return
-    settings = ("temperature", "refer_below", "target_accuracy")
-    log_params(run_id, {f"calibration_{k}": f"{calibrated[k]:.6g}" for k in settings})
-    log_metrics(run_id, {k: v for k, v in calibrated.items() if k not in settings})
+    settings = ("temperature", "target_accuracy", "level", "set_alpha", "familiarity_threshold", "flag_share")
+    params = {f"calibration_{k}": f"{calibrated[k]:.6g}" for k in settings}
+    for name, below, promise, minimum, cells in zip(
+        classes,
+        calibrated["refer_below"],
+        calibrated["promise"],
+        calibrated["set_min_probability"],
+        calibrated["set_calibration_cells"],
+        strict=True,
+    ):
+        params.update(
+            {
+                f"refer_below_{name}": f"{below:.6g}",
+                f"promise_{name}": promise,
+                f"set_min_probability_{name}": f"{minimum:.6g}",
+                f"calibration_cells_{name}": cells,
+            }
+        )
+    log_params(run_id, params)
+    log_metrics(run_id, {k: v for k, v in calibrated.items() if k not in settings and isinstance(v, (int, float))})
 
 
 def log_keras_model(run_id: str, model: Any, classes: list[str], pip_requirements: list[str]) -> str:

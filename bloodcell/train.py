@@ -15,7 +15,7 @@ from pathlib import Path
 import keras
 import numpy as np
 
-from bloodcell import arrays, calibration, feeding, hardware, models, recipes, sources, storage, tracking
+from bloodcell import arrays, calibration, familiarity, feeding, hardware, models, recipes, sources, storage, tracking
 from bloodcell.config import ModelConfig, Profile
 
 
@@ -43,10 +43,16 @@ class TrainingData:
     classes: list[str]
     train: tuple[np.ndarray, np.ndarray]
     val: tuple[np.ndarray, np.ndarray]
+    calibration: tuple[np.ndarray, np.ndarray]  # read only after training, by the refer and set rules
 
     @classmethod
     def load(cls, arrays_uri: str) -> TrainingData:
-        return cls(arrays.meta(arrays_uri)["classes"], arrays.load(arrays_uri, "train"), arrays.load(arrays_uri, "val"))
+        return cls(
+            arrays.meta(arrays_uri)["classes"],
+            arrays.load(arrays_uri, "train"),
+            arrays.load(arrays_uri, "val"),
+            arrays.load(arrays_uri, "calibration"),
+        )
 
 
 def train(
@@ -100,7 +106,7 @@ def train(
             tracker.attempt("mark the model run failed", tracking.finish, mlflow_run_id, "FAILED")
         raise
     seconds = time.perf_counter() - started
-    model, calibrated = calibrate(model, data, cfg.batch_size, profile.refer_target_accuracy)
+    model, calibrated = calibrate(model, data, cfg.batch_size, profile)
     epochs = len(history.get("loss", []))
     result = TrainResult(
         model=model_name,
@@ -131,18 +137,56 @@ def train(
 
 
 def calibrate(
-    model: keras.Model, data: TrainingData, batch_size: int, target_accuracy: float
+    model: keras.Model, data: TrainingData, batch_size: int, profile: Profile
 ) -> tuple[keras.Model, calibration.Calibrated]:
-    """``model`` ending in its calibration layer, fitted on the validation split (temperature, then the
-    refer threshold for ``target_accuracy``)."""
-    x_val, y_val = data.val
-    calibrated = calibration.calibrate(y_val, feeding.predict(model, x_val, batch_size), target_accuracy)
-    print(
-        f"calibrated on {len(y_val)} validation images: temperature {calibrated.temperature:.3f}, ECE "
-        f"{calibrated.val_ece_before:.4f} -> {calibrated.val_ece_after:.4f}; refer below confidence "
-        f"{calibrated.refer_below:.4f} (keeps {calibrated.val_coverage:.1%} at >= {target_accuracy:.1%} accuracy)"
+    """``model`` with its rules and familiarity check: two outputs, the calibrated probabilities and the
+    familiarity score. The check's statistics come from (a sample of) the training split, the temperature
+    from validation, the refer and set rules from calibration (:func:`calibration.calibrate`)."""
+    features = familiarity.pooled_features(model)
+    probe = keras.Model(model.inputs, [model.outputs[0], *features.outputs])
+    rows = familiarity_sample(data.train[1], profile.familiarity_fit_images, profile.seed)
+    x_train, y_train = data.train
+    fitted_on = feeding.predict_outputs(features, x_train[rows], batch_size)
+    blocks = [familiarity.fit_block(f, y_train[rows], len(data.classes)) for f in fitted_on]
+    (x_val, y_val), (x_cal, y_cal) = data.val, data.calibration
+    val, cal = (feeding.predict_outputs(probe, x, batch_size) for x in (x_val, x_cal))
+    blocks = familiarity.standardise(blocks, val[1:])
+    calibrated = calibration.calibrate(
+        (y_val, val[0], familiarity.block_scores(blocks, val[1:])),
+        (y_cal, cal[0], familiarity.block_scores(blocks, cal[1:])),
+        profile.refer_target_accuracy,
+        profile.prediction_set_alpha,
+        profile.familiarity_flag_share,
     )
-    return calibration.with_calibration(model, calibrated), calibrated
+    print(
+        f"familiarity check: {len(blocks)} blocks fitted on {len(rows)} training images, threshold "
+        f"{calibrated.familiarity_threshold:.3f} ({calibrated.flagged_share:.1%} of validation and calibration "
+        f"flagged); temperature {calibrated.temperature:.3f} on {len(y_val)} validation images (ECE "
+        f"{calibrated.val_ece_before:.4f} -> {calibrated.val_ece_after:.4f}); refer thresholds and prediction sets "
+        f"on {len(y_cal)} calibration images ({calibrated.cal_kept_share:.1%} of the familiar ones kept)"
+    )
+    probabilities = calibration.calibration_layer_for(calibrated)(model.outputs[0])
+    checked = familiarity.with_familiarity(
+        model,
+        probabilities,
+        blocks,
+        len(data.classes),
+        threshold=calibrated.familiarity_threshold,
+        flag_share=calibrated.flag_share,
+    )
+    return checked, calibrated
+
+
+def familiarity_sample(labels: np.ndarray, limit: int, seed: int) -> np.ndarray:
+    """Sorted rows of at most ``limit`` training images (0: all), the same share of each class."""
+    if not limit or limit >= len(labels):
+        return np.arange(len(labels))
+    rng = np.random.default_rng(seed)
+    share = limit / len(labels)
+    rows = [
+        rng.permutation(np.flatnonzero(labels == c))[: round(share * (labels == c).sum())] for c in np.unique(labels)
+    ]
+    return np.sort(np.concatenate(rows))
 
 
 def stored_result(out_uri: str) -> TrainResult | None:
@@ -276,10 +320,10 @@ def _log_results(run_id: str, result: TrainResult) -> None:
     tracking.log_metrics(
         run_id, {"train_seconds": result.train_seconds, "train_images_per_second": result.images_per_second}
     )
-    tracking.log_calibration(run_id, result.calibration)
+    tracking.log_calibration(run_id, result.calibration, result.classes)
     text = f"{result.model}: {result.epochs} epochs at {result.image_size} px, {result.params:,} parameters."
     if result.calibration:
-        text += " " + calibration.Calibrated(**result.calibration).describe()
+        text += " " + calibration.Calibrated(**result.calibration).describe(result.classes)
     tracking.describe_run(run_id, text)
 
 

@@ -6,7 +6,7 @@ import keras
 import numpy as np
 import pytest
 
-from bloodcell import calibration, explain, predict
+from bloodcell import calibration, explain, predict, selective
 
 
 def sampled_labels(rng: np.random.Generator, probabilities: np.ndarray) -> np.ndarray:
@@ -37,32 +37,10 @@ def test_ece_equals_a_hand_computed_value():
     )
 
 
-def test_the_refer_threshold_gives_the_promised_accuracy_on_validation():
-    rng = np.random.default_rng(2)
-    logits = rng.normal(size=(5000, 8)) * 5.0
-    probabilities = calibration.softmax(logits)
-    labels = sampled_labels(rng, probabilities)
-    for target in (0.9, 0.99):
-        fitted = calibration.calibrate(labels, probabilities, target)
-        calibrated = calibration.apply_temperature(probabilities, fitted.temperature)
-        kept = calibrated.max(axis=1) >= fitted.refer_below
-        right = int((calibrated[kept].argmax(axis=1) == labels[kept]).sum())
-        assert right / kept.sum() >= target and kept.mean() == pytest.approx(fitted.val_coverage)
-        bound = calibration.accuracy_lower_bound(np.array([right]), np.array([kept.sum()]), 0.95)[0]
-        assert target <= bound < right / kept.sum()  # promised with 95% confidence, not just reached
-        # the largest such share: keeping the next less confident prediction too, the bound falls short
-        wider = calibrated.max(axis=1) >= calibrated.max(axis=1)[~kept].max()
-        right_wider = int((calibrated[wider].argmax(axis=1) == labels[wider]).sum())
-        assert calibration.accuracy_lower_bound(np.array([right_wider]), np.array([wider.sum()]), 0.95)[0] < target
-    assert 0 < calibration.calibrate(labels, probabilities, 0.99).val_coverage < 0.5
-
-
 def test_the_accuracy_bound_is_clopper_pearson():
     # 99 of 100 right: the exact one-sided 95% lower bound is 0.9535 (solving P(X >= 99 | p) = 0.05)
-    assert calibration.accuracy_lower_bound(np.array([99]), np.array([100]), 0.95)[0] == pytest.approx(0.9535, abs=1e-4)
-    assert calibration.accuracy_lower_bound(np.array([100]), np.array([100]), 0.95)[0] == pytest.approx(
-        0.05 ** (1 / 100)
-    )
+    assert selective.accuracy_lower_bound(np.array([99]), np.array([100]), 0.95)[0] == pytest.approx(0.9535, abs=1e-4)
+    assert selective.accuracy_lower_bound(np.array([100]), np.array([100]), 0.95)[0] == pytest.approx(0.05 ** (1 / 100))
 
 
 def test_selective_prediction_figures():
@@ -86,8 +64,11 @@ def tiny_classifier(n_classes: int = 3) -> keras.Model:
 
 def test_a_calibrated_model_saved_and_reloaded_predicts_identical_calibrated_probabilities(tmp_path):
     model = tiny_classifier()
-    fitted = calibration.Calibrated(2.0, 0.7, 0.99, 0.5, 0.1, 0.02, 0.5, 0.4)
-    calibrated = calibration.with_calibration(model, fitted)
+    fitted = calibration.Calibrated(
+        2.0, [0.7, 0.8, 0.9], ["class", "group", "none"], 0.99, 0.95, [0.1, 0.2, 0.0], 0.01, [120, 130, 50],
+        0.9, 1.5, 0.05, 0.05, 0.1, 0.02, 0.5, 0.4,
+    )  # fmt: skip
+    calibrated = keras.Model(model.inputs, calibration.calibration_layer_for(fitted)(model.outputs[0]))
     images = np.random.default_rng(4).integers(0, 256, size=(6, 32, 32, 3), dtype=np.uint8)
     raw = keras.ops.convert_to_numpy(model.predict_on_batch(images))
     expected = keras.ops.convert_to_numpy(calibrated.predict_on_batch(images))
@@ -97,7 +78,8 @@ def test_a_calibrated_model_saved_and_reloaded_predicts_identical_calibrated_pro
     np.testing.assert_array_equal(keras.ops.convert_to_numpy(reloaded.predict_on_batch(images)), expected)
     layer = calibration.calibration_layer(reloaded)
     assert layer is not None
-    assert (layer.temperature, layer.refer_below, layer.target_accuracy) == (2.0, 0.7, 0.99)
+    assert (layer.temperature, layer.refer_below, layer.target_accuracy) == (2.0, [0.7, 0.8, 0.9], 0.99)
+    assert (layer.promise, layer.set_min_probability, layer.set_alpha) == (fitted.promise, [0.1, 0.2, 0.0], 0.01)
 
 
 def test_gradcam_maps_have_the_image_size_are_finite_and_differ_between_classes():

@@ -8,7 +8,7 @@ from bloodcell import config
 def test_profiles_cover_the_original_settings_on_gpu():
     gpu = config.resolve("gpu")
     assert (gpu.cnn1.image_size, gpu.cnn2.image_size, gpu.vgg16.image_size) == (128, 128, 224)
-    assert gpu.split_ratio == (0.7, 0.15, 0.15) and gpu.seed == 777
+    assert gpu.split_ratio == (0.65, 0.05, 0.15, 0.15) and gpu.seed == 777
     assert config.resolve("smoke").max_images_per_class > 0
     assert config.resolve("laptop").max_images_per_class == 0
 
@@ -17,10 +17,10 @@ def test_overrides_are_typed():
     profile = config.resolve(
         "laptop",
         '{"cnn1.epochs": "5", "cnn2.augment": "false", "seed": 1, '
-        '"split_ratio": "0.8,0.1,0.1", "vgg16.learning_rate": "3e-4"}',
+        '"split_ratio": "0.7,0.1,0.1,0.1", "vgg16.learning_rate": "3e-4"}',
     )
     assert profile.cnn1.epochs == 5 and profile.cnn2.augment is False and profile.seed == 1
-    assert profile.split_ratio == (0.8, 0.1, 0.1) and profile.vgg16.learning_rate == 3e-4
+    assert profile.split_ratio == (0.7, 0.1, 0.1, 0.1) and profile.vgg16.learning_rate == 3e-4
     assert config.resolve("laptop").cnn1.epochs != 5  # profiles themselves are untouched
 
 
@@ -29,7 +29,7 @@ def test_overrides_are_typed():
     [
         ({"cnn1.epoch": 3}, r"unknown setting 'cnn1.epoch'; settings are: .*cnn1.epochs"),
         ({"cnn1.epochs": "many"}, r"setting 'cnn1.epochs': cannot use 'many'; expected int"),
-        ({"split_ratio": "0.5,0.5"}, r"three positive fractions summing to 1"),
+        ({"split_ratio": "0.5,0.5"}, r"four positive fractions \(train, val, calibration, test\) summing to 1"),
         ({"cnn1": 3}, r"'cnn1' is a group; set one of its fields"),
         ({"name": "x"}, r"unknown setting 'name'"),
         ({"cnn2.lr_schedule": "step"}, r"lr_schedule 'step' is not one of: plateau, cosine"),

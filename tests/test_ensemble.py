@@ -164,7 +164,12 @@ def stored_run(services):
     for name, channel, size in (("red", 0, 16), ("green", 1, 24)):
         arrays_uri = f"gs://{services['bucket']}/arrays/{run_id}/{size}"
         store_arrays(
-            arrays_uri, {"val": (uniform_images(val, size), y_val), "test": (uniform_images(test, size), y_test)}
+            arrays_uri,
+            {
+                "val": (uniform_images(val, size), y_val),
+                "calibration": (uniform_images(val, size), y_val),
+                "test": (uniform_images(test, size), y_test),
+            },
         )
         model_uri = storage.join(run_uri, "models", name, "model.keras")
         with tempfile.TemporaryDirectory() as tmp:
@@ -198,7 +203,7 @@ def test_members_are_chosen_on_validation_only_and_evaluated_like_trained_models
     monkeypatch.setattr(arrays, "load", recording_load)
     tracker = tracking.Tracker(stored_run["run_uri"], "evaluate")
     record = ensemble.build(stored_run["trained"], stored_run["run_uri"], tracker)
-    assert read == ["val"]  # the test split is never read to choose
+    assert read == ["val", "calibration"]  # choices on val, the rules on calibration: never the test split
     assert record.members == ["red"] and record.tta == {"red": False}  # colour means: symmetries change nothing
     assert record.resize == {"red": "bilinear"}  # shrunk from 24 to 16 px; the methods tie on uniform images
     assert record.description == "red (shrunk by bilinear) alone"
@@ -225,9 +230,8 @@ def test_saved_registered_and_reloaded_it_predicts_the_same(stored_run, services
     assert run.data.tags["mlflow.parentRunId"] == parent and run.data.tags["bloodcell.model"] == "ensemble"
     assert run.data.params["members"] == "red" and run.data.metrics["val_accuracy"] == 1.0
     members = {info["model"]: ensemble.load_member(info) for info in stored_run["trained"]}
-    built_here = calibration.with_calibration(
-        ensemble.combined_model({"red": members["red"]}, record.tta, 24, record.resize),
-        calibration.Calibrated(**record.calibration),
+    built_here = ensemble.combined_model(
+        {"red": members["red"]}, record.tta, 24, record.resize, calibration.Calibrated(**record.calibration)
     )
     version = registry.register_best(record.mlflow_model_uri, "ensemble", 0.5, stored_run["run_id"])["version"]
 
@@ -248,7 +252,8 @@ def test_saved_registered_and_reloaded_it_predicts_the_same(stored_run, services
     predict.main(f"models:/{registry.REGISTERED_MODEL}/{version}", files, as_json=True)
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert len(result["predictions"]) == 3 and result["first_prediction_seconds"] <= 10
-    assert result["refer_below"] == record.calibration["refer_below"] and result["calibrated"]
+    assert list(result["refer_below"].values()) == record.calibration["refer_below"] and result["calibrated"]
+    assert not result["familiarity_check"] and result["unfamiliar"] is None  # members without the check: none
     for item in result["predictions"]:
         assert set(item["probabilities"]) == set(CLASSES) and item["class"] in CLASSES
         assert abs(sum(item["probabilities"].values()) - 1) < 1e-4 and isinstance(item["refer"], bool)

@@ -12,7 +12,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 from sklearn import metrics as skm
 
-from bloodcell import calibration, comparison, evaluate, plots, registry, report, tracking
+from bloodcell import calibration, comparison, decisions, evaluate, plots, registry, report, tracking
 
 CLASSES = ["a", "b", "c"]
 
@@ -80,8 +80,14 @@ def synthetic_results():
         result["calibration"] = {
             "temperature": 1.5,
             "target_accuracy": 0.99,
-            **calibration.quality(y_true, rolled, calibrated, refer_below=0.6),
+            **calibration.quality(y_true, rolled, calibrated),
         }
+        rules = decisions.Rules(np.full(len(CLASSES), 0.6), ["class"] + ["group"] * (len(CLASSES) - 1), 0.99,
+                                np.full(len(CLASSES), 0.2), 0.01, 1.0, 0.05, True, 1.5)  # fmt: skip
+        familiarity = np.linspace(0, 2, len(y_true))
+        result["answers"] = evaluate.answers_summary(
+            y_true, rules, decisions.Outputs(rolled, calibrated, familiarity), CLASSES
+        )
         results[name] = result
     return results
 
@@ -104,6 +110,7 @@ def test_html_report_has_every_section_with_embedded_images():
         "calibration": plots.reliability_diagrams(results),
         "selective": plots.accuracy_coverage(results),
         "explanations": plots.comparison(results, best),  # the real one needs a stored model (pipeline tests)
+        "answers": plots.per_class_answers(results[best]),
     }
     counts = {"train": {"a": 14, "b": 14}, "val": {"a": 3, "b": 3}, "test": {"a": 3, "b": 3}}
     manifest = {"quarantined": [{"path": "b/.DS_1.jpg", "reason": "hidden file"}], "duplicates": []}
@@ -125,9 +132,11 @@ def test_html_report_has_every_section_with_embedded_images():
     parser.close()
     assert not parser.open
     sections = {"comparison", "per_class_f1", "confusion", "curves", "misclassified", "dataset", "registry"}
-    assert sections | {"calibration", "selective", "explanations"} <= parser.ids
-    assert len(parser.images) == 8 and all(src.startswith("data:image/png;base64,") for src in parser.images)
-    assert "1.50" in page and "ECE (15 bins)" in page and "refer below" in page  # the calibration table
+    assert sections | {"calibration", "selective", "explanations", "answers"} <= parser.ids
+    assert len(parser.images) == 9 and all(src.startswith("data:image/png;base64,") for src in parser.images)
+    assert "1.50" in page and "ECE (15 bins)" in page  # the calibration table
+    assert "unlike the training images" in page and "promised alone" in page and "set coverage" in page
+    assert "with the group" in page and "refer below" in page  # the best model's per-class table
     assert "b/.DS_1.jpg" in page and "stays on version 1" in page and f"{best} (best)" in page
     markdown = report.render_markdown(context)
     assert "| model " in markdown and "![Confusion matrices](plots/confusion.png)" in markdown

@@ -6,12 +6,14 @@ import io
 import shutil
 import stat
 import struct
+import tempfile
 import time
 import zipfile
 import zlib
 from pathlib import Path
 
 import pytest
+import splitfolders
 from PIL import Image
 
 from bloodcell import config, ingest, sources, split
@@ -150,8 +152,33 @@ def test_fewer_than_two_classes(tmp_path):
 def test_class_too_small_for_every_split(tmp_path):
     images = [{"label": "big", "path": f"big/{i}.jpg"} for i in range(40)]
     images += [{"label": "tiny", "path": f"tiny/{i}.jpg"} for i in range(3)]
-    with pytest.raises(DataError, match=r"too small to appear in every split .*tiny: train 2, val 0, test 1"):
-        split.assign(images, (0.7, 0.15, 0.15), 777)
+    with pytest.raises(DataError, match=r"too small to appear in every split .*tiny: train 1, val 1, calibration 0"):
+        split.assign(images, (0.65, 0.05, 0.15, 0.15), 777)
+
+
+def test_the_split_keeps_the_original_test_images_and_carves_val_from_training():
+    """test and calibration are split-folders' 70/15/15 test and val (the original work's), and train + val
+    its train; val takes the same share of every class."""
+    images = [
+        {"label": label, "path": f"{label}/{i:04d}.jpg"} for label, n in (("a", 300), ("b", 120)) for i in range(n)
+    ]
+    four = split.assign(images, (0.65, 0.05, 0.15, 0.15), 777)
+    paths = {s: {i["path"] for i in four[s]} for s in four}
+    assert set().union(*paths.values()) == {i["path"] for i in images}
+    assert sum(map(len, paths.values())) == len(images)  # each image in one subset
+    with tempfile.TemporaryDirectory() as tmp:
+        source, output = Path(tmp, "in"), Path(tmp, "out")
+        for image in images:
+            (source / image["label"]).mkdir(parents=True, exist_ok=True)
+            (source / image["path"]).touch()
+        splitfolders.ratio(str(source), str(output), seed=777, ratio=(0.7, 0.15, 0.15), move=True)
+        original = {
+            s: {f"{p.parent.name}/{p.name}" for p in (output / s).glob("*/*")} for s in ("train", "val", "test")
+        }
+    assert paths["test"] == original["test"] and paths["calibration"] == original["val"]
+    assert paths["train"] | paths["val"] == original["train"]
+    counts = split.counts_of(four)["val"]
+    assert counts == {"a": round(210 * 0.05 / 0.7), "b": round(84 * 0.05 / 0.7)}
 
 
 def test_missing_source(tmp_path):
@@ -222,11 +249,12 @@ def test_ingest_then_split_is_cached_and_deterministic(services, sample_dataset)
     one = split.split(first.dataset_uri, bucket, profile)
     two = split.split(first.dataset_uri, bucket, profile)
     assert one == two
-    assert one.counts["train"]["basophil"] == 16 and one.counts["test"]["platelet"] == 5
+    assert one.counts["train"]["basophil"] == 15 and one.counts["val"]["basophil"] == 1
+    assert one.counts["calibration"]["basophil"] == 3 and one.counts["test"]["platelet"] == 5
     from bloodcell import arrays, storage
 
     assignment = storage.read_json(one.split_uri + "/split.json")
-    paths = [{i["path"] for i in assignment[s]} for s in ("train", "val", "test")]
-    assert not (paths[0] & paths[1] or paths[0] & paths[2] or paths[1] & paths[2])
+    paths = [{i["path"] for i in assignment[s]} for s in ("train", "val", "calibration", "test")]
+    assert sum(map(len, paths)) == len(set().union(*paths))  # no image in two subsets
     x, y = arrays.load(one.array_uris[96], "train")
-    assert x.shape == (128, 96, 96, 3) and x.dtype.name == "uint8" and len(y) == 128
+    assert x.shape == (120, 96, 96, 3) and x.dtype.name == "uint8" and len(y) == 120

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from bloodcell.services import client_env
 from conftest import ROOT, SHARED_DATA, UNDECODABLE, free_port, mlflow_login
 
 pytestmark = pytest.mark.integration
@@ -140,23 +141,26 @@ def test_mlflow_parent_run_has_a_nested_run_per_model_with_test_accuracy(smoke_r
             assert "accuracy" in child.data.metrics and "val_loss" in child.data.metrics
         # calibration, fitted on validation, and its test figures
         params = child.data.params
-        assert float(params["calibration_temperature"]) > 0 and "calibration_refer_below" in params
+        assert float(params["calibration_temperature"]) > 0 and "refer_below_basophil" in params
+        assert params["promise_basophil"] in ("class", "group", "none") and "set_min_probability_ig" in params
+        assert float(params["calibration_familiarity_threshold"]) > 0
+        for metric in ("test_unfamiliar_share", "test_kept_share", "test_set_coverage", "test_set_mean_size"):
+            assert metric in child.data.metrics, metric
+        assert "test_set_coverage_ig" in child.data.metrics  # per true class; kept shares per predicted class:
+        assert any(key.startswith("test_kept_share_") for key in child.data.metrics)
         for metric in ("test_ece", "test_ece_before", "test_nll", "test_brier", "test_accuracy_at_coverage_90"):
             assert metric in child.data.metrics, metric
         assert "test_coverage_at_accuracy_99" in child.data.metrics and "val_ece_after" in child.data.metrics
     version = mlflow_client.get_model_version_by_alias("bloodcell-classifier", "champion")
-    assert float(version.tags["calibration_temperature"]) > 0 and "calibration_refer_below" in version.tags
+    assert float(version.tags["calibration_temperature"]) > 0 and "calibration_promised_classes" in version.tags
+    assert "calibration_unfamiliar_share" in version.tags and "calibration_set_coverage" in version.tags
 
 
-def predict(smoke_run, model: str, *args: str) -> dict:
-    """``bloodcell predict --model <the run's model> --json ARGS`` with the reader login; its JSON result."""
+def predict(smoke_run, model: str, *args: str, uri: str | None = None) -> dict:
+    """``bloodcell predict --model <the run's model, or uri> --json ARGS`` as user reader; its JSON result."""
     summary = smoke_run["summary"]
-    env = {
-        **smoke_run["env"],
-        "MLFLOW_TRACKING_URI": summary["mlflow_tracking_uri"],
-        **mlflow_login(smoke_run["state"], "reader"),
-    }
-    model_uri = summary["models"][model]["model_uri"]
+    env = {**smoke_run["env"], **client_env(smoke_run["state"])}
+    model_uri = uri or summary["models"][model]["model_uri"]
     command = [sys.executable, "-m", "bloodcell.cli", "predict", "--model", model_uri, "--json", *args]
     process = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert process.returncode == 0, process.stderr[-3000:]
@@ -188,10 +192,30 @@ def test_predict_gives_calibrated_probabilities_refer_flags_and_explanations(smo
     assert result["calibrated"] and result["temperature"] > 0 and 0 <= result["referred"] <= len(images)
     for item in result["predictions"]:
         assert abs(sum(item["probabilities"].values()) - 1) < 1e-4 and item["class"] in item["probabilities"]
-        assert item["refer"] == (item["confidence"] < result["refer_below"])
+        low = item["confidence"] < result["refer_below"][item["class"]]
+        reasons = [r for r, on in (("low confidence", low), ("unlike the training images", not item["familiar"])) if on]
+        assert item["refer"] == bool(reasons) and item["refer_reason"] == ("; ".join(reasons) or None)
+        assert isinstance(item["familiarity"], float) and item["promise"] in ("class", "group", "none")
+        assert set(item["prediction_set"]) <= set(item["probabilities"])
         overlay = Path(item["explanation"])
         assert overlay.is_file() and overlay.parent.name == Path(item["path"]).parent.name
         assert overlay.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_stored_logged_and_registered_copies_answer_identically(smoke_run):
+    """The bucket's model.keras, its MLflow logged model and the registered champion carry the same checks:
+    identical familiarity scores, prediction sets and refer flags."""
+    images = [str(path) for folder in sorted(SHARED_DATA.iterdir()) for path in sorted(folder.glob("*.jpg"))[:2]]
+    best = smoke_run["summary"]["best_model"]
+    row = smoke_run["summary"]["models"][best]
+    answers = [
+        predict(smoke_run, best, *images, uri=uri)["predictions"]
+        for uri in (row["bucket_model_uri"], row["model_uri"], "models:/bloodcell-classifier@champion")
+    ]
+    keys = ("familiar", "familiarity", "prediction_set", "refer", "refer_reason", "probabilities")
+    first = [{k: p[k] for k in keys} for p in answers[0]]
+    assert all([{k: p[k] for k in keys} for p in other] == first for other in answers[1:])
+    assert all(p["familiarity"] is not None and p["prediction_set"] is not None for p in answers[0])
 
 
 def test_stop_ends_only_the_services_it_started(smoke_run):

@@ -89,17 +89,20 @@ def assert_stored_model_is_calibrated(result: dict) -> None:
     import tempfile
     from pathlib import Path
 
-    from bloodcell import calibration, predict
+    from bloodcell import calibration, familiarity, predict
 
     fitted = result["calibration"]
     assert 0.05 <= fitted["temperature"] <= 20 and fitted["target_accuracy"] == 0.99
     with tempfile.TemporaryDirectory() as tmp:
         model = predict.load_keras(storage.download_file(result["model_uri"], Path(tmp, "m.keras")), "test")
     layer = calibration.calibration_layer(model)
-    assert model.layers[-1] is layer and (layer.temperature, layer.refer_below) == (
+    assert layer is not None and (layer.temperature, layer.refer_below) == (
         fitted["temperature"],
         fitted["refer_below"],
     )
+    check = familiarity.familiarity_layer(model)  # the second output: the familiarity check
+    assert check is not None and check.threshold == fitted["familiarity_threshold"] and len(model.outputs) == 2
+    assert len(fitted["set_min_probability"]) == len(fitted["promise"]) == model.outputs[0].shape[-1]
 
 
 def small_training_data():
@@ -110,7 +113,7 @@ def small_training_data():
     rng = np.random.default_rng(0)
     x = rng.integers(0, 256, size=(24, 32, 32, 3), dtype=np.uint8)
     y = np.arange(24, dtype=np.int32) % 3
-    return train.TrainingData(["a", "b", "c"], (x[:16], y[:16]), (x[16:], y[16:]))
+    return train.TrainingData(["a", "b", "c"], (x[:16], y[:16]), (x[16:], y[16:]), (x[16:], y[16:]))
 
 
 def test_vgg16_trains_the_model_its_builder_makes_in_two_phases(services, tmp_path):

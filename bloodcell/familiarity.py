@@ -1,0 +1,224 @@
+"""The familiarity check: is an image like the training images? (Out-of-distribution detection.)
+
+Every model ends in two outputs: its calibrated class probabilities and a familiarity score (higher:
+less like the training images). For a trained model the score comes from its own feature maps at the end
+of each convolutional block (every 2x2 max pooling, or a nested block model): per block, the spatial mean
+of the maps, and its Mahalanobis distance to the nearest class mean under one shared covariance
+(Lee et al., 2018), fitted on the training split; the logarithm of each block's distance is standardised
+on the validation split, and the score is the largest of them. An image is flagged unfamiliar when its
+score is above the threshold under which the chosen share of the validation and calibration cells fall
+(default: 5% flagged). The early blocks see colour, stain and texture; the late ones, what the cell looks
+like: a check on the last features alone missed most of another laboratory's images (README).
+
+For the combined model, each member scores the image (on the views it sees); the combined score is the
+largest of the members' scores, each less its own threshold, with a threshold of its own chosen the same
+way. The statistics are layer weights (not config), so the ``.keras`` file carries them and Keras safe mode
+loads them; a model saved before this check existed has one output, and ``None`` for its familiarity.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import keras
+import numpy as np
+from keras import layers, ops
+from sklearn.covariance import LedoitWolf
+
+LAYER_NAME = "familiarity"
+DEFAULT_FLAG_SHARE = 0.05
+TINY_DISTANCE = 1e-12
+
+
+def feature_layers(model: keras.Model) -> list[keras.layers.Layer]:
+    """The layers whose maps the check reads: the end of each convolutional block."""
+    return [
+        layer
+        for layer in model.layers
+        if isinstance(layer, layers.MaxPooling2D) or (isinstance(layer, keras.Model) and len(layer.output.shape) == 4)
+    ]
+
+
+def pooled_features(model: keras.Model) -> keras.Model:
+    """A model giving, for each of :func:`feature_layers`, the spatial mean of its maps (float32)."""
+    chosen = feature_layers(model)
+    if not chosen:
+        raise ValueError(f"model {model.name} has no convolutional blocks for a familiarity check")
+    pooled = [layers.GlobalAveragePooling2D(dtype="float32")(layer.output) for layer in chosen]
+    return keras.Model(model.inputs, pooled)
+
+
+@dataclass(frozen=True)
+class BlockStatistics:
+    """One block's fitted statistics: whitening W (shared precision = W W^T), class means and offset, and
+    the validation mean and spread of the log-distance."""
+
+    offset: np.ndarray  # (d,) the training features' mean, subtracted first (float32 precision)
+    whitening: np.ndarray  # (d, d)
+    centres: np.ndarray  # (C, d) the class means, offset and whitened
+    log_mean: float = 0.0
+    log_std: float = 1.0
+
+    def distances(self, features: np.ndarray) -> np.ndarray:
+        """Squared Mahalanobis distance of each row to the nearest class mean."""
+        g = (np.asarray(features, np.float64) - self.offset) @ self.whitening
+        d = (g**2).sum(axis=1)[:, None] - 2 * g @ self.centres.T + (self.centres**2).sum(axis=1)[None, :]
+        return np.maximum(d.min(axis=1), TINY_DISTANCE)
+
+    def standardised(self, features: np.ndarray) -> np.ndarray:
+        return (np.log(self.distances(features)) - self.log_mean) / self.log_std
+
+
+def fit_block(features: np.ndarray, labels: np.ndarray, n_classes: int) -> BlockStatistics:
+    """Class-conditional Gaussians with a shared (Ledoit-Wolf shrunk) covariance over ``features``."""
+    features = np.asarray(features, np.float64)
+    offset = features.mean(axis=0)
+    means = np.stack([features[labels == c].mean(axis=0) if (labels == c).any() else offset for c in range(n_classes)])
+    precision = LedoitWolf().fit(features - means[labels]).precision_
+    whitening = np.linalg.cholesky((precision + precision.T) / 2)
+    return BlockStatistics(offset, whitening, (means - offset) @ whitening)
+
+
+def standardise(blocks: list[BlockStatistics], features: list[np.ndarray]) -> list[BlockStatistics]:
+    """``blocks`` with each log-distance's mean and spread measured on ``features`` (validation)."""
+    result = []
+    for block, f in zip(blocks, features, strict=True):
+        logs = np.log(block.distances(f))
+        result.append(
+            BlockStatistics(block.offset, block.whitening, block.centres, float(logs.mean()), float(logs.std() or 1.0))
+        )
+    return result
+
+
+def block_scores(blocks: list[BlockStatistics], features: list[np.ndarray]) -> np.ndarray:
+    """The familiarity score (largest standardised log-distance over the blocks) of each image."""
+    return np.max([b.standardised(f) for b, f in zip(blocks, features, strict=True)], axis=0)
+
+
+def flag_threshold(scores: np.ndarray, flag_share: float) -> float:
+    """The score above which about ``flag_share`` of familiar images fall: the ceil((n + 1)(1 - share))-th
+    smallest of ``scores`` (a conformal quantile: at most that share of new familiar images are flagged, on
+    average)."""
+    ordered = np.sort(np.asarray(scores, np.float64))
+    rank = math.ceil((len(ordered) + 1) * (1 - flag_share))
+    return float(ordered[min(rank, len(ordered)) - 1])
+
+
+class _Scored(layers.Layer):
+    """What both familiarity layers carry in their config: the threshold and how often validation was flagged."""
+
+    def __init__(self, threshold: float = math.inf, flag_share: float = DEFAULT_FLAG_SHARE, **kwargs):
+        super().__init__(**kwargs)
+        self.threshold, self.flag_share = threshold, flag_share
+
+    def get_config(self):
+        return {**super().get_config(), "threshold": self.threshold, "flag_share": self.flag_share}
+
+
+@keras.saving.register_keras_serializable(package="bloodcell")
+class Familiarity(_Scored):
+    """Feature maps of the blocks -> the familiarity score (B, 1); statistics in non-trainable weights."""
+
+    def __init__(self, dims: list[int], n_classes: int, **kwargs):
+        super().__init__(**kwargs)
+        self.dims, self.n_classes = list(dims), n_classes
+
+    def build(self, input_shape):
+        self.statistics = []
+        for i, d in enumerate(self.dims):
+            self.statistics.append(
+                (
+                    self.add_weight(name=f"offset_{i}", shape=(d,), initializer="zeros", trainable=False),
+                    self.add_weight(name=f"whitening_{i}", shape=(d, d), initializer="zeros", trainable=False),
+                    self.add_weight(
+                        name=f"centres_{i}", shape=(self.n_classes, d), initializer="zeros", trainable=False
+                    ),
+                    self.add_weight(name=f"standardise_{i}", shape=(2,), initializer="ones", trainable=False),
+                )
+            )
+
+    def set_statistics(self, blocks: list[BlockStatistics]) -> None:
+        for variables, block in zip(self.statistics, blocks, strict=True):
+            values = (block.offset, block.whitening, block.centres, np.array([block.log_mean, block.log_std]))
+            for variable, value in zip(variables, values, strict=True):
+                variable.assign(np.asarray(value, np.float32))
+
+    def call(self, maps):
+        scores = []
+        for block_maps, (offset, whitening, centres, standardise) in zip(maps, self.statistics, strict=True):
+            features = ops.mean(ops.cast(block_maps, "float32"), axis=(1, 2))
+            g = ops.matmul(features - offset, whitening)
+            d = (
+                ops.sum(g * g, axis=1, keepdims=True)
+                - 2 * ops.matmul(g, ops.transpose(centres))
+                + ops.sum(centres * centres, axis=1)[None, :]
+            )
+            distance = ops.maximum(ops.min(d, axis=1), TINY_DISTANCE)
+            scores.append((ops.log(distance) - standardise[0]) / standardise[1])
+        return ops.max(ops.stack(scores, axis=1), axis=1, keepdims=True)
+
+    def compute_output_shape(self, input_shape):
+        return (input_shape[0][0], 1)
+
+    def get_config(self):
+        return {**super().get_config(), "dims": self.dims, "n_classes": self.n_classes}
+
+
+@keras.saving.register_keras_serializable(package="bloodcell")
+class CombinedFamiliarity(_Scored):
+    """The combined model's score: the largest of its members' scores, each less that member's threshold."""
+
+    def __init__(self, member_thresholds: list[float], **kwargs):
+        super().__init__(**kwargs)
+        self.member_thresholds = [float(t) for t in member_thresholds]
+
+    def call(self, scores):
+        parts = scores if isinstance(scores, (list, tuple)) else [scores]
+        shifted = [ops.cast(s, "float32") - t for s, t in zip(parts, self.member_thresholds, strict=True)]
+        return ops.max(ops.concatenate(shifted, axis=1), axis=1, keepdims=True)
+
+    def compute_output_shape(self, input_shape):
+        first = input_shape[0] if isinstance(input_shape, list) else input_shape
+        return (first[0], 1)
+
+    def get_config(self):
+        return {**super().get_config(), "member_thresholds": self.member_thresholds}
+
+
+def familiarity_layer(model: keras.Model) -> _Scored | None:
+    """The layer giving ``model``'s familiarity output; None for a model saved before the check existed."""
+    if len(model.outputs) < 2:
+        return None
+    found = [layer for layer in model.layers if isinstance(layer, _Scored) and layer.name == LAYER_NAME]
+    return found[-1] if found else None
+
+
+def with_familiarity(
+    model: keras.Model, probabilities: keras.KerasTensor, blocks: list[BlockStatistics], n_classes: int, **config
+) -> keras.Model:
+    """``model`` with two outputs: ``probabilities`` (a tensor of its graph) and the familiarity score."""
+    chosen = feature_layers(model)
+    layer = Familiarity([b.offset.shape[0] for b in blocks], n_classes, name=LAYER_NAME, dtype="float32", **config)
+    score = layer([c.output for c in chosen])
+    layer.set_statistics(blocks)
+    return keras.Model(model.inputs, [probabilities, score], name=model.name)
+
+
+@dataclass(frozen=True)
+class Fitted:
+    """A fitted check: the blocks' statistics, the threshold, and the share of validation and calibration
+    cells above it."""
+
+    blocks: list[BlockStatistics]
+    threshold: float
+    flag_share: float
+    flagged_share: float  # measured on the cells the threshold was chosen on
+
+    def params(self) -> dict:
+        return {
+            "familiarity_threshold": self.threshold,
+            "familiarity_flag_share": self.flag_share,
+            "familiarity_flagged_share": self.flagged_share,
+            "familiarity_blocks": len(self.blocks),
+        }
