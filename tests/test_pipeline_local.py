@@ -5,12 +5,14 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from bloodcell import shifts
 from bloodcell.services import client_env
 from conftest import ROOT, SHARED_DATA, UNDECODABLE, free_port, mlflow_login
 
@@ -200,6 +202,21 @@ def test_predict_gives_calibrated_probabilities_refer_flags_and_explanations(smo
         overlay = Path(item["explanation"])
         assert overlay.is_file() and overlay.parent.name == Path(item["path"]).parent.name
         assert overlay.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_predict_warns_on_a_shifted_batch_and_not_on_a_familiar_one(smoke_run, tmp_path):
+    source = tmp_path / "lab"
+    for folder in sorted(d for d in SHARED_DATA.iterdir() if d.is_dir()):
+        (source / folder.name).mkdir(parents=True)
+        for image in sorted(folder.glob("*.jpg"))[40:43]:  # 24 images the smoke run never saw
+            shutil.copy(image, source / folder.name / image.name)
+    familiar = predict(smoke_run, "cnn2", str(source))
+    assert len(familiar["predictions"]) == 24 and familiar["warning"] is None
+    assert familiar["unfamiliar"] <= 4 and familiar["familiarity_check"]
+    assert shifts.write_shifted(source, tmp_path / "gray", "grayscale") == 24
+    shifted = predict(smoke_run, "cnn2", str(tmp_path / "gray"))
+    assert shifted["unfamiliar"] > 12 and "look unlike the training images" in shifted["warning"]
+    assert all(p["refer"] for p in shifted["predictions"] if not p["familiar"])
 
 
 def test_stored_logged_and_registered_copies_answer_identically(smoke_run):
