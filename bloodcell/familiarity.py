@@ -1,14 +1,16 @@
 """The familiarity check: is an image like the training images? (Out-of-distribution detection.)
 
 Every model ends in two outputs: its calibrated class probabilities and a familiarity score (higher:
-less like the training images). For a trained model the score comes from its own feature maps at the end
-of each convolutional block (every 2x2 max pooling, or a nested block model): per block, the spatial mean
-of the maps, and its Mahalanobis distance to the nearest class mean under one shared covariance
-(Lee et al., 2018), fitted on the training split; the logarithm of each block's distance is standardised
-on the validation split, and the score is the largest of them. An image is flagged unfamiliar when its
-score is above the threshold under which the chosen share of the validation and calibration cells fall
-(default: 5% flagged). The early blocks see colour, stain and texture; the late ones, what the cell looks
-like: a check on the last features alone missed most of another laboratory's images (README).
+less like the training images). For a trained model the score reads feature vectors at several depths:
+the input image's own statistics (:class:`ImageStatistics`: per channel the mean, the spread and the
+strength of fine detail) and, at the end of each convolutional block (every 2x2 max pooling, or a nested
+block model), the spatial mean of the feature maps. For each, its Mahalanobis distance to the nearest
+class mean under one shared covariance (Lee et al., 2018), fitted on the training split; the logarithm of
+each distance is standardised on the validation split, and the score is the largest of them. An image is
+flagged unfamiliar when its score is above the threshold under which the chosen share of the validation
+and calibration cells fall (default: 5% flagged). The image statistics see exposure, stain and
+magnification; the early blocks colour and texture; the late ones what the cell looks like: a check on the
+last features alone missed most of another laboratory's images (docs/when-not-to-answer.md).
 
 For the combined model, each member scores the image (on the views it sees); the combined score is the
 largest of the members' scores, each less its own threshold, with a threshold of its own chosen the same
@@ -40,13 +42,51 @@ def feature_layers(model: keras.Model) -> list[keras.layers.Layer]:
     ]
 
 
-def pooled_features(model: keras.Model) -> keras.Model:
-    """A model giving, for each of :func:`feature_layers`, the spatial mean of its maps (float32)."""
+LAPLACIAN_FLOOR = 1e-4  # keeps the logarithm finite on flat images
+
+
+@keras.saving.register_keras_serializable(package="bloodcell")
+class ImageStatistics(layers.Layer):
+    """uint8 images -> per channel (0-1 scale): the mean, the standard deviation, and the logarithms of the
+    mean absolute value and the standard deviation of the 4-neighbour Laplacian (fine detail). (B, 12)."""
+
+    def call(self, images):
+        x = ops.cast(images, "float32") / 255.0
+        padded = ops.pad(x, [[0, 0], [1, 1], [1, 1], [0, 0]], mode="symmetric")
+        laplacian = padded[:, :-2, 1:-1] + padded[:, 2:, 1:-1] + padded[:, 1:-1, :-2] + padded[:, 1:-1, 2:] - 4.0 * x
+        return ops.concatenate(
+            [
+                ops.mean(x, axis=(1, 2)),
+                ops.std(x, axis=(1, 2)),
+                ops.log(ops.mean(ops.abs(laplacian), axis=(1, 2)) + LAPLACIAN_FLOOR),
+                ops.log(ops.std(laplacian, axis=(1, 2)) + LAPLACIAN_FLOOR),
+            ],
+            axis=1,
+        )
+
+    def compute_output_shape(self, input_shape):
+        return (input_shape[0], 4 * input_shape[-1])
+
+
+def feature_outputs(model: keras.Model) -> list[keras.KerasTensor]:
+    """The vectors the check reads, as tensors of ``model``'s graph: the input image's statistics, then each
+    of :func:`feature_layers`' maps (the check pools them itself)."""
     chosen = feature_layers(model)
     if not chosen:
         raise ValueError(f"model {model.name} has no convolutional blocks for a familiarity check")
-    pooled = [layers.GlobalAveragePooling2D(dtype="float32")(layer.output) for layer in chosen]
-    return keras.Model(model.inputs, pooled)
+    image = ImageStatistics(name="image_statistics", dtype="float32")(model.inputs[0])
+    return [image, *(layer.output for layer in chosen)]
+
+
+def pooled(features: keras.KerasTensor) -> keras.KerasTensor:
+    """A feature vector as it is, or a block's maps averaged over their positions (float32)."""
+    features = ops.cast(features, "float32")
+    return ops.mean(features, axis=(1, 2)) if len(features.shape) == 4 else features
+
+
+def pooled_features(model: keras.Model) -> keras.Model:
+    """A model giving each vector the check reads (:func:`feature_outputs`, pooled), in float32."""
+    return keras.Model(model.inputs, [pooled(f) for f in feature_outputs(model)])
 
 
 @dataclass(frozen=True)
@@ -118,7 +158,8 @@ class _Scored(layers.Layer):
 
 @keras.saving.register_keras_serializable(package="bloodcell")
 class Familiarity(_Scored):
-    """Feature maps of the blocks -> the familiarity score (B, 1); statistics in non-trainable weights."""
+    """The vectors of :func:`feature_outputs` (maps are pooled) -> the familiarity score (B, 1); statistics in
+    non-trainable weights. (Models saved before the image statistics give it block maps only.)"""
 
     def __init__(self, dims: list[int], n_classes: int, **kwargs):
         super().__init__(**kwargs)
@@ -147,8 +188,7 @@ class Familiarity(_Scored):
     def call(self, maps):
         scores = []
         for block_maps, (offset, whitening, centres, standardise) in zip(maps, self.statistics, strict=True):
-            features = ops.mean(ops.cast(block_maps, "float32"), axis=(1, 2))
-            g = ops.matmul(features - offset, whitening)
+            g = ops.matmul(pooled(block_maps) - offset, whitening)
             d = (
                 ops.sum(g * g, axis=1, keepdims=True)
                 - 2 * ops.matmul(g, ops.transpose(centres))
@@ -198,9 +238,8 @@ def with_familiarity(
     model: keras.Model, probabilities: keras.KerasTensor, blocks: list[BlockStatistics], n_classes: int, **config
 ) -> keras.Model:
     """``model`` with two outputs: ``probabilities`` (a tensor of its graph) and the familiarity score."""
-    chosen = feature_layers(model)
     layer = Familiarity([b.offset.shape[0] for b in blocks], n_classes, name=LAYER_NAME, dtype="float32", **config)
-    score = layer([c.output for c in chosen])
+    score = layer(feature_outputs(model))
     layer.set_statistics(blocks)
     return keras.Model(model.inputs, [probabilities, score], name=model.name)
 

@@ -95,7 +95,51 @@ def test_the_check_lives_in_the_model_file_and_reloads_with_identical_scores_set
     assert isinstance(check, familiarity.Familiarity)
     raw = decisions.outputs_of(decisions.scoring_model(model), images[:4], 4).familiarity
     assert raw is not None and raw.shape == (4,) and np.isfinite(raw).all()
-    assert features[0].shape == (64, 8)
+    assert features[0].shape == (64, 12) and features[1].shape == (64, 8)  # the image statistics, then each block
+
+
+def test_image_statistics_are_each_channels_mean_spread_and_fine_detail():
+    from scipy import ndimage
+
+    images = np.random.default_rng(3).integers(0, 256, (2, 20, 24, 3), dtype=np.uint8)
+    got = keras.ops.convert_to_numpy(familiarity.ImageStatistics()(images))
+    x = images.astype(np.float64) / 255
+    kernel = np.array([[0, 1, 0], [1, -4, 1], [0, 1, 0]])
+    laplacian = np.stack(
+        [np.stack([ndimage.convolve(i[..., c], kernel, mode="reflect") for c in range(3)], -1) for i in x]
+    )
+    floor = familiarity.LAPLACIAN_FLOOR
+    expected = np.concatenate(
+        [
+            x.mean(axis=(1, 2)),
+            x.std(axis=(1, 2)),
+            np.log(np.abs(laplacian).mean(axis=(1, 2)) + floor),
+            np.log(laplacian.std(axis=(1, 2)) + floor),
+        ],
+        axis=1,
+    )
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_a_model_checked_before_the_image_statistics_still_loads_and_scores_its_blocks(tmp_path):
+    """Familiarity layers saved before the image statistics read the block maps only."""
+    rng = np.random.default_rng(4)
+    images = rng.integers(0, 256, (64, 32, 32, 3), dtype=np.uint8)
+    model = tiny_model()
+    maps = [layer.output for layer in familiarity.feature_layers(model)]
+    features = [
+        np.asarray(f) for f in keras.Model(model.inputs, [familiarity.pooled(m) for m in maps]).predict_on_batch(images)
+    ]
+    blocks = familiarity.standardise([familiarity.fit_block(f, rng.integers(0, 3, 64), 3) for f in features], features)
+    layer = familiarity.Familiarity([8, 8], 3, name=familiarity.LAYER_NAME, dtype="float32", threshold=1.0)
+    old = keras.Model(model.inputs, [model.outputs[0], layer(maps)])
+    layer.set_statistics(blocks)
+    old.save(tmp_path / "old.keras")
+    reloaded = predict.load_keras(tmp_path / "old.keras", "test")
+    scores = decisions.outputs_of(decisions.scoring_model(reloaded), images, 16).familiarity
+    assert scores is not None
+    np.testing.assert_allclose(scores, familiarity.block_scores(blocks, features), rtol=1e-4, atol=1e-4)
+    assert decisions.Rules.of(reloaded).familiarity_threshold == 1.0
 
 
 def test_a_model_saved_before_the_checks_still_predicts_and_says_so(tmp_path):
