@@ -55,6 +55,8 @@ class ModelConfig:
     batch_size: int = 64
     learning_rate: float = 1e-3
     augment: bool = True
+    # With augment: a quarter of the training images blurred, Gaussian sigma up to this many pixels (0: none).
+    blur_sigma: float = 0.0
     early_stopping_patience: int = 5
     early_stopping_start: int = 0  # epochs before early stopping watches (cnn2's batch norm settles late)
     lr_schedule: str = "plateau"  # plateau: ReduceLROnPlateau | cosine: 1 warm-up epoch, then cosine decay
@@ -146,6 +148,7 @@ PROFILES: dict[str, Profile] = {
             image_size=96,
             epochs=8,
             batch_size=32,
+            blur_sigma=0.8,
             early_stopping_patience=4,
             early_stopping_start=8,
             lr_schedule="cosine",

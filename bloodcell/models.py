@@ -7,6 +7,7 @@ Adding a model is one builder function decorated with :func:`register`.
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -162,9 +163,27 @@ def augmentation(seed: int = 777) -> RandomSymmetry:
     return RandomSymmetry(seed=seed, name="augment")
 
 
-def _inputs(image_size: int, augment: bool) -> tuple[keras.KerasTensor, keras.KerasTensor]:
+# With a blur setting, this share of the training images is blurred (the rest untouched).
+BLUR_SHARE = 0.25
+
+
+def _inputs(image_size: int, augment: bool, blur_sigma: float = 0.0) -> tuple[keras.KerasTensor, keras.KerasTensor]:
+    """The uint8 image input and, in training, its augmentation: a random symmetry and, with ``blur_sigma``,
+    a Gaussian blur of sigma up to that many pixels on :data:`BLUR_SHARE` of the images (the focus and optics
+    of other microscopes)."""
     inputs = keras.Input((image_size, image_size, 3), dtype="uint8", name="image")
-    x = augmentation()(inputs) if augment else inputs
+    if not augment:
+        return inputs, inputs
+    x = augmentation()(inputs)
+    if blur_sigma > 0:
+        x = layers.RandomGaussianBlur(
+            factor=(BLUR_SHARE, BLUR_SHARE),
+            kernel_size=2 * math.ceil(2 * blur_sigma) + 1,
+            sigma=(blur_sigma / 4, blur_sigma),
+            value_range=(0, 255),
+            seed=777,
+            name="augment_blur",
+        )(x)
     return inputs, x
 
 
@@ -173,9 +192,9 @@ def _classifier(x, n_classes: int):
 
 
 @register("cnn1", min_size=46, description="4 valid 3x3 convolutions with 2x2 pooling")
-def cnn1(n_classes: int, image_size: int, augment: bool = True) -> keras.Model:
+def cnn1(n_classes: int, image_size: int, augment: bool = True, blur_sigma: float = 0.0) -> keras.Model:
     """The original CNN1: 4 conv blocks with dropout, two dense layers."""
-    inputs, x = _inputs(image_size, augment)
+    inputs, x = _inputs(image_size, augment, blur_sigma)
     x = layers.Rescaling(1 / 255)(x)
     x = layers.Conv2D(32, 3, activation="relu")(x)
     x = layers.MaxPooling2D(2)(x)
@@ -190,9 +209,9 @@ def cnn1(n_classes: int, image_size: int, augment: bool = True) -> keras.Model:
 
 
 @register("cnn2", min_size=94, description="5 valid 3x3 convolutions with 2x2 pooling")
-def cnn2(n_classes: int, image_size: int, augment: bool = True) -> keras.Model:
+def cnn2(n_classes: int, image_size: int, augment: bool = True, blur_sigma: float = 0.0) -> keras.Model:
     """The original CNN2: batch normalisation and L1-regularised convolutions."""
-    inputs, x = _inputs(image_size, augment)
+    inputs, x = _inputs(image_size, augment, blur_sigma)
     x = layers.Rescaling(1 / 255)(x)
     x = layers.Conv2D(32, 3, activation="relu")(x)
     x = BatchNorm()(x)
@@ -219,23 +238,30 @@ VGG16_BLOCKS = ((64, 2), (128, 2), (256, 3), (512, 3), (512, 3))
 
 @register("vgg16", min_size=32, description="the VGG16 base pools five times")
 def vgg16(
-    n_classes: int, image_size: int, augment: bool = True, weights: str | None = None, width: float = 1.0
+    n_classes: int,
+    image_size: int,
+    augment: bool = True,
+    weights: str | None = None,
+    width: float = 1.0,
+    blur_sigma: float = 0.0,
 ) -> keras.Model:
     """VGG16: with ``weights`` (``imagenet`` or a file), :func:`vgg16_transfer`; without, :func:`vgg16_from_scratch`
     (``width`` scales its channels)."""
     if weights is None:
-        return vgg16_from_scratch(n_classes, image_size, augment, width)
+        return vgg16_from_scratch(n_classes, image_size, augment, width, blur_sigma)
     return vgg16_transfer(n_classes, image_size, augment, weights)
 
 
-def vgg16_from_scratch(n_classes: int, image_size: int, augment: bool = True, width: float = 1.0) -> keras.Model:
+def vgg16_from_scratch(
+    n_classes: int, image_size: int, augment: bool = True, width: float = 1.0, blur_sigma: float = 0.0
+) -> keras.Model:
     """VGG16 from random weights: its 13 3x3 convolutions in 5 pooled blocks at ``width`` times its channels,
     each followed by batch normalisation, and the transfer model's pooled dropout ``head``; every layer trains.
 
     Without pretrained weights a plain 16-layer stack barely learns in a laptop's few epochs: He
     initialisation and batch normalisation let it train at a high learning rate from the first step.
     """
-    inputs, x = _inputs(image_size, augment)
+    inputs, x = _inputs(image_size, augment, blur_sigma)
     x = layers.Rescaling(1 / 255)(x)
     for block, (filters, convs) in enumerate(VGG16_BLOCKS, start=1):
         for conv in range(1, convs + 1):

@@ -45,10 +45,18 @@ def build_on_images(model_name: str, cfg: ModelConfig, n_classes: int) -> tuple[
     if model_name == "vgg16":
         cfg = scratch_config(cfg)
         model = models.build_model(
-            "vgg16", n_classes, cfg.image_size, augment=cfg.augment, weights=None, width=cfg.scratch_width
+            "vgg16",
+            n_classes,
+            cfg.image_size,
+            augment=cfg.augment,
+            weights=None,
+            width=cfg.scratch_width,
+            blur_sigma=cfg.blur_sigma,
         )
     else:
-        model = models.build_model(model_name, n_classes, cfg.image_size, augment=cfg.augment)
+        model = models.build_model(
+            model_name, n_classes, cfg.image_size, augment=cfg.augment, blur_sigma=cfg.blur_sigma
+        )
     return model, cfg
 
 

@@ -312,7 +312,15 @@ def training_params(
 
 
 def _augmentation(cfg: ModelConfig) -> str:
-    return "RandomSymmetry: one of the 8 right-angle symmetries per image" if cfg.augment else "none"
+    if not cfg.augment:
+        return "none"
+    text = "RandomSymmetry: one of the 8 right-angle symmetries per image"
+    if cfg.blur_sigma > 0:
+        text += (
+            f"; RandomGaussianBlur on {models.BLUR_SHARE:.0%} of the images, sigma {cfg.blur_sigma / 4:g}-"
+            f"{cfg.blur_sigma:g} px"
+        )
+    return text
 
 
 def _log_results(run_id: str, result: TrainResult) -> None:

@@ -62,6 +62,25 @@ def test_augmentation_gives_each_image_a_random_right_angle_symmetry():
     np.testing.assert_array_equal(models.augmentation()(image, training=False), image)
 
 
+def test_blur_augmentation_blurs_some_training_images_and_leaves_predictions_alone(tmp_path: Path):
+    """With blur_sigma, about a quarter of a training batch is smoothed (less pixel-to-pixel variation, same
+    mean); at inference the layer changes nothing, and the model saves and loads in safe mode."""
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (400, 32, 32, 3), dtype=np.uint8)
+    model = models.build_model("cnn2", 3, 96, blur_sigma=0.8)
+    blur = model.get_layer("augment_blur")
+    out = keras.ops.convert_to_numpy(blur(images, training=True)).astype(np.float64)
+    roughness = np.abs(np.diff(out, axis=2)).mean(axis=(1, 2, 3))
+    smoothed = roughness < 0.9 * np.abs(np.diff(images.astype(np.float64), axis=2)).mean(axis=(1, 2, 3))
+    assert 0.15 < smoothed.mean() < 0.35
+    np.testing.assert_allclose(out.mean(), images.mean(), rtol=0.01)
+    np.testing.assert_array_equal(keras.ops.convert_to_numpy(blur(images, training=False)), images)
+    model.save(tmp_path / "model.keras")
+    loaded = keras.models.load_model(tmp_path / "model.keras", safe_mode=True)
+    x = rng.integers(0, 256, (4, 96, 96, 3), dtype=np.uint8)
+    np.testing.assert_allclose(model.predict(x, verbose=0), loaded.predict(x, verbose=0), rtol=1e-5, atol=1e-6)
+
+
 def test_vgg16_from_scratch_keeps_the_vgg16_layout_at_a_width():
     """13 3x3 convolutions in 5 pooled blocks, named and shaped as Keras' VGG16, batch-normalised; all trainable."""
     model = models.build_model("vgg16", 8, 48, weights=None, width=0.25)
