@@ -265,8 +265,8 @@ def explanations(result: dict) -> bytes:
     return _png(fig)
 
 
-def per_class_answers(result: dict) -> bytes:
-    """For one model on the test split, per predicted class: the share of its cells kept and their accuracy,
+def per_class_answers(result: dict, images: str = "the test split") -> bytes:
+    """For one model on ``images``, per predicted class: the share of its cells kept and their accuracy,
     coloured by what the model promises for that class; and per true class, the prediction sets' coverage."""
     answers = result["answers"]
     names = list(answers["per_class"])
@@ -289,7 +289,7 @@ def per_class_answers(result: dict) -> bytes:
         ax.set_title(title, fontsize=10)
         ax.tick_params(axis="x", rotation=45)
     fig.suptitle(
-        f"{result['model']} on the test split, per class (green: promised alone, blue: with the group, grey: "
+        f"{result['model']} on {images}, per class (green: promised alone, blue: with the group, grey: "
         "always referred; dotted: the promise)"
     )
     fig.tight_layout(rect=(0, 0, 1, 0.92))

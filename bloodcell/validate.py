@@ -135,7 +135,7 @@ def check_folders(files: list[Path], classes: list[str], folder: str) -> None:
 def render(report: dict[str, Any], result: dict[str, Any]) -> str:
     figures = {
         "confusion": plots.confusion_matrices({result["model"]: result}),
-        "answers": plots.per_class_answers(result),
+        "answers": plots.per_class_answers(result, "these labelled images"),
     }
     embedded = {k: "data:image/png;base64," + base64.b64encode(v).decode() for k, v in figures.items()}
     answers = report["answers"]
