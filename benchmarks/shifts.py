@@ -20,6 +20,7 @@ import json
 import os
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -110,15 +111,28 @@ def stratified(items: list[dict], count: int, seed: int) -> list[dict]:
     return chosen
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+@dataclass(frozen=True)
+class RunImages:
+    """A run's evaluated models and, per condition, a stratified test sample at each model's size."""
+
+    metrics: dict[str, dict]  # per model: its evaluate metrics (model_uri, image_size, ...)
+    arrays_uri: str  # the split's arrays at one size (any trainer's)
+    classes: list[str]
+    labels: np.ndarray  # the sample's true classes
+    images: dict[str, dict[int, np.ndarray]]  # condition -> size -> (N, size, size, 3) uint8
+
+
+def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--summary", required=True, help="the run summary JSON (pipeline.py run --summary)")
     parser.add_argument("--data", required=True, help="the image folder the run ingested")
     parser.add_argument("--state-dir", default=".bloodcell", help="the run's state directory (its local services)")
     parser.add_argument("--images", type=int, default=600, help="test images sampled (stratified)")
     parser.add_argument("--non-cells", type=int, default=100, help="images of each non-cell kind")
     parser.add_argument("--json", help="also write the figures here")
-    args = parser.parse_args()
+
+
+def run_images(args: argparse.Namespace) -> RunImages:
+    """What :func:`add_run_arguments` names: the run's models and the sampled images under every condition."""
     if not os.environ.get("STORAGE_EMULATOR_HOST"):
         os.environ.update(services.client_env(Path(args.state_dir)) or {})
     summary = json.loads(Path(args.summary).read_text())
@@ -136,14 +150,22 @@ def main() -> None:
     images = conditions([Path(args.data, item["path"]) for item in chosen], sizes, args.non_cells)
     print(f"{len(chosen)} test images and {args.non_cells} of each non-cell kind, {len(images)} conditions, "
           f"prepared in {time.perf_counter() - started:.0f} s", flush=True)  # fmt: skip
+    return RunImages(metrics, arrays_uri, classes, labels, images)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_run_arguments(parser)
+    args = parser.parse_args()
+    run = run_images(args)
     results: dict[str, dict[str, dict]] = {}
-    for model_name, result in metrics.items():
+    for model_name, result in run.metrics.items():
         model, _ = predict.load(result["model_uri"])
         size = int(model.input_shape[1])
         results[model_name] = {}
-        for condition, by_size in images.items():
+        for condition, by_size in run.images.items():
             cell = condition not in shifts.NON_CELLS
-            row = measure(model, by_size[size], labels if cell else None)
+            row = measure(model, by_size[size], run.labels if cell else None)
             row["passes"] = passes(condition, row)
             results[model_name][condition] = row
             print(format_row(model_name, condition, row), flush=True)
