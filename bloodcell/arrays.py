@@ -91,9 +91,19 @@ class NpyWriter:
             raise RuntimeError(f"{self.file.name}: wrote {self.rows} rows, expected {self.shape[0]}")
 
 
+# The formats we decode. Pillow otherwise picks the decoder by content among all it knows: a ``.jpg`` holding
+# PostScript opens as EPS, and loading it runs Ghostscript where that is installed.
+IMAGE_FORMATS = ("JPEG", "PNG", "BMP", "TIFF", "WEBP")
+
+
+def open_image(path: str | Path | BinaryIO) -> Image.Image:
+    """``Image.open`` limited to :data:`IMAGE_FORMATS` (``UnidentifiedImageError`` for anything else)."""
+    return Image.open(path, formats=IMAGE_FORMATS)
+
+
 def decode_resized(path: str | BinaryIO, sizes: list[int]) -> list[np.ndarray]:
     """Decode ``path`` (a file name or an open binary file) once and resize it to each square size (RGB, uint8)."""
-    with Image.open(path) as img:
+    with open_image(path) as img:
         img.draft("RGB", (max(sizes), max(sizes)))  # JPEG: decode at a reduced scale when possible
         rgb = img.convert("RGB")
     return [np.asarray(rgb.resize((s, s), Image.Resampling.BILINEAR)) for s in sizes]

@@ -17,10 +17,11 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
 from bloodcell import sources, storage
+from bloodcell.arrays import IMAGE_FORMATS, open_image
 from bloodcell.errors import DataError
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff"}
@@ -181,6 +182,12 @@ def scan(root: Path, workers: int | None = None) -> tuple[list[ImageRecord], lis
     """Decode every file under the class folders of ``root``; return accepted and quarantined files."""
     candidates, quarantined = [], []
     for class_dir in sorted(d for d in root.iterdir() if d.is_dir() and not _ignored(d.name)):
+        if class_dir.is_symlink():
+            raise DataError(
+                f"{class_dir} is a symbolic link (to {class_dir.resolve()}): class folders must be real folders "
+                "inside the data folder, so that its content digest (--data-sha256, the cache) covers every image "
+                "ingested. Copy the images into it, or pass the folder they are in."
+            )
         for path in sorted(p for p in class_dir.rglob("*") if not p.is_dir()):
             relative = path.relative_to(root).as_posix()
             reason = _quick_reject(path)
@@ -223,13 +230,15 @@ def check_image(path: str) -> tuple[str, int, int, int] | str:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as img:
+            with open_image(path) as img:
                 width, height = img.size
                 if width * height > MAX_PIXELS:
                     return f"declares {width}x{height} pixels, over the {MAX_PIXELS:,} limit (decompression bomb?)"
                 img.load()
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         return f"decompression bomb: {exc}"
+    except UnidentifiedImageError:
+        return f"not an image of an accepted format ({', '.join(IMAGE_FORMATS)})"
     except Exception as exc:
         return f"not a decodable image ({type(exc).__name__}: {exc})"
     return hashlib.sha256(data).hexdigest(), width, height, len(data)

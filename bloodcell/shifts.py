@@ -15,6 +15,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
+from bloodcell.arrays import open_image
+
 HUE_STEPS = 40  # of PIL's 256 hue steps: about 56 degrees
 STAIN_ROTATION_DEGREES = 30.0
 JPEG_QUALITY = 10
@@ -68,7 +70,7 @@ def jpeg(image: Image.Image) -> Image.Image:
     buffer = io.BytesIO()
     image.convert("RGB").save(buffer, format="JPEG", quality=JPEG_QUALITY)
     buffer.seek(0)
-    with Image.open(buffer) as compressed:
+    with open_image(buffer) as compressed:
         return compressed.convert("RGB")
 
 
@@ -138,7 +140,7 @@ def write_shifted(source: Path, target: Path, shift: str) -> int:
     written = 0
     for path in sorted(p for p in source.rglob("*") if p.is_file()):
         try:
-            with Image.open(path) as image:
+            with open_image(path) as image:
                 shifted = CELL_SHIFTS[shift](image.convert("RGB"))
         except OSError:
             continue  # not an image: left out, as predict would list it

@@ -31,6 +31,7 @@ READ_TIMEOUT_S = 60
 ATTEMPTS = 4
 MAX_UNCOMPRESSED_BYTES = 20 * 2**30
 MAX_COMPRESSION_RATIO = 200
+MAX_MEMBERS = 200_000  # the official zip has about 17,100 files
 SHA256_HEX = re.compile(r"[0-9a-f]{64}")
 OFFLINE_HINT = (
     "Download the zip elsewhere and pass it with --data /path/to/PBC_dataset_normal_DIB.zip "
@@ -231,6 +232,10 @@ def extract_zip(archive: Path, dest: Path) -> Path:
 
 
 def _check_members(archive: Path, members: list[zipfile.ZipInfo]) -> None:
+    if len(members) > MAX_MEMBERS:
+        raise DataError(
+            f"{archive} holds {len(members):,} files (limit {MAX_MEMBERS:,}): not the PBC dataset? Refusing to extract."
+        )
     total = 0
     for member in members:
         name = member.filename

@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 import splitfolders
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
-from bloodcell import config, ingest, sources, split
+from bloodcell import arrays, config, ingest, sources, split
 from bloodcell.errors import DataError
 from conftest import UNDECODABLE, http_server, make_sample
 
@@ -117,11 +117,50 @@ def test_broken_files_are_quarantined_with_reasons(tmp_path):
     assert len(records) == 6
     assert reasons["a/truncated.jpg"].startswith("not a decodable image")
     assert reasons["a/empty.jpg"] == "empty file (0 bytes)"
-    assert reasons["a/text.jpg"].startswith("not a decodable image")
+    assert reasons["a/text.jpg"] == "not an image of an accepted format (JPEG, PNG, BMP, TIFF, WEBP)"
     assert reasons["b/notes.txt"] == "not an image file (extension '.txt')"
     assert reasons["b/.hidden.jpg"] == "hidden file"
     assert reasons["b/bomb.png"].startswith("decompression bomb")
     assert reasons["b/huge.png"] == "declares 7000x7000 pixels, over the 40,000,000 limit (decompression bomb?)"
+
+
+EPS = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 8 8\n0 0 moveto 8 8 lineto stroke\nshowpage\n%%EOF\n"
+
+
+def test_a_jpg_holding_postscript_is_never_opened_as_postscript(tmp_path):
+    """Pillow picks a decoder by content: unrestricted, this .jpg opens as EPS (whose loading runs
+    Ghostscript where installed). Ingest and predict open only image formats: it is quarantined."""
+    root = make_dataset(tmp_path / "data", {"a": 2, "b": 2})
+    (root / "a" / "evil.jpg").write_bytes(EPS)
+    with Image.open(root / "a" / "evil.jpg") as unrestricted:
+        assert unrestricted.format == "EPS"
+    records, quarantined = ingest.scan(root)
+    assert len(records) == 4
+    assert quarantined == [
+        {"path": "a/evil.jpg", "reason": "not an image of an accepted format (JPEG, PNG, BMP, TIFF, WEBP)"}
+    ]
+    with pytest.raises(UnidentifiedImageError):
+        arrays.decode_resized(str(root / "a" / "evil.jpg"), [32])
+
+
+def test_a_class_folder_that_is_a_symbolic_link_is_refused(tmp_path):
+    """Its images would be ingested but left out of the folder's content digest (what --data-sha256 pins)."""
+    root = make_dataset(tmp_path / "data", {"a": 2, "b": 2})
+    elsewhere = make_dataset(tmp_path / "elsewhere", {"c": 2})
+    (root / "c").symlink_to(elsewhere / "c")
+    with pytest.raises(DataError, match=r"c is a symbolic link \(to .*elsewhere/c\): class folders must be real"):
+        ingest.scan(root)
+
+
+def test_a_linked_image_is_quarantined_and_the_digest_covers_what_is_ingested(tmp_path):
+    root = make_dataset(tmp_path / "data", {"a": 2, "b": 2})
+    digest = ingest.content_sha256(root)
+    outside = tmp_path / "outside.jpg"
+    outside.write_bytes(jpeg_bytes((1, 2, 3)))
+    (root / "a" / "linked.jpg").symlink_to(outside)
+    records, quarantined = ingest.scan(root)
+    assert len(records) == 4 and quarantined == [{"path": "a/linked.jpg", "reason": "symbolic link (not followed)"}]
+    assert ingest.content_sha256(root) == digest
 
 
 def test_duplicates_are_kept_once(tmp_path):
@@ -234,7 +273,7 @@ def test_the_undecodable_file_fails_to_decode_even_when_not_hidden(shared_data, 
     copy = tmp_path / "DS_169665.jpg"
     shutil.copy(shared_data / UNDECODABLE, copy)
     reason = ingest.check_image(str(copy))
-    assert isinstance(reason, str) and reason.startswith("not a decodable image")
+    assert reason == "not an image of an accepted format (JPEG, PNG, BMP, TIFF, WEBP)"  # a Finder .DS_Store
 
 
 def test_ingest_then_split_is_cached_and_deterministic(services, sample_dataset):
