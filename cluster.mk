@@ -134,9 +134,9 @@ mlflow-secret:
 # `pipeline` (EDIT on every experiment and model; Secret bloodcell-mlflow in $(KFP_NAMESPACE), keys
 # MLFLOW_TRACKING_USERNAME/PASSWORD, for the steps) and `reader` (read-only; Secret mlflow-reader in
 # $(MLFLOW_NAMESPACE)). Idempotent.
-mlflow-users:
+mlflow-users: setup
 	KUBECTL="$(KUBECTL)" MLFLOW_NAMESPACE=$(MLFLOW_NAMESPACE) PIPELINE_NAMESPACE=$(KFP_NAMESPACE) \
-	  manifests/mlflow-users.sh
+	  PYTHON=$(PYTHON) manifests/mlflow-users.sh
 
 # The overlay with its images `bloodcell` and `bloodcell-mlflow` set to $(IMAGE) and
 # $(MLFLOW_IMAGE) (kustomize images:), on stdout.

@@ -29,6 +29,7 @@ IMAGE = f"bloodcell:{__version__}"
 DEFAULT_IMAGE = os.environ.get("BLOODCELL_IMAGE") or IMAGE
 DEFAULT_BUCKET = os.environ.get("BLOODCELL_BUCKET", "bloodcell")
 DEFAULT_EXPERIMENT = os.environ.get("BLOODCELL_EXPERIMENT", "bloodcell")
+REGISTERED_MODEL = "bloodcell-classifier"  # the MLflow registered model every run's best model joins
 DEFAULT_VGG16_WEIGHTS = os.environ.get("VGG16_WEIGHTS") or "imagenet"
 # In the order of Profile.split_ratio. val: early stopping, the combined model's choices, the temperature
 # and the familiarity check; calibration: the refer thresholds and prediction sets, and nothing else.
@@ -42,6 +43,12 @@ IMAGE_UID = 10001  # the image's non-root user and group (docker/Dockerfile)
 STEP_ENV = ("MLFLOW_TRACKING_URI", "STORAGE_EMULATOR_HOST")
 # The steps' MLflow login: on a cluster from Secret `bloodcell-mlflow`, locally from `pipeline.py run`.
 MLFLOW_CREDENTIAL_ENV = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")
+# The local object store's token (bloodcell.store_front): local containers get it from `pipeline.py run`.
+STORE_TOKEN_ENV = "BLOODCELL_STORE_TOKEN"
+STORE_CREDENTIAL_ENV = (STORE_TOKEN_ENV,)
+# Limits of each `--runner docker` task container (README: sized from the laptop profile's measured peaks).
+CONTAINER_MEMORY = os.environ.get("BLOODCELL_CONTAINER_MEMORY", "8g")
+CONTAINER_PIDS = int(os.environ.get("BLOODCELL_CONTAINER_PIDS", "4096"))  # processes and threads
 # Settings of this machine's environment that local containers get too.
 PASSED_ENV = ("BLOODCELL_MLFLOW_WAIT_S", "GOOGLE_CLOUD_PROJECT")
 

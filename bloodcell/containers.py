@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bloodcell import config
+from bloodcell import config, services
 from bloodcell.errors import BloodcellError
 
 IMAGE_UID = config.IMAGE_UID
@@ -115,6 +115,10 @@ def isolation(gid: int) -> dict[str, Any]:
         "security_opt": ["no-new-privileges"],
         "network_mode": "host",
         "init": True,
+        # A runaway step stops at its own limits, not the machine's (no swap beyond the memory limit).
+        "mem_limit": config.CONTAINER_MEMORY,
+        "memswap_limit": config.CONTAINER_MEMORY,
+        "pids_limit": config.CONTAINER_PIDS,
         # The container's own /tmp, a tmpfs: nothing on the host.
         "tmpfs": {"/tmp": "rw,nosuid,nodev", "/home/bloodcell": f"rw,nosuid,nodev,uid={IMAGE_UID},gid={gid}"},  # nosec B108
     }
@@ -163,6 +167,7 @@ def plan(
     from docker.types import Mount
 
     gid = container_gid()
+    services.private_state_dir(state_dir, gid)
     kfp_root, cache = state_dir / "kfp", state_dir / "container-cache"
     for folder in (kfp_root, cache):
         shared_folder(folder, gid)
@@ -172,7 +177,11 @@ def plan(
     ]
     mounts.append(Mount(target=str(cache), source=str(cache), type="bind"))
     environment = {
-        **{name: env[name] for name in (*config.STEP_ENV, *config.MLFLOW_CREDENTIAL_ENV) if env.get(name)},
+        **{
+            name: env[name]
+            for name in (*config.STEP_ENV, *config.MLFLOW_CREDENTIAL_ENV, *config.STORE_CREDENTIAL_ENV)
+            if env.get(name)
+        },
         **{name: os.environ[name] for name in config.PASSED_ENV if os.environ.get(name)},
         "BLOODCELL_CACHE": str(cache),
         "KERAS_HOME": str(cache / "keras"),
@@ -227,11 +236,12 @@ def readable_by_containers(path: Path, gid: int) -> None:
 
 
 def shared_folder(path: Path, gid: int) -> None:
-    """Create ``path`` writable by the containers' user through group ``gid`` (setgid, so new files keep it)."""
+    """Create ``path`` writable by the containers' user through group ``gid`` (setgid, so new files keep it);
+    other users get no access."""
     path.mkdir(parents=True, exist_ok=True)
     if path.stat().st_gid != gid:
         os.chown(path, -1, gid)  # only root gets here: a user's own folders already have the user's group
-    path.chmod(0o2775)
+    path.chmod(0o2770)
 
 
 def copy_cached_weights(keras_home: Path) -> None:

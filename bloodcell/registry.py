@@ -14,9 +14,9 @@ from mlflow.models import Model
 from mlflow.tracking import MlflowClient
 
 from bloodcell import storage, tracking
+from bloodcell.config import REGISTERED_MODEL
 from bloodcell.errors import BloodcellError
 
-REGISTERED_MODEL = "bloodcell-classifier"
 CHAMPION = "champion"
 
 

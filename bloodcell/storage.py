@@ -7,8 +7,10 @@ result as complete.
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import functools
+import hashlib
 import json
 import os
 import shutil
@@ -24,7 +26,9 @@ from google.cloud.storage import transfer_manager
 
 # The storage client's own retry predicate: it has no public name, and ours must add to it.
 from google.cloud.storage.retry import DEFAULT_RETRY, _should_retry
+from google.oauth2 import credentials as oauth2
 
+from bloodcell.config import STORE_TOKEN_ENV
 from bloodcell.errors import DISK_FULL_ERRNOS, DiskFullError, StorageError
 
 LOCAL_STORE_ENV = "BLOODCELL_LOCAL_STORE"  # the local emulator's data folder (set by `pipeline.py run`)
@@ -60,10 +64,26 @@ UPLOAD_WORKERS = 8  # the client keeps 10 pooled connections per host
 
 @functools.lru_cache(maxsize=1)
 def client() -> storage.Client:
-    """A storage client; talks to the emulator when ``STORAGE_EMULATOR_HOST`` is set."""
+    """This process's storage client (:func:`new_client`, made once)."""
+    return new_client()
+
+
+def new_client() -> storage.Client:
+    """A storage client; talks to the emulator when ``STORAGE_EMULATOR_HOST`` is set, with its token when
+    ``BLOODCELL_STORE_TOKEN`` is (the local store's front refuses requests without it)."""
     if os.environ.get("STORAGE_EMULATOR_HOST"):
-        return storage.Client(project=os.environ.get("GOOGLE_CLOUD_PROJECT", "bloodcell-local"))
+        token = os.environ.get(STORE_TOKEN_ENV)
+        return storage.Client(
+            project=os.environ.get("GOOGLE_CLOUD_PROJECT", "bloodcell-local"),
+            # A bearer token as credentials reaches every request, resumable-upload recovery included.
+            credentials=oauth2.Credentials(token) if token else None,
+        )
     return storage.Client()
+
+
+def token_header(token: str | None) -> dict[str, str]:
+    """The header that carries the local store's token, for requests made without the storage client."""
+    return {"Authorization": f"Bearer {token}"} if token else {}
 
 
 def split_uri(uri: str) -> tuple[str, str]:
@@ -165,17 +185,26 @@ def local_path(root: str | Path, relative: str, origin: str) -> Path:
 
 
 def cached_download(uri: str, cache_dir: str | Path) -> Path:
-    """Download ``uri`` under ``cache_dir`` unless an identical copy (same md5) is there."""
+    """Download ``uri`` under ``cache_dir`` unless an identical copy is there: the cached file's own MD5 is
+    compared with the object's each time (a cache shared with containers is group-writable: a stamp beside the
+    file would vouch for whatever the file became)."""
     bucket, name = split_uri(uri)
     target = local_path(cache_dir, f"{bucket}/{name}", uri)
     remote = blob(uri)
     _call(uri, lambda: remote.reload(retry=RETRY))
-    stamp = target.with_name(target.name + ".md5")
-    if target.exists() and stamp.exists() and stamp.read_text() == remote.md5_hash:
+    if remote.md5_hash and target.is_file() and file_md5(target) == remote.md5_hash:
         return target
     download_file(uri, target)
-    stamp.write_text(remote.md5_hash or "")
     return target
+
+
+def file_md5(path: Path) -> str:
+    """The base64 MD5 of ``path``'s bytes, as GCS gives an object's ``md5_hash``."""
+    digest = hashlib.md5(usedforsecurity=False)  # what GCS gives as an object's md5_hash
+    with open(path, "rb") as file:
+        while chunk := file.read(1 << 20):
+            digest.update(chunk)
+    return base64.b64encode(digest.digest()).decode()
 
 
 def list_uris(prefix_uri: str) -> list[str]:

@@ -5,11 +5,15 @@
 #             MLFLOW_TRACKING_USERNAME, MLFLOW_TRACKING_PASSWORD), which the steps get as env.
 #   reader    no grant: MLflow's default_permission (READ) lets it browse and compare.
 #             Its credentials go to Secret mlflow-reader in namespace bloodcell (same keys).
+# Then the admin claims the pipeline's experiment and registered model (bloodcell.mlflow_access):
+# pipeline edits and manages them, reader only reads them (any signed-in user may otherwise create
+# them first and manage them: MLflow's rule with workspaces off).
 # Idempotent: an existing Secret keeps its password (the user is created, or its password set to
 # the Secret's); a missing one gets a new random password. Passwords never reach a command line
 # or a file: they travel in shell variables, pipes and process substitutions.
 # Usage: manifests/mlflow-users.sh   (env: KUBECTL, default kubectl; MLFLOW_URL to skip the
-# port-forward; MLFLOW_NAMESPACE, default bloodcell; PIPELINE_NAMESPACE, default kubeflow)
+# port-forward; MLFLOW_NAMESPACE, default bloodcell; PIPELINE_NAMESPACE, default kubeflow; PYTHON,
+# default .venv/bin/python, with the bloodcell package)
 set -euo pipefail
 kubectl=${KUBECTL:-kubectl}
 mlflow_ns=${MLFLOW_NAMESPACE:-bloodcell}
@@ -126,4 +130,7 @@ user_with_secret pipeline "$pipeline_ns" bloodcell-mlflow
 grant pipeline experiment EDIT
 grant pipeline registered_model EDIT
 user_with_secret reader "$mlflow_ns" mlflow-reader
+# The admin's credentials reach Python through its environment, never its command line.
+MLFLOW_AUTH_ADMIN_USERNAME="$admin_user" MLFLOW_AUTH_ADMIN_PASSWORD="$admin_password" \
+  "${PYTHON:-.venv/bin/python}" -m bloodcell.mlflow_access --url "$url"
 echo "reader's password: $kubectl -n $mlflow_ns get secret mlflow-reader -o jsonpath='{.data.MLFLOW_TRACKING_PASSWORD}' | base64 -d"

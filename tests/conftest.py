@@ -16,7 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from bloodcell.services import MlflowUsers, free_port
+from bloodcell import storage
+from bloodcell.services import LocalServices, MlflowUsers, free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = (ROOT / ".." / "shared" / "datasets" / "PBC_dataset_normal_DIB").resolve()
@@ -51,6 +52,11 @@ def mlflow_login(state: Path, user: str = "pipeline") -> dict[str, str]:
     """The local MLflow login of the services in ``state`` (created now if they have not started yet)."""
     users = MlflowUsers.load_or_create(state / "mlflow-users.json")
     return {"MLFLOW_TRACKING_USERNAME": user, "MLFLOW_TRACKING_PASSWORD": getattr(users, user)}
+
+
+def store_login(state: Path) -> dict[str, str]:
+    """The local object store's token of the services in ``state`` (created now if they have not started)."""
+    return {storage.STORE_TOKEN_ENV: LocalServices(state, "").store_token()}
 
 
 def found(pattern: str, text: str, flags: int = 0) -> re.Match:

@@ -14,6 +14,7 @@ import json
 import os
 import re
 import signal
+import stat
 import subprocess
 import sys
 import threading
@@ -24,8 +25,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from bloodcell import config, containers
-from conftest import ROOT, UNDECODABLE, PipelineRun, free_port, mlflow_login, plain
+from bloodcell import config, containers, storage
+from conftest import ROOT, UNDECODABLE, PipelineRun, free_port, mlflow_login, plain, store_login
 
 pytestmark = pytest.mark.containers
 IMAGE = os.environ.get("BLOODCELL_TEST_IMAGE") or config.DEFAULT_IMAGE
@@ -100,6 +101,13 @@ def test_image_runs_its_commands_as_its_user_on_a_read_only_root(engine):
 
     with pytest.raises(docker.errors.ContainerError, match="Read-only file system"):
         engine.containers.run(IMAGE, ["touch", "/opt/venv/x"], remove=True, **isolation)
+    limited = engine.containers.create(IMAGE, ["true"], **isolation)
+    try:  # a runaway step stops at its own memory and process limits
+        host = limited.attrs["HostConfig"]
+        assert host["Memory"] == host["MemorySwap"] == docker.utils.parse_bytes(config.CONTAINER_MEMORY)
+        assert host["PidsLimit"] == config.CONTAINER_PIDS
+    finally:
+        limited.remove()
 
 
 def test_compiled_component_command_runs_in_the_image(engine, services, sample_dataset, tmp_path):
@@ -211,7 +219,7 @@ def runs(engine, sample_dataset, tmp_path_factory):
     """The smoke pipeline in containers, then again as local processes with the same services."""
     state = tmp_path_factory.mktemp("containers-state")
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    for name in ("STORAGE_EMULATOR_HOST", "MLFLOW_TRACKING_URI", "BLOODCELL_CACHE"):
+    for name in ("STORAGE_EMULATOR_HOST", storage.STORE_TOKEN_ENV, "MLFLOW_TRACKING_URI", "BLOODCELL_CACHE"):
         env.pop(name, None)
     ports = ["--gcs-port", str(free_port()), "--mlflow-port", str(free_port())]
     common = [
@@ -286,7 +294,6 @@ def test_every_task_runs_in_a_container_of_the_image(runs, engine):
 
 
 def test_containers_give_the_results_of_local_processes(runs, monkeypatch):
-    from google.cloud import storage as gcs
     from mlflow.tracking import MlflowClient
 
     for key in ("docker", "local"):
@@ -296,28 +303,31 @@ def test_containers_give_the_results_of_local_processes(runs, monkeypatch):
     assert set(docker) == set(local) | {"image", "image_id"}
     assert set(docker["models"]) == set(local["models"]) == {*config.MODEL_NAMES, config.ENSEMBLE_NAME}
 
-    services = json.loads((runs["state"] / "services.json").read_text())
-    os.environ["STORAGE_EMULATOR_HOST"] = next(s["url"] for s in services if s["name"] == "gcs")
-    try:
-        bucket = gcs.Client(project="test").bucket(docker["bucket"])
+    state = runs["state"]  # others get nothing; the containers' group enters the state and writes its shared folders
+    assert stat.S_IMODE(state.stat().st_mode) == 0o750 and state.stat().st_gid == containers.container_gid()
+    for shared in ("kfp", "container-cache"):
+        assert stat.S_IMODE((state / shared).stat().st_mode) == 0o2770
+    services = json.loads((state / "services.json").read_text())
+    monkeypatch.setenv("STORAGE_EMULATOR_HOST", next(s["url"] for s in services if s["name"] == "gcs"))
+    for name, value in store_login(runs["state"]).items():
+        monkeypatch.setenv(name, value)
+    bucket = storage.new_client().bucket(docker["bucket"])
 
-        def run_objects(run_id: str) -> set[str]:
-            return {
-                b.name.replace(run_id, "RUN")
-                for b in bucket.list_blobs(prefix=f"runs/{run_id}/")
-                if "/checkpoints/" not in b.name
-            }
+    def run_objects(run_id: str) -> set[str]:
+        return {
+            b.name.replace(run_id, "RUN")
+            for b in bucket.list_blobs(prefix=f"runs/{run_id}/")
+            if "/checkpoints/" not in b.name
+        }
 
-        assert run_objects(docker["run_id"]) == run_objects(local["run_id"])
-        for model in config.MODEL_NAMES:  # the same data, split and training settings reached both
-            trained = [
-                json.loads(bucket.blob(f"runs/{s['run_id']}/models/{model}/train.json").download_as_text())
-                for s in (docker, local)
-            ]
-            assert trained[0]["arrays_uri"] == trained[1]["arrays_uri"]
-            assert trained[0]["epochs"] == trained[1]["epochs"]
-    finally:
-        os.environ.pop("STORAGE_EMULATOR_HOST")
+    assert run_objects(docker["run_id"]) == run_objects(local["run_id"])
+    for model in config.MODEL_NAMES:  # the same data, split and training settings reached both
+        trained = [
+            json.loads(bucket.blob(f"runs/{s['run_id']}/models/{model}/train.json").download_as_text())
+            for s in (docker, local)
+        ]
+        assert trained[0]["arrays_uri"] == trained[1]["arrays_uri"]
+        assert trained[0]["epochs"] == trained[1]["epochs"]
     assert "cache hit: these files were ingested before" in runs["local"][1]
 
     for name, value in mlflow_login(runs["state"], "reader").items():

@@ -25,7 +25,7 @@ from mlflow.tracking import MlflowClient
 
 from bloodcell import config, ingest, split, storage
 from bloodcell.services import LocalServices, free_port
-from conftest import ROOT, PipelineRun, found, mlflow_login
+from conftest import ROOT, PipelineRun, found, mlflow_login, store_login
 
 pytestmark = pytest.mark.faults
 IMMUTABLE = ("datasets/", "sources/", "splits/", "arrays/")  # content-addressed: written once, never changed
@@ -71,7 +71,7 @@ def local_pipeline(tmp_path, sample_dataset, monkeypatch):
         str(mlflow_port),
     ]
     state.mkdir()
-    for name, value in mlflow_login(state).items():
+    for name, value in {**mlflow_login(state), **store_login(state)}.items():
         monkeypatch.setenv(name, value)
     env = {**os.environ, "BLOODCELL_CACHE": str(tmp_path / "cache")}
     monkeypatch.setenv("STORAGE_EMULATOR_HOST", f"http://127.0.0.1:{gcs_port}")

@@ -14,7 +14,7 @@ import pytest
 
 from bloodcell import shifts
 from bloodcell.services import client_env
-from conftest import ROOT, SHARED_DATA, UNDECODABLE, free_port, mlflow_login
+from conftest import ROOT, SHARED_DATA, UNDECODABLE, free_port, mlflow_login, store_login
 
 pytestmark = pytest.mark.integration
 TASKS = ["ingest", "split", "train-cnn1", "train-cnn2", "train-vgg16", "evaluate", "report"]
@@ -80,12 +80,13 @@ def clients(smoke_run, monkeypatch):
     services = json.loads((smoke_run["state"] / "services.json").read_text())
     gcs = next(s["url"] for s in services if s["name"] == "gcs")
     monkeypatch.setenv("STORAGE_EMULATOR_HOST", gcs)
-    for name, value in mlflow_login(smoke_run["state"], "reader").items():
+    for name, value in {**mlflow_login(smoke_run["state"], "reader"), **store_login(smoke_run["state"])}.items():
         monkeypatch.setenv(name, value)
-    from google.cloud import storage
     from mlflow.tracking import MlflowClient
 
-    return storage.Client(project="test"), MlflowClient(summary["mlflow_tracking_uri"])
+    from bloodcell import storage
+
+    return storage.new_client(), MlflowClient(summary["mlflow_tracking_uri"])
 
 
 def test_all_seven_tasks_succeed(smoke_run):
