@@ -61,6 +61,9 @@ def shrink_weights(n_in: int, n_out: int, method: str) -> np.ndarray:
     return (weights / weights.sum(axis=1, keepdims=True)).astype("float32")
 
 
+MAX_IMAGE_SIZE = 4096  # px: far above any profile's input size
+
+
 @keras.saving.register_keras_serializable(package="bloodcell")
 class ResizeImages(layers.Layer):
     """Square uint8 images shrunk to ``size`` px (:func:`shrink_weights`' ``method``), rounded back to uint8.
@@ -73,6 +76,9 @@ class ResizeImages(layers.Layer):
 
     def __init__(self, size: int, method: str = "bilinear", **kwargs):
         super().__init__(**kwargs)
+        if not isinstance(size, int) or not 1 <= size <= MAX_IMAGE_SIZE:
+            # A model's config is data: an absurd size would allocate memory before anything checks it.
+            raise ValueError(f"ResizeImages size {size!r} is not between 1 and {MAX_IMAGE_SIZE} px: not our model")
         self.size, self.method = size, method
 
     def call(self, images):

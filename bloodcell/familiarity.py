@@ -29,6 +29,7 @@ from keras import layers, ops
 from sklearn.covariance import LedoitWolf
 
 LAYER_NAME = "familiarity"
+MAX_FEATURES, MAX_CLASSES = 8192, 1000  # per feature vector (VGG16's widest block: 512); classes
 DEFAULT_FLAG_SHARE = 0.05
 TINY_DISTANCE = 1e-12
 
@@ -163,6 +164,9 @@ class Familiarity(_Scored):
 
     def __init__(self, dims: list[int], n_classes: int, **kwargs):
         super().__init__(**kwargs)
+        # The weights' shapes come from the config, which is data: bound them before anything is allocated.
+        if not all(isinstance(d, int) and 1 <= d <= MAX_FEATURES for d in dims) or not 2 <= n_classes <= MAX_CLASSES:
+            raise ValueError(f"Familiarity dims {dims!r} / classes {n_classes!r} are out of bounds: not our model")
         self.dims, self.n_classes = list(dims), n_classes
 
     def build(self, input_shape):

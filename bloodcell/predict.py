@@ -65,7 +65,8 @@ def load_keras(path: Path, origin: str) -> keras.Model:
                 f"model {origin} holds Python code (e.g. a Lambda layer), which Keras safe mode refuses to load: "
                 "bloodcell never runs code from a model file. Pass a model trained by bloodcell."
             ) from None
-        raise BloodcellError(f"model {origin} cannot be loaded: {type(exc).__name__}: {str(exc)[:300]}") from None
+        reason = str(exc).rsplit("Exception encountered: ", 1)[-1]  # Keras nests the first cause last
+        raise BloodcellError(f"model {origin} cannot be loaded: {type(exc).__name__}: {reason[:300]}") from None
 
 
 def image_files(paths: list[str]) -> list[Path]:

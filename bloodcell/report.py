@@ -8,6 +8,7 @@ the Jinja2 templates in ``bloodcell/templates``; the figures come from :mod:`blo
 from __future__ import annotations
 
 import base64
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,6 +30,23 @@ SECTIONS = [
     ("misclassified", "Misclassified test images"),
     ("explanations", "What the best model looks at (Grad-CAM)"),
 ]
+MARKDOWN_MARKUP = re.compile(r"([\\`*_\[\]<>|~])")
+
+
+def markdown_text(value: object) -> str:
+    """``value`` as plain text in Markdown: one line, its markup characters escaped (class and file names come
+    from the data, and could otherwise open links, images or HTML in a viewer)."""
+    return MARKDOWN_MARKUP.sub(r"\\\1", " ".join(str(value).split()))
+
+
+def markdown_code(value: object) -> str:
+    """``value`` as one inline code span, fenced by more backticks than it holds in a row (CommonMark)."""
+    text = " ".join(str(value).split())
+    fence = "`" * (max((len(run) for run in re.findall(r"`+", text)), default=0) + 1)
+    pad = " " if text.startswith("`") or text.endswith("`") else ""
+    return f"{fence}{pad}{text}{pad}{fence}"
+
+
 TEMPLATES = jinja2.Environment(
     loader=jinja2.PackageLoader("bloodcell", "templates"),
     autoescape=jinja2.select_autoescape(["html.j2"]),
@@ -37,6 +55,7 @@ TEMPLATES = jinja2.Environment(
     keep_trailing_newline=True,
     undefined=jinja2.StrictUndefined,
 )
+TEMPLATES.filters.update(md=markdown_text, code=markdown_code)
 
 
 @dataclass(frozen=True)
@@ -358,24 +377,15 @@ def render_html(context: dict[str, Any], figures: dict[str, bytes]) -> str:
 
 
 def render_markdown(context: dict[str, Any]) -> str:
+    def table(rows: str, columns: str) -> str:
+        cells = [[markdown_text(cell) for cell in row] for row in context[rows]]
+        return tabulate(cells, headers=context[columns], tablefmt="github", disable_numparse=True)
+
     return TEMPLATES.get_template("report.md.j2").render(
         **context,
-        comparison_table=tabulate(
-            context["rows"], headers=context["columns"], tablefmt="github", disable_numparse=True
-        ),
-        calibration_table=tabulate(
-            context["calibration_rows"],
-            headers=context["calibration_columns"],
-            tablefmt="github",
-            disable_numparse=True,
-        ),
-        answer_table=tabulate(
-            context["answer_rows"], headers=context["answer_columns"], tablefmt="github", disable_numparse=True
-        ),
-        per_class_table=tabulate(
-            context["per_class_rows"], headers=context["per_class_columns"], tablefmt="github", disable_numparse=True
-        ),
-        dataset_table=tabulate(
-            context["dataset_rows"], headers=context["dataset_columns"], tablefmt="github", disable_numparse=True
-        ),
+        comparison_table=table("rows", "columns"),
+        calibration_table=table("calibration_rows", "calibration_columns"),
+        answer_table=table("answer_rows", "answer_columns"),
+        per_class_table=table("per_class_rows", "per_class_columns"),
+        dataset_table=table("dataset_rows", "dataset_columns"),
     )

@@ -6,7 +6,16 @@ The local object store (fake-gcs-server) joins object names to its folder unchec
     python -m bloodcell.sandbox --writable PATH [--writable PATH ...] -- COMMAND [ARG ...]
 
 Landlock is in Linux since 5.13; Python has no binding, hence the few syscalls below (x86-64 and arm64
-share their numbers). Reading and executing stay allowed everywhere.
+share their numbers). Reading and executing stay allowed everywhere. What is confined depends on the
+kernel's Landlock ABI:
+
+- ABI 1 (Linux 5.13-5.18): creating, writing, removing and renaming files and folders, and making links,
+  devices, sockets and pipes, outside the allowed folders (a rename or link across folders is always
+  refused, inside them too); **truncating** an existing file outside them (``truncate``, ``O_TRUNC``) is
+  not confined.
+- ABI 2 (5.19-6.1): the same, and renames and links across the allowed folders are allowed again
+  (REFER); truncating is still not confined.
+- ABI 3 and later (6.2+): truncating too. :func:`partial_confinement` names what is missing.
 """
 
 from __future__ import annotations
@@ -47,6 +56,16 @@ def abi_version() -> int:
     if version < 1:
         raise SandboxUnavailable(f"Landlock is not enabled in this kernel ({os.strerror(ctypes.get_errno())})")
     return version
+
+
+TRUNCATE_ABI = 3
+
+
+def partial_confinement(abi: int) -> str | None:
+    """What confinement does not cover on Landlock ABI ``abi``, None when it covers every write."""
+    if abi < TRUNCATE_ABI:
+        return f"on Landlock ABI {abi} (Linux before 6.2) truncating a file outside the allowed folders is not blocked"
+    return None
 
 
 def confine_writes(writable: list[str]) -> None:

@@ -257,3 +257,17 @@ def test_compare_lists_models_across_runs_best_first(experiment):
     assert [r["pipeline_run"] for r in comparison.compare(experiment, last=1)] == ["run-b", "run-b"]
     table = comparison.format_table(rows)
     assert table.splitlines()[1].split()[:4] == ["run-b", "smoke", "vgg16", "0.9700"]
+
+
+def test_names_from_the_data_cannot_add_markup_to_the_markdown_report():
+    """Class and file names come from whoever made the dataset: in report.md they stay plain text."""
+    hostile = "<img src=x onerror=alert(1)>|*[x](http://evil.example)*"
+    assert report.markdown_text(hostile) == r"\<img src=x onerror=alert(1)\>\|\*\[x\](http://evil.example)\*"
+    assert report.markdown_text("two\nlines") == "two lines"
+    assert report.markdown_code("a`b") == "``a`b``" and report.markdown_code("`x") == "`` `x ``"
+    rendered = (
+        report.TEMPLATES.overlay(autoescape=False)
+        .from_string("- {{ path | code }}: {{ reason | md }}")
+        .render(path="b/``evil``.jpg", reason=f"hidden file {hostile}")
+    )
+    assert rendered == r"- ```b/``evil``.jpg```: hidden file " + report.markdown_text(hostile)

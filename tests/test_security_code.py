@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import keras
+import numpy as np
 import pytest
 import requests
 import yaml
@@ -349,3 +350,87 @@ def test_an_active_run_records_its_start_time(tmp_path):
         saved = json.loads((tmp_path / "active" / "run-1.json").read_text())
         assert saved["start_time"] == process_start_time(os.getpid())
         assert local_runs.in_progress(tmp_path) == {"run-1": os.getpid()}
+
+
+@pytest.mark.parametrize("abi, partial", [(1, True), (2, True), (3, False), (7, False)])
+def test_older_landlock_abis_are_named_as_partial_confinement(abi, partial, monkeypatch, capsys):
+    """ABI 1-2 (Linux 5.13-6.1) do not confine truncation: the services warn on those kernels."""
+    from bloodcell import sandbox, services
+
+    assert (sandbox.partial_confinement(abi) is not None) == partial
+    monkeypatch.setattr(sandbox, "abi_version", lambda: abi)
+    assert services._can_confine()
+    warned = "only partly confined" in capsys.readouterr().err
+    assert warned == partial
+
+
+def _with_config(source: Path, target: Path, edit) -> Path:
+    """A copy of the .keras file ``source`` whose config.json went through ``edit``."""
+    import zipfile
+
+    with zipfile.ZipFile(source) as original, zipfile.ZipFile(target, "w") as copy:
+        for item in original.infolist():
+            data = original.read(item.filename)
+            if item.filename == "config.json":
+                data = json.dumps(edit(json.loads(data))).encode()
+            copy.writestr(item, data)
+    return target
+
+
+def _layers(config: dict) -> Iterator[dict]:
+    """Every layer config, nested models' included."""
+    for layer in config["config"].get("layers", []):
+        yield layer
+        if "layers" in layer.get("config", {}):
+            yield from _layers(layer)
+
+
+@pytest.mark.parametrize(
+    "layer_class, key, value",
+    [("ResizeImages", "size", 10**6), ("Familiarity", "dims", [10**6]), ("Familiarity", "n_classes", 10**9)],
+)
+def test_a_model_whose_config_asks_for_absurd_shapes_is_refused(tmp_path, layer_class, key, value):
+    """Layer configs are data: shapes are bounded before any memory is allocated for them."""
+    from bloodcell import ensemble, familiarity
+
+    images = keras.Input((32, 32, 3), dtype="uint8")
+    small = ensemble.ResizeImages(16)(images)
+    x = keras.layers.Conv2D(4, 3)(keras.layers.Rescaling(1 / 255)(small))
+    x = keras.layers.MaxPooling2D(2)(x)
+    probabilities = keras.layers.Dense(2, activation="softmax")(keras.layers.GlobalAveragePooling2D()(x))
+    model = keras.Model(images, probabilities)
+    block = familiarity.fit_block(
+        np.random.default_rng(0).normal(size=(50, 4)), np.arange(50) % 2, 2
+    )  # any statistics will do
+    checked = familiarity.with_familiarity(model, probabilities, [block, block], 2)
+    checked.save(tmp_path / "model.keras")
+    assert predict.load_keras(tmp_path / "model.keras", "test") is not None
+
+    def absurd(config: dict) -> dict:
+        for layer in _layers(config):
+            if layer["class_name"] == layer_class:
+                layer["config"][key] = value
+        return config
+
+    hostile = _with_config(tmp_path / "model.keras", tmp_path / "hostile.keras", absurd)
+    with pytest.raises(BloodcellError, match="out of bounds|not between"):
+        predict.load_keras(hostile, "test")
+
+
+def test_a_zip_with_too_many_files_is_refused_before_extracting(tmp_path, monkeypatch):
+    monkeypatch.setattr(sources, "MAX_MEMBERS", 3)
+    archive = zip_with(tmp_path / "many.zip", {f"a/{i}.jpg": jpeg_bytes() for i in range(4)})
+    with pytest.raises(DataError, match=r"holds 4 files \(limit 3\): not the PBC dataset\? Refusing to extract"):
+        sources.extract_zip(archive, tmp_path / "out")
+    assert not (tmp_path / "out" / "a").exists()
+
+
+def test_a_cached_download_swapped_on_disk_is_fetched_again(services, tmp_path):
+    """The cache of containers is group-writable: what is read is checked against the object, not a stamp."""
+    uri = f"gs://{services['bucket']}/cache/weights.bin"
+    storage.upload_bytes(b"the real bytes", uri)
+    cached = storage.cached_download(uri, tmp_path)
+    assert cached.read_bytes() == b"the real bytes"
+    cached.write_bytes(b"planted bytes!")  # same length
+    assert storage.cached_download(uri, tmp_path).read_bytes() == b"the real bytes"
+    assert not list(tmp_path.rglob("*.md5"))
