@@ -270,6 +270,10 @@ def test_namespace_enforces_the_restricted_pod_security_standard(path):
         assert pod["securityContext"]["seccompProfile"]["type"] == "RuntimeDefault", doc["metadata"]["name"]
 
 
+# The label KFP v2's backend puts on every task pod of a run (the Workflow's podMetadata).
+PIPELINE_POD_LABEL = "pipelines.kubeflow.org/v2_component"
+
+
 def network_policies(docs) -> list[dict]:
     return [d for d in docs if d["kind"] == "NetworkPolicy"]
 
@@ -292,7 +296,8 @@ def test_every_namespace_we_create_denies_ingress_by_default(path):
 
 def allowed_flows(docs) -> set[tuple[str, str, int]]:
     """``{(destination app, source, port)}`` that our NetworkPolicies allow; source is
-    ``namespace:NAME`` (a whole namespace, by its immutable name label) or ``pod:NAMESPACE/APP``."""
+    ``pipeline-pods:NAMESPACE`` (KFP's task pods of a namespace chosen by its immutable name label) or
+    ``pod:NAMESPACE/APP``."""
     flows = set()
     for policy in network_policies(docs):
         spec, namespace = policy["spec"], policy["metadata"]["namespace"]
@@ -305,13 +310,14 @@ def allowed_flows(docs) -> set[tuple[str, str, int]]:
             ports = [p["port"] for p in rule["ports"]]
             assert all(p.get("protocol") == "TCP" for p in rule["ports"])
             for peer in rule["from"]:
-                assert set(peer) in ({"namespaceSelector"}, {"podSelector"}), f"unexpected peer {peer}"
+                assert set(peer) in ({"namespaceSelector", "podSelector"}, {"podSelector"}), f"unexpected peer {peer}"
                 if "namespaceSelector" in peer:
-                    # A whole namespace, chosen by the label the API server sets: no pod can claim it.
+                    # KFP's pipeline pods of a namespace chosen by the label the API server sets.
                     assert set(peer["namespaceSelector"]) == {"matchLabels"}
                     labels = peer["namespaceSelector"]["matchLabels"]
                     assert set(labels) == {"kubernetes.io/metadata.name"}, labels
-                    source = f"namespace:{labels['kubernetes.io/metadata.name']}"
+                    assert peer["podSelector"] == {"matchLabels": {PIPELINE_POD_LABEL: "true"}}, peer
+                    source = f"pipeline-pods:{labels['kubernetes.io/metadata.name']}"
                 else:
                     # Pods of the policy's own namespace, where only our manifests create pods.
                     assert namespace == NAMESPACE and set(peer["podSelector"]) == {"matchLabels"}
@@ -324,12 +330,12 @@ def allowed_flows(docs) -> set[tuple[str, str, int]]:
 def test_network_policies_allow_exactly_the_flows_we_need(path):
     docs = render(path)
     expected = {
-        ("mlflow", "namespace:kubeflow", 5000),  # pipeline steps log to MLflow
+        ("mlflow", "pipeline-pods:kubeflow", 5000),  # pipeline steps log to MLflow
         ("mlflow-postgres", "pod:bloodcell/mlflow", 5432),  # MLflow's database, MLflow alone
     }
     if path.endswith("local"):
         expected |= {
-            ("fake-gcs", "namespace:kubeflow", 4443),  # steps read and write the bucket
+            ("fake-gcs", "pipeline-pods:kubeflow", 4443),  # steps read and write the bucket
             ("fake-gcs", "pod:bloodcell/mlflow", 4443),  # MLflow's artifact proxy
         }
     assert allowed_flows(docs) == expected
@@ -580,6 +586,9 @@ def test_kind_config_matches_validated_kubernetes():
     images = {node["image"] for node in config["nodes"]}
     minor = ".".join(KUBERNETES_VERSIONS[0].split(".")[:2])
     assert all(re.fullmatch(rf"kindest/node:v{re.escape(minor)}\.\d+", i) for i in images)
+    for node in config["nodes"]:  # the runtime's seccomp profile for pods that ask for none (KFP's own)
+        patches = [yaml.safe_load(patch) for patch in node.get("kubeadmConfigPatches", [])]
+        assert {"kind": "KubeletConfiguration", "seccompDefault": True} in patches
 
 
 def make(*args: str, dry: bool = True) -> str:
@@ -680,6 +689,9 @@ def test_mlflow_users_script_keeps_passwords_off_command_lines():
         r"grant pipeline registered_model EDIT", script
     )
     assert re.search(r"user_with_secret reader \"\$mlflow_ns\" mlflow-reader", script)
+    # the admin claims the pipeline's names, its credentials in the environment of that one command
+    claim = r'MLFLOW_AUTH_ADMIN_PASSWORD="\$admin_password" \\\n\s+"\$\{PYTHON:-\.venv/bin/python\}"'
+    assert re.search(claim + r" -m bloodcell\.mlflow_access", script)
     assert "MLFLOW_TRACKING_USERNAME=%s\\nMLFLOW_TRACKING_PASSWORD=%s" in script
 
 
