@@ -87,6 +87,8 @@ class Front(http.server.ThreadingHTTPServer):
 
 class Handler(http.server.BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
+    # Headers and body leave in separate writes: with Nagle's algorithm each answer waits for a delayed ACK.
+    disable_nagle_algorithm = True
     server: Front
     _upstream: http.client.HTTPConnection | None = None  # one connection to the emulator per client connection
     _answered = False
