@@ -103,6 +103,8 @@ class Profile:
     # The familiarity check flags about this share of images like the training ones (validation).
     familiarity_flag_share: float = 0.05
     familiarity_fit_images: int = 5000  # training images its statistics are fitted on (0: all)
+    # Whether its best model may take the registry's champion alias (not a profile that only checks the pipeline).
+    takes_champion: bool = True
 
     def model(self, name: str) -> ModelConfig:
         if name not in MODEL_NAMES:
@@ -132,6 +134,7 @@ PROFILES: dict[str, Profile] = {
     "smoke": Profile(
         name="smoke",
         max_images_per_class=24,
+        takes_champion=False,
         cnn1=ModelConfig(image_size=48, epochs=1, batch_size=32),
         cnn2=ModelConfig(image_size=96, epochs=1, batch_size=32, lr_schedule="cosine"),
         vgg16=ModelConfig(

@@ -5,6 +5,7 @@ and the alias ``champion`` points at the best version so far. Models are read ba
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -14,60 +15,116 @@ from mlflow.models import Model
 from mlflow.tracking import MlflowClient
 
 from bloodcell import storage, tracking
-from bloodcell.config import REGISTERED_MODEL
+from bloodcell.config import REGISTERED_MODEL, Profile
 from bloodcell.errors import BloodcellError
 
 CHAMPION = "champion"
 
 
+@dataclass(frozen=True)
+class Candidate:
+    """A run's best model as the registry weighs it: its test accuracy means something only on its test split."""
+
+    model_uri: str
+    model: str
+    test_accuracy: float
+    pipeline_run_id: str
+    split: str = ""  # the split key: which dataset and split recipe, so which test set ("": not known)
+    profile: str = ""
+    takes_champion: bool = True  # False for profiles that only check the pipeline (smoke)
+
+
+@dataclass(frozen=True)
+class Champion:
+    version: str
+    test_accuracy: float
+    split: str  # "" for a version registered before splits were recorded
+
+
 def should_promote(candidate_accuracy: float, champion_accuracy: float | None) -> bool:
-    """The champion alias moves only to a model with strictly better test accuracy."""
+    """On the same test set, the champion alias moves only to a model with strictly better test accuracy."""
     return champion_accuracy is None or candidate_accuracy > champion_accuracy
 
 
-def register_best(
-    model_uri: str, model: str, test_accuracy: float, pipeline_run_id: str, tags: dict[str, Any] | None = None
-) -> dict[str, Any]:
-    """Register ``model_uri`` as a new version of ``bloodcell-classifier`` (with ``tags``, e.g. its calibration);
-    move ``champion`` if it is better."""
-    client = MlflowClient()
+def decide(candidate: Candidate, champion: Champion | None) -> tuple[bool, str]:
+    """Whether ``candidate`` takes the champion alias, and why (said in the report and on the version)."""
+    if not candidate.takes_champion:
+        return False, (
+            f"a {candidate.profile or 'check'}-profile run never takes the alias (it trains on a sample to check "
+            "the pipeline)"
+        )
+    if champion is None:
+        return True, "first champion"
+    theirs = f"version {champion.version} ({champion.test_accuracy:.2%})"
+    if champion.split and candidate.split and champion.split != candidate.split:
+        return False, (
+            f"{theirs} was tested on another test split ({champion.split}, this run's is {candidate.split}): "
+            "accuracies on different test sets are not compared. Move the alias in MLflow's UI if this model "
+            "should serve instead"
+        )
+    same = "on the same test split" if champion.split else "(its test split is not recorded)"
+    if should_promote(candidate.test_accuracy, champion.test_accuracy):
+        return True, f"{candidate.test_accuracy:.2%} beats {theirs} {same}"
+    return False, f"{theirs} is not beaten {same}"
+
+
+def current_champion(client: MlflowClient) -> Champion | None:
     try:
         current = client.get_model_version_by_alias(REGISTERED_MODEL, CHAMPION)
-        champion_accuracy: float | None = float(current.tags.get("test_accuracy", "nan"))
-        champion_version: str | None = current.version
     except MlflowException:
-        champion_accuracy, champion_version = None, None
-    version = mlflow.register_model(model_uri, REGISTERED_MODEL).version
-    version_tags = {"test_accuracy": test_accuracy, "model": model, "pipeline_run_id": pipeline_run_id, **(tags or {})}
+        return None
+    return Champion(current.version, float(current.tags.get("test_accuracy", "nan")), current.tags.get("split", ""))
+
+
+def register_best(candidate: Candidate, tags: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Register ``candidate`` as a new version of ``bloodcell-classifier`` (with ``tags``, e.g. its calibration);
+    move ``champion`` to it when :func:`decide` says so."""
+    client = MlflowClient()
+    champion = current_champion(client)
+    version = mlflow.register_model(candidate.model_uri, REGISTERED_MODEL).version
+    promoted, reason = decide(candidate, champion)
+    version_tags = {
+        "test_accuracy": candidate.test_accuracy,
+        "model": candidate.model,
+        "pipeline_run_id": candidate.pipeline_run_id,
+        "split": candidate.split,
+        "profile": candidate.profile,
+        "champion_decision": ("took the alias: " if promoted else "did not take the alias: ") + reason,
+        **(tags or {}),
+    }
     for key, value in version_tags.items():
         client.set_model_version_tag(REGISTERED_MODEL, version, key, str(value))
-    promoted = should_promote(test_accuracy, champion_accuracy)
     if promoted:
         client.set_registered_model_alias(REGISTERED_MODEL, CHAMPION, version)
     return {
         "registered_model": REGISTERED_MODEL,
         "version": str(version),
         "promoted": promoted,
-        "previous_champion_version": champion_version,
-        "previous_champion_accuracy": champion_accuracy,
-        "test_accuracy": test_accuracy,
-        "model": model,
+        "reason": reason,
+        "previous_champion_version": champion.version if champion else None,
+        "previous_champion_accuracy": champion.test_accuracy if champion else None,
+        "test_accuracy": candidate.test_accuracy,
+        "model": candidate.model,
     }
 
 
-def register_run_best(best: dict[str, Any], pipeline_run_id: str, tracker: tracking.Tracker) -> dict[str, Any]:
-    """Register a run's best model (its evaluation result); the outcome, or why it was not done, for the report."""
+def register_run_best(
+    best: dict[str, Any], pipeline_run_id: str, tracker: tracking.Tracker, *, split: str, profile: Profile
+) -> dict[str, Any]:
+    """Register a run's best model (its evaluation result, tested on ``split``); the outcome, or why it was not
+    done, for the report."""
     if not best.get("mlflow_model_uri"):
         return {"error": f"{best['model']} has no MLflow model (its training could not log to MLflow)"}
-    registry = tracker.call(
-        "register the best model",
-        register_best,
+    candidate = Candidate(
         best["mlflow_model_uri"],
         best["model"],
         best["accuracy"],
         pipeline_run_id,
-        calibration_tags(best),
+        split=split,
+        profile=profile.name,
+        takes_champion=profile.takes_champion,
     )
+    registry = tracker.call("register the best model", register_best, candidate, calibration_tags(best))
     return registry or {"error": "MLflow could not be reached (see the MLflow logging section)"}
 
 
@@ -90,20 +147,12 @@ def describe(registry: dict[str, Any]) -> str:
         f"The best model ({registry['model']}, test accuracy {registry['test_accuracy']:.2%}) is version "
         f"{registry['version']} of registered model {registry['registered_model']}. "
     )
-    previous = registry["previous_champion_accuracy"]
+    reason = registry.get("reason", "")  # absent in summaries written before the reason was recorded
     if registry["promoted"]:
-        return text + (
-            "The alias 'champion' now points to it"
-            + (
-                f" (previous champion: version {registry['previous_champion_version']}, {previous:.2%})."
-                if previous is not None
-                else " (first champion)."
-            )
-        )
-    return text + (
-        f"The alias 'champion' stays on version {registry['previous_champion_version']} "
-        f"({previous:.2%}), which this model does not beat."
-    )
+        return text + f"The alias 'champion' now points to it ({reason})."
+    if registry["previous_champion_version"] is None:
+        return text + f"No version holds the alias 'champion': {reason}."
+    return text + f"The alias 'champion' stays on version {registry['previous_champion_version']}: {reason}."
 
 
 def download_keras_model(model_uri: str, dst: Path) -> tuple[Path, list[str]]:

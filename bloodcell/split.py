@@ -65,6 +65,11 @@ def arrays_uri(split_uri: str, size: int) -> str:
     return f"gs://{bucket}/arrays/{name.rstrip('/').rsplit('/', 1)[-1]}/{size}"
 
 
+def key_of(split_uri: str) -> str:
+    """The split key of a split's location (which dataset and split recipe: which test set)."""
+    return split_uri.rstrip("/").rsplit("/", 1)[-1]
+
+
 def split_key(dataset_hash: str, profile: Profile) -> str:
     recipe = json.dumps([dataset_hash, profile.split_ratio, profile.seed, profile.max_images_per_class])
     return hashlib.sha256(recipe.encode()).hexdigest()[:16]

@@ -212,6 +212,7 @@ def report(
     and build the report; the run summary."""
     from bloodcell import registry, tracking
     from bloodcell import report as report_lib
+    from bloodcell import split as split_lib
 
     settings = config.resolve(profile, overrides)
     base = run_uri(bucket, run_id)
@@ -233,7 +234,9 @@ def report(
         "mlflow_experiment_id": tracker.call("find the experiment", tracking.experiment_id, experiment)
         if parent_run
         else None,
-        "registry": registry.register_run_best(best, run_id, tracker),
+        "registry": registry.register_run_best(
+            best, run_id, tracker, split=split_lib.key_of(split_uri), profile=settings
+        ),
     }
     return report_lib.build_report(base, split_uri, results, summary, tracker).summary
 

@@ -233,7 +233,8 @@ def test_saved_registered_and_reloaded_it_predicts_the_same(stored_run, services
     built_here = ensemble.combined_model(
         {"red": members["red"]}, record.tta, 24, record.resize, calibration.Calibrated(**record.calibration)
     )
-    version = registry.register_best(record.mlflow_model_uri, "ensemble", 0.5, stored_run["run_id"])["version"]
+    candidate = registry.Candidate(record.mlflow_model_uri, "ensemble", 0.5, stored_run["run_id"])
+    version = registry.register_best(candidate)["version"]
 
     images = uniform_images(colours(np.random.default_rng(9), np.tile([0, 1], 8), label_channel=0), 24)
     expected = keras.ops.convert_to_numpy(built_here.predict_on_batch(images))

@@ -12,7 +12,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 from sklearn import metrics as skm
 
-from bloodcell import calibration, comparison, decisions, evaluate, plots, registry, report, tracking
+from bloodcell import calibration, comparison, config, decisions, evaluate, plots, registry, report, tracking
 
 CLASSES = ["a", "b", "c"]
 
@@ -122,6 +122,7 @@ def test_html_report_has_every_section_with_embedded_images():
         "test_accuracy": results[best]["accuracy"],
         "previous_champion_version": "1",
         "previous_champion_accuracy": 0.99,
+        "reason": "version 1 (99.00%) is not beaten on the same test split",
     }
     context = report.page_context(
         results, counts, manifest, best, {"run_id": "r1", "profile": "smoke", "registry": outcome}, list(figures)
@@ -193,6 +194,26 @@ def test_champion_alias_logic():
     assert not registry.should_promote(0.80, 0.90)
 
 
+def test_the_champion_is_weighed_only_on_its_own_test_split_and_never_by_a_smoke_run():
+    laptop = registry.Candidate("models:/m-1", "vgg16", 0.98, "run-2", split="s1", profile="laptop")
+    held = registry.Champion("3", 0.97, "s1")
+    assert registry.decide(laptop, None) == (True, "first champion")
+    promoted, reason = registry.decide(laptop, held)
+    assert promoted and reason == "98.00% beats version 3 (97.00%) on the same test split"
+    promoted, reason = registry.decide(laptop, registry.Champion("3", 0.99, "s1"))
+    assert not promoted and "not beaten on the same test split" in reason
+    promoted, reason = registry.decide(laptop, registry.Champion("3", 0.90, "s0"))  # another dataset or recipe
+    assert not promoted and "another test split (s0, this run's is s1)" in reason and "MLflow's UI" in reason
+    promoted, reason = registry.decide(laptop, registry.Champion("3", 0.90, ""))  # registered before splits were
+    assert promoted and "not recorded" in reason
+    smoke = registry.Candidate("models:/m-2", "cnn1", 1.0, "run-3", split="s1", profile="smoke", takes_champion=False)
+    for champion in (None, held):
+        promoted, reason = registry.decide(smoke, champion)
+        assert not promoted and reason.startswith("a smoke-profile run never takes the alias")
+    assert not config.resolve("smoke").takes_champion and config.resolve("laptop").takes_champion
+    assert config.resolve("gpu").takes_champion
+
+
 @pytest.fixture()
 def experiment(services):
     mlflow.set_tracking_uri(services["env"]["MLFLOW_TRACKING_URI"])
@@ -209,19 +230,37 @@ def log_tiny_model() -> str:
         return mlflow.keras.log_model(model, name="model").model_uri
 
 
-def test_champion_moves_only_to_a_better_model(experiment):
+def test_champion_moves_only_to_a_better_model_on_the_same_split(experiment):
     client = MlflowClient()
     with contextlib.suppress(mlflow.exceptions.MlflowException):
         client.delete_registered_model(registry.REGISTERED_MODEL)
-    first = registry.register_best(log_tiny_model(), "cnn1", 0.90, "run-1")
-    assert first["promoted"] and first["previous_champion_accuracy"] is None
-    worse = registry.register_best(log_tiny_model(), "cnn2", 0.85, "run-2")
-    assert not worse["promoted"]
-    assert client.get_model_version_by_alias(registry.REGISTERED_MODEL, "champion").version == first["version"]
-    better = registry.register_best(log_tiny_model(), "vgg16", 0.95, "run-3")
-    assert better["promoted"] and better["previous_champion_accuracy"] == 0.90
-    assert client.get_model_version_by_alias(registry.REGISTERED_MODEL, "champion").version == better["version"]
-    assert "now points to it" in registry.describe(better)
+
+    def register(model: str, accuracy: float, run: str, split: str = "s1", profile: str = "laptop") -> dict:
+        candidate = registry.Candidate(
+            log_tiny_model(), model, accuracy, run, split, profile, takes_champion=profile != "smoke"
+        )
+        return registry.register_best(candidate)
+
+    def champion() -> str:
+        return client.get_model_version_by_alias(registry.REGISTERED_MODEL, "champion").version
+
+    smoke = register("cnn1", 1.0, "run-0", split="s0", profile="smoke")
+    assert not smoke["promoted"] and "No version holds the alias" in registry.describe(smoke)
+    first = register("cnn1", 0.90, "run-1")
+    assert first["promoted"] and first["previous_champion_accuracy"] is None and champion() == first["version"]
+    worse = register("cnn2", 0.85, "run-2")
+    assert not worse["promoted"] and champion() == first["version"]
+    elsewhere = register("cnn2", 0.99, "run-3", split="s2")  # another test set: not compared
+    assert not elsewhere["promoted"] and champion() == first["version"]
+    assert "another test split" in registry.describe(elsewhere)
+    better = register("vgg16", 0.95, "run-4")
+    assert better["promoted"] and better["previous_champion_accuracy"] == 0.90 and champion() == better["version"]
+    assert "now points to it (95.00% beats version" in registry.describe(better)
+    tags = client.get_model_version(registry.REGISTERED_MODEL, better["version"]).tags
+    assert (tags["split"], tags["profile"]) == ("s1", "laptop")
+    assert tags["champion_decision"].startswith("took the alias: 95.00% beats version")
+    smoke_tags = client.get_model_version(registry.REGISTERED_MODEL, smoke["version"]).tags
+    assert smoke_tags["champion_decision"].startswith("did not take the alias: a smoke-profile run")
 
 
 def test_compare_lists_models_across_runs_best_first(experiment):

@@ -154,7 +154,9 @@ def test_mlflow_parent_run_has_a_nested_run_per_model_with_test_accuracy(smoke_r
         for metric in ("test_ece", "test_ece_before", "test_nll", "test_brier", "test_accuracy_at_coverage_90"):
             assert metric in child.data.metrics, metric
         assert "test_coverage_at_accuracy_99" in child.data.metrics and "val_ece_after" in child.data.metrics
-    version = mlflow_client.get_model_version_by_alias("bloodcell-classifier", "champion")
+    registered = smoke_run["summary"]["registry"]
+    assert not registered["promoted"] and "smoke-profile run never takes the alias" in registered["reason"]
+    version = mlflow_client.get_model_version("bloodcell-classifier", registered["version"])
     assert float(version.tags["calibration_temperature"]) > 0 and "calibration_promised_classes" in version.tags
     assert "calibration_unfamiliar_share" in version.tags and "calibration_set_coverage" in version.tags
 
@@ -221,14 +223,18 @@ def test_predict_warns_on_a_shifted_batch_and_not_on_a_familiar_one(smoke_run, t
 
 
 def test_stored_logged_and_registered_copies_answer_identically(smoke_run):
-    """The bucket's model.keras, its MLflow logged model and the registered champion carry the same checks:
+    """The bucket's model.keras, its MLflow logged model and its registered version carry the same checks:
     identical familiarity scores, prediction sets and refer flags."""
     images = [str(path) for folder in sorted(SHARED_DATA.iterdir()) for path in sorted(folder.glob("*.jpg"))[:2]]
     best = smoke_run["summary"]["best_model"]
     row = smoke_run["summary"]["models"][best]
     answers = [
         predict(smoke_run, best, *images, uri=uri)["predictions"]
-        for uri in (row["bucket_model_uri"], row["model_uri"], "models:/bloodcell-classifier@champion")
+        for uri in (
+            row["bucket_model_uri"],
+            row["model_uri"],
+            f"models:/bloodcell-classifier/{smoke_run['summary']['registry']['version']}",
+        )
     ]
     keys = ("familiar", "familiarity", "prediction_set", "refer", "refer_reason", "probabilities")
     first = [{k: p[k] for k in keys} for p in answers[0]]
