@@ -127,10 +127,10 @@ def pipeline_arguments(args: argparse.Namespace, run_id: str) -> dict[str, str]:
 
 
 def run_local(args: argparse.Namespace) -> int:
-    """Run the pipeline on this machine with local object storage and MLflow (bloodcell.local_pipeline)."""
-    from bloodcell import local_pipeline
+    """Run the pipeline on this machine with local object storage and MLflow (bloodcell.local.runner)."""
+    from bloodcell.local import runner
 
-    options = local_pipeline.RunOptions(
+    run_options = runner.RunOptions(
         state_dir=Path(args.state_dir),
         runner=args.runner,
         image=args.image,
@@ -140,15 +140,15 @@ def run_local(args: argparse.Namespace) -> int:
         resume=args.resume,
     )
     if args.resume:
-        return local_pipeline.run(make_pipeline, options)
+        return runner.run(make_pipeline, run_options)
     run_id = new_run_id()
-    return local_pipeline.run(make_pipeline, options, pipeline_arguments(args, run_id), run_id)
+    return runner.run(make_pipeline, run_options, pipeline_arguments(args, run_id), run_id)
 
 
 def stop_local(args: argparse.Namespace) -> int:
-    from bloodcell import local_pipeline
+    from bloodcell.local import runner
 
-    return local_pipeline.stop(Path(args.state_dir), args.bucket, args.force)
+    return runner.stop(Path(args.state_dir), args.bucket, args.force)
 
 
 def compile_pipeline(args: argparse.Namespace) -> int:

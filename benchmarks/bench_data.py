@@ -91,7 +91,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", default=str(ROOT.parent / "shared" / "datasets" / "PBC_dataset_normal_DIB"))
     args = parser.parse_args()
-    from bloodcell.services import LocalServices, free_port
+    from bloodcell.local.services import LocalServices, free_port
 
     with tempfile.TemporaryDirectory(prefix="bloodcell-bench-") as tmp:
         services = LocalServices(Path(tmp, "state"), "bench-folder", free_port(), free_port())

@@ -267,7 +267,7 @@ def main() -> None:
     parser.add_argument("--models", default="cnn1,cnn2", help="which of cnn1, cnn2 to measure (comma-separated)")
     args = parser.parse_args()
     from bloodcell import storage
-    from bloodcell.services import LocalServices, free_port
+    from bloodcell.local.services import LocalServices, free_port
 
     with tempfile.TemporaryDirectory(prefix="bloodcell-bench-") as tmp:
         services = LocalServices(Path(tmp, "state"), "bench", free_port(), free_port())

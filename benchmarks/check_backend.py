@@ -31,7 +31,7 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=2)
     args = parser.parse_args()
     from bloodcell import config, ingest, split, storage
-    from bloodcell.services import LocalServices, free_port
+    from bloodcell.local.services import LocalServices, free_port
 
     backend = os.environ.get("KERAS_BACKEND", "tensorflow")
     with tempfile.TemporaryDirectory(prefix="bloodcell-backend-") as tmp:

@@ -18,7 +18,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from bloodcell import services, storage
+from bloodcell import storage
+from bloodcell.local import services
 
 
 def timed_round_trip(folder: Path, count: int, size: int, prefix: str) -> tuple[float, float]:

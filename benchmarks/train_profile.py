@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bloodcell import config  # noqa: E402
-from bloodcell.services import LocalServices  # noqa: E402
+from bloodcell.local.services import LocalServices  # noqa: E402
 
 
 def step(name: str, args: list[str], log_dir: Path) -> dict:

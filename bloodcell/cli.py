@@ -39,21 +39,40 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="bloodcell", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    steps = parser.add_subparsers(dest="step", required=True)
+    commands = parser.add_subparsers(dest="step", required=True)
+    _add_data_steps(commands)
+    _add_model_steps(commands)
+    _add_tool_commands(commands)
+    return parser
 
-    p = steps.add_parser("ingest", help="check and store a dataset source (and that the VGG16 weights can be had)")
+
+def _add_data_steps(commands: argparse._SubParsersAction) -> None:
+    """The ingest and split steps (called with keyword arguments, as every step)."""
+
+    p = commands.add_parser("ingest", help="check and store a dataset source (and that the VGG16 weights can be had)")
     options.add_data(p, positional=True)
     _common(p, run=False, profile=False)
     options.add_vgg16_weights(p)
     options.add_data_sha256(p)
-    p.set_defaults(handler=lambda a: _steps().ingest(a.source, a.bucket, a.vgg16_weights, a.data_sha256))
+    p.set_defaults(
+        handler=lambda a: _steps().ingest(
+            source=a.source, bucket=a.bucket, vgg16_weights=a.vgg16_weights, data_sha256=a.data_sha256
+        )
+    )
 
-    p = steps.add_parser("split", help="split an ingested dataset and build its arrays")
+    p = commands.add_parser("split", help="split an ingested dataset and build its arrays")
     p.add_argument("dataset_uri", help="gs://<bucket>/datasets/<hash> (printed by ingest)")
     _common(p, run=False)
-    p.set_defaults(handler=lambda a: _steps().split(a.dataset_uri, a.bucket, a.profile, options.overrides(a)))
+    p.set_defaults(
+        handler=lambda a: _steps().split(
+            dataset_uri=a.dataset_uri, bucket=a.bucket, profile=a.profile, overrides=options.overrides(a)
+        )
+    )
 
-    p = steps.add_parser("train", help="train one model")
+
+def _add_model_steps(commands: argparse._SubParsersAction) -> None:
+    """The train, evaluate and report steps."""
+    p = commands.add_parser("train", help="train one model")
     p.add_argument("model", choices=list(config.MODEL_NAMES))
     p.add_argument("split_uri", help="gs://<bucket>/splits/<key> (printed by split)")
     _common(p)
@@ -62,24 +81,24 @@ def build_parser() -> argparse.ArgumentParser:
     options.add_vgg16_weights(p)
     p.set_defaults(
         handler=lambda a: _steps().train(
-            a.model,
-            a.split_uri,
-            a.bucket,
-            a.run_id,
-            a.profile,
-            options.overrides(a),
-            a.experiment,
-            a.mlflow_parent_run_id,
-            a.vgg16_weights,
+            model=a.model,
+            split_uri=a.split_uri,
+            bucket=a.bucket,
+            run_id=a.run_id,
+            profile=a.profile,
+            overrides=options.overrides(a),
+            experiment=a.experiment,
+            mlflow_parent_run_id=a.mlflow_parent_run_id,
+            vgg16_weights=a.vgg16_weights,
         )
     )
 
-    p = steps.add_parser("evaluate", help="evaluate a run's models on the test split")
+    p = commands.add_parser("evaluate", help="evaluate a run's models on the test split")
     _common(p, profile=False)
     p.add_argument("--models", nargs="+", default=list(config.MODEL_NAMES))
-    p.set_defaults(handler=lambda a: _steps().evaluate(a.bucket, a.run_id, a.models))
+    p.set_defaults(handler=lambda a: _steps().evaluate(bucket=a.bucket, run_id=a.run_id, model_names=a.models))
 
-    p = steps.add_parser("report", help="build a run's comparison report")
+    p = commands.add_parser("report", help="build a run's comparison report")
     p.add_argument("split_uri")
     _common(p)
     options.add_experiment(p)
@@ -87,25 +106,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--models", nargs="+", default=list(config.MODEL_NAMES))
     p.set_defaults(
         handler=lambda a: _steps().report(
-            a.bucket,
-            a.run_id,
-            a.split_uri,
-            a.profile,
-            a.experiment,
-            a.mlflow_parent_run_id,
-            options.overrides(a),
-            a.models,
+            bucket=a.bucket,
+            run_id=a.run_id,
+            split_uri=a.split_uri,
+            profile=a.profile,
+            experiment=a.experiment,
+            mlflow_parent_run_id=a.mlflow_parent_run_id,
+            overrides=options.overrides(a),
+            model_names=a.models,
         )
     )
 
-    p = steps.add_parser("compare", help="table of models across pipeline runs (from MLflow), best first")
+
+def _add_tool_commands(commands: argparse._SubParsersAction) -> None:
+    """compare, predict and validate: for a person at a terminal."""
+    p = commands.add_parser("compare", help="table of models across pipeline runs (from MLflow), best first")
     options.add_experiment(p)
     p.add_argument("--last", type=int, default=10, help="how many recent pipeline runs (default 10)")
     p.add_argument("--json", action="store_true")
     _local_services_option(p)
     p.set_defaults(handler=_interactive(_compare))
 
-    p = steps.add_parser("predict", help="classify image files or folders with a trained model")
+    p = commands.add_parser("predict", help="classify image files or folders with a trained model")
     p.add_argument("paths", nargs="+")
     p.add_argument("--model", required=True, help="models:/..., gs://.../model.keras or a local .keras file")
     p.add_argument(
@@ -126,7 +148,7 @@ def build_parser() -> argparse.ArgumentParser:
     _local_services_option(p)
     p.set_defaults(handler=_interactive(_predict))
 
-    p = steps.add_parser(
+    p = commands.add_parser(
         "validate",
         help="check a model on labelled images of your own (one folder per class) before trusting it on them",
     )
@@ -136,7 +158,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the figures as JSON instead of a summary")
     _local_services_option(p)
     p.set_defaults(handler=_interactive(_validate))
-    return parser
 
 
 def _local_services_option(parser: argparse.ArgumentParser) -> None:
@@ -157,8 +178,8 @@ def _interactive(handler: Callable[[argparse.Namespace], Any]) -> Callable[[argp
         _use_local_services(Path(args.state_dir))
         with_model = handler in (_predict, _validate)
         _check_services_answer(
-            mlflow=not with_model or args.model.startswith(("models:/", "runs:/")),
-            storage=with_model and not Path(args.model).is_file(),
+            check_mlflow=not with_model or args.model.startswith(("models:/", "runs:/")),
+            check_storage=with_model and not Path(args.model).is_file(),
         )
         storage.set_retry_deadline(INTERACTIVE_STORAGE_WAIT_S)
         for name, value in INTERACTIVE_MLFLOW_SETTINGS.items():
@@ -177,23 +198,23 @@ def _interactive(handler: Callable[[argparse.Namespace], Any]) -> Callable[[argp
 def _use_local_services(state_dir: Path) -> None:
     if os.environ.get("MLFLOW_TRACKING_URI") or os.environ.get("STORAGE_EMULATOR_HOST"):
         return  # the user chose the services
-    from bloodcell.services import client_env
+    from bloodcell.local.services import client_env
 
     found = client_env(state_dir)
     if found:
         os.environ.update(found)
-        named = ", ".join(f"{k}={v}" for k, v in found.items() if "PASSWORD" not in k)
+        named = ", ".join(f"{k}={v}" for k, v in found.items() if "PASSWORD" not in k and "TOKEN" not in k)
         print(f"using the local services of {state_dir}: {named}", file=sys.stderr)
 
 
-def _check_services_answer(mlflow: bool, storage: bool) -> None:
+def _check_services_answer(*, check_mlflow: bool, check_storage: bool) -> None:
     """Name the service that does not answer, in seconds and before loading TensorFlow."""
     import requests
 
     checks = {}
-    if storage:
+    if check_storage:
         checks["object storage"] = (os.environ.get("STORAGE_EMULATOR_HOST"), "/storage/v1/b")
-    if mlflow:
+    if check_mlflow:
         checks["MLflow"] = (os.environ.get("MLFLOW_TRACKING_URI"), "/health")
         if not checks["MLflow"][0]:
             raise BloodcellError(

@@ -43,10 +43,11 @@ IMAGE_UID = 10001  # the image's non-root user and group (docker/Dockerfile)
 STEP_ENV = ("MLFLOW_TRACKING_URI", "STORAGE_EMULATOR_HOST")
 # The steps' MLflow login: on a cluster from Secret `bloodcell-mlflow`, locally from `pipeline.py run`.
 MLFLOW_CREDENTIAL_ENV = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")
-# The local object store's token (bloodcell.store_front): local containers get it from `pipeline.py run`.
+# The local object store's token (bloodcell.local.store_front): local containers get it from `pipeline.py run`.
 STORE_TOKEN_ENV = "BLOODCELL_STORE_TOKEN"
 STORE_CREDENTIAL_ENV = (STORE_TOKEN_ENV,)
-# Limits of each `--runner docker` task container (README: sized from the laptop profile's measured peaks).
+# Limits of each `--runner docker` task container: the laptop profile's largest step peaks at 1.7 GB
+# (docs/performance.md, "Memory per step"); 8g leaves room for the page cache and larger profiles.
 CONTAINER_MEMORY = os.environ.get("BLOODCELL_CONTAINER_MEMORY", "8g")
 CONTAINER_PIDS = int(os.environ.get("BLOODCELL_CONTAINER_PIDS", "4096"))  # processes and threads
 # Settings of this machine's environment that local containers get too.
@@ -92,7 +93,7 @@ class Profile:
     vgg16: ModelConfig
     max_images_per_class: int = 0  # 0 keeps every image
     # train, val, calibration, test. split-folders makes train+val / calibration / test (70/15/15 as the
-    # original work, seed 777), then val is carved from the first part per class (README: the split).
+    # original work, seed 777), then val is carved from the first part per class (docs/architecture.md: the split).
     split_ratio: tuple[float, float, float, float] = (0.65, 0.05, 0.15, 0.15)
     seed: int = 777
     precision: str = "auto"  # auto | float32 | mixed_bfloat16 | mixed_float16
@@ -141,7 +142,7 @@ PROFILES: dict[str, Profile] = {
             image_size=32, epochs=1, batch_size=32, fine_tune_epochs=1, scratch_width=0.25, scratch_epochs=1
         ),
     ),
-    # The full data at reduced resolution, sized for a 2-core CPU (README: measured costs).
+    # The full data at reduced resolution, sized for a 2-core CPU (docs/performance.md).
     "laptop": Profile(
         name="laptop",
         # A cosine decay over a fixed budget: ReduceLROnPlateau stopped cnn1 while it was still improving.
@@ -153,7 +154,7 @@ PROFILES: dict[str, Profile] = {
             early_stopping_start=20,
             lr_schedule="cosine",
         ),
-        # cnn2's epochs are the profile's costliest (README): fewer of them, each with twice the updates.
+        # cnn2's epochs are the profile's costliest (docs/performance.md): fewer of them, each with twice the updates.
         cnn2=ModelConfig(
             image_size=96,
             epochs=8,

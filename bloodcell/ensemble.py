@@ -263,11 +263,11 @@ def choose_tta(by_symmetry: dict[str, np.ndarray], y_val: np.ndarray) -> dict[st
 
     TTA costs 8x the inference, so a member keeps it only if it raises validation accuracy.
     """
-    decisions = {}
+    choices = {}
     for name, probabilities in by_symmetry.items():
         plain, averaged = Score.of(y_val, probabilities[0]), Score.of(y_val, probabilities.mean(axis=0))
-        decisions[name] = {"plain": asdict(plain), "tta": asdict(averaged), "use": averaged.accuracy > plain.accuracy}
-    return decisions
+        choices[name] = {"plain": asdict(plain), "tta": asdict(averaged), "use": averaged.accuracy > plain.accuracy}
+    return choices
 
 
 def choose_members(member_probabilities: dict[str, np.ndarray], y_val: np.ndarray) -> list[dict]:

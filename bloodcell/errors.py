@@ -6,11 +6,16 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import os
+import shutil
 import sys
+import tempfile
 from collections.abc import Iterator
+from pathlib import Path
 
 USER_ERROR_EXIT = 2
 DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+LOCAL_STORE_ENV = "BLOODCELL_LOCAL_STORE"  # the local emulator's data folder (set by `pipeline.py run`)
 
 
 class BloodcellError(Exception):
@@ -38,9 +43,7 @@ def user_message(exc: BaseException) -> str | None:
     if isinstance(exc, BloodcellError):
         return str(exc)
     if isinstance(exc, OSError) and exc.errno in DISK_FULL_ERRNOS:
-        from bloodcell import storage  # storage imports this module
-
-        return str(storage.disk_full_error(exc.filename))
+        return str(disk_full_error(exc.filename))
     return None
 
 
@@ -55,3 +58,24 @@ def exits_on_user_error(prefix: str = "error") -> Iterator[None]:
             raise
         print(f"{prefix}: {message}", file=sys.stderr, flush=True)
         raise SystemExit(USER_ERROR_EXIT) from None
+
+
+def disk_full_error(path: str | Path | None, what: str = "") -> DiskFullError:
+    """A clear error for a full disk: which folder, how much is free, what to do."""
+    candidates = (
+        [Path(path)] if path else [Path(p) for p in (os.environ.get(LOCAL_STORE_ENV), tempfile.gettempdir()) if p]
+    )
+    places = []
+    for place in candidates:
+        probe = next((p for p in [place, *place.parents] if p.exists()), place)
+        try:
+            free = f"{shutil.disk_usage(probe).free / 2**20:.1f} MiB free"
+        except OSError:
+            free = "free space unknown"
+        places.append(f"{place} ({free})")
+    return DiskFullError(
+        f"no space left on device{' ' + what if what else ''}: {' or '.join(places)}. Free space there, or put "
+        "the folder on a larger disk (--state-dir for the local services' data, BLOODCELL_CACHE for downloads, "
+        "TMPDIR for temporary files), then resume the run. Objects already in the bucket are intact: an upload "
+        "is committed only when complete."
+    )

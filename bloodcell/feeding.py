@@ -3,7 +3,7 @@
 Under TensorFlow, ``Model.fit`` wraps numpy arrays (and ``PyDataset``s) in a ``tf.data`` pipeline
 with autotuning on. Destroying such an iterator, which Keras does at the end of every epoch and
 every validation or prediction pass, waits for tf.data's autotuning thread to finish its current
-sleep, and those sleeps double up to 60 s (README: measured speeds; ``benchmarks/epoch_stall.py``).
+sleep, and those sleeps double up to 60 s (docs/performance.md; ``benchmarks/epoch_stall.py``).
 So under TensorFlow the arrays go through a small ``tf.data`` pipeline of our own with autotuning
 off; other backends get a ``PyDataset``.
 """

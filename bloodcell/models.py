@@ -65,7 +65,7 @@ class RandomSymmetry(layers.Layer):
     Three coin flips per image (horizontal flip, vertical flip, transpose) reach all eight,
     which are label-preserving for cell images and need no interpolation. Each flip selects whole
     images with one gather along the batch axis, on the raw uint8 input, which is much cheaper than
-    ``RandomFlip``'s element-wise selects (README: measured speeds). Images must be square.
+    ``RandomFlip``'s element-wise selects (docs/performance.md). Images must be square.
     """
 
     TRANSFORMS = (
@@ -113,7 +113,7 @@ class BatchNorm(layers.BatchNormalization):
 
     Keras computes batch statistics, normalisation and their gradients as a dozen separate float32
     passes over the activations; TensorFlow's ``FusedBatchNormV3`` does each direction in one kernel
-    (README: measured speeds). Other backends (XLA fuses these itself), masks and the
+    (docs/performance.md). Other backends (XLA fuses these itself), masks and the
     renorm/synchronized variants use Keras' own code.
     """
 

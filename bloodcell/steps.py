@@ -56,7 +56,9 @@ def run_uri(bucket: str, run_id: str) -> str:
 
 
 @user_errors
-def ingest(source: str, bucket: str, vgg16_weights: str = config.DEFAULT_VGG16_WEIGHTS, data_sha256: str = "") -> dict:
+def ingest(
+    *, source: str, bucket: str, vgg16_weights: str = config.DEFAULT_VGG16_WEIGHTS, data_sha256: str = ""
+) -> dict:
     """Check the VGG16 weights can be had (fail in seconds, before training), then ingest ``source``
     (pinned to ``data_sha256`` when given)."""
     from bloodcell import ingest as ingest_lib
@@ -68,7 +70,7 @@ def ingest(source: str, bucket: str, vgg16_weights: str = config.DEFAULT_VGG16_W
 
 
 @user_errors
-def split(dataset_uri: str, bucket: str, profile: str = "laptop", overrides: str = "{}") -> dict:
+def split(*, dataset_uri: str, bucket: str, profile: str = "laptop", overrides: str = "{}") -> dict:
     from bloodcell import split as split_lib
 
     result = split_lib.split(dataset_uri, bucket, config.resolve(profile, overrides))
@@ -81,6 +83,7 @@ def split(dataset_uri: str, bucket: str, profile: str = "laptop", overrides: str
 
 @user_errors
 def train(
+    *,
     model: str,
     split_uri: str,
     bucket: str,
@@ -104,14 +107,14 @@ def train(
     arrays_uri = split_lib.arrays_uri(split_uri, settings.model(model).image_size)
     result = train_lib.train(
         model,
-        arrays_uri,
-        run_uri(bucket, run_id),
-        settings,
-        experiment,
-        run_id,
-        parent_run,
-        vgg16_weights,
-        tracker,
+        arrays_uri=arrays_uri,
+        run_base=run_uri(bucket, run_id),
+        profile=settings,
+        experiment=experiment,
+        pipeline_run_id=run_id,
+        mlflow_parent_run_id=parent_run,
+        vgg16_weights=vgg16_weights,
+        tracker=tracker,
     )
     return asdict(result)
 
@@ -182,8 +185,10 @@ def _log_parent_params(parent: str, params: dict) -> None:
 
 
 @user_errors
-def evaluate(bucket: str, run_id: str, models: list[str] | None = None, trained: list[dict] | None = None) -> dict:
-    """Evaluate the ``trained`` models (training records), or those of ``models`` stored in run ``run_id``,
+def evaluate(
+    *, bucket: str, run_id: str, model_names: list[str] | None = None, trained: list[dict] | None = None
+) -> dict:
+    """Evaluate the ``trained`` models (training records), or those of ``model_names`` stored in run ``run_id``,
     and their combined model (built now from two models on, chosen on the validation split)."""
     from bloodcell import evaluate as evaluate_lib
     from bloodcell import tracking
@@ -191,13 +196,15 @@ def evaluate(bucket: str, run_id: str, models: list[str] | None = None, trained:
     base = run_uri(bucket, run_id)
     if trained is None:
         trained = [
-            storage.read_json(storage.join(base, "models", name, "train.json")) for name in models or config.MODEL_NAMES
+            storage.read_json(storage.join(base, "models", name, "train.json"))
+            for name in model_names or config.MODEL_NAMES
         ]
     return evaluate_lib.evaluate(trained, base, tracking.Tracker(base, "evaluate"))
 
 
 @user_errors
 def report(
+    *,
     bucket: str,
     run_id: str,
     split_uri: str,
@@ -205,10 +212,10 @@ def report(
     experiment: str = config.DEFAULT_EXPERIMENT,
     mlflow_parent_run_id: str = "",
     overrides: str = "{}",
-    models: list[str] | None = None,
+    model_names: list[str] | None = None,
     metrics_uris: dict[str, str] | None = None,
 ) -> dict:
-    """Register the best of the evaluated models (``metrics_uris``, or those of ``models`` in run ``run_id``)
+    """Register the best of the evaluated models (``metrics_uris``, or those of ``model_names`` in run ``run_id``)
     and build the report; the run summary."""
     from bloodcell import registry, tracking
     from bloodcell import report as report_lib
@@ -220,7 +227,7 @@ def report(
     parent_run = mlflow_parent_run_id or open_parent_run(
         split_uri, bucket, run_id, settings, overrides, experiment, tracker
     )
-    metrics_uris = metrics_uris or evaluated(base, models or config.MODEL_NAMES)
+    metrics_uris = metrics_uris or evaluated(base, model_names or config.MODEL_NAMES)
     results = {name: storage.read_json(uri) for name, uri in metrics_uris.items()}
     best = results[report_lib.best_model(results)]
     summary = {
@@ -241,8 +248,8 @@ def report(
     return report_lib.build_report(base, split_uri, results, summary, tracker).summary
 
 
-def evaluated(base: str, models: list[str] | tuple[str, ...]) -> dict[str, str]:
-    """The metrics of ``models`` in run ``base``, and of their combined model if evaluate built one."""
-    uris = {name: storage.join(base, "metrics", f"{name}.json") for name in models}
+def evaluated(base: str, model_names: list[str] | tuple[str, ...]) -> dict[str, str]:
+    """The metrics of ``model_names`` in run ``base``, and of their combined model if evaluate built one."""
+    uris = {name: storage.join(base, "metrics", f"{name}.json") for name in model_names}
     combined = storage.join(base, "metrics", f"{config.ENSEMBLE_NAME}.json")
     return {**uris, config.ENSEMBLE_NAME: combined} if storage.exists(combined) else uris

@@ -14,7 +14,6 @@ import hashlib
 import json
 import os
 import shutil
-import tempfile
 import uuid
 from collections.abc import Iterable
 from pathlib import Path
@@ -25,13 +24,13 @@ from google.cloud import storage
 from google.cloud.storage import transfer_manager
 
 # The storage client's own retry predicate: it has no public name, and ours must add to it.
-from google.cloud.storage.retry import DEFAULT_RETRY, _should_retry
+from google.cloud.storage.retry import DEFAULT_RETRY
 from google.oauth2 import credentials as oauth2
 
+from bloodcell import compat
 from bloodcell.config import STORE_TOKEN_ENV
-from bloodcell.errors import DISK_FULL_ERRNOS, DiskFullError, StorageError
+from bloodcell.errors import DISK_FULL_ERRNOS, LOCAL_STORE_ENV, StorageError, disk_full_error
 
-LOCAL_STORE_ENV = "BLOODCELL_LOCAL_STORE"  # the local emulator's data folder (set by `pipeline.py run`)
 FULL_BELOW_BYTES = 64 * 2**20
 
 
@@ -47,7 +46,7 @@ def local_store_full() -> bool:
 
 
 def _retryable(exc: BaseException) -> bool:
-    return _should_retry(exc) and not local_store_full()
+    return compat.storage_should_retry(exc) and not local_store_full()
 
 
 RETRY = DEFAULT_RETRY.with_predicate(_retryable).with_deadline(300)
@@ -250,27 +249,6 @@ def download_many(pairs: list[tuple[str, Path]], workers: int = UPLOAD_WORKERS) 
             if isinstance(result, OSError) and result.errno in DISK_FULL_ERRNOS:
                 raise disk_full_error(result.filename, f"while downloading {uri}") from result
             raise StorageError(f"download of {uri} failed: {result}") from result
-
-
-def disk_full_error(path: str | Path | None, what: str = "") -> DiskFullError:
-    """A clear error for a full disk: which folder, how much is free, what to do."""
-    candidates = (
-        [Path(path)] if path else [Path(p) for p in (os.environ.get(LOCAL_STORE_ENV), tempfile.gettempdir()) if p]
-    )
-    places = []
-    for place in candidates:
-        probe = next((p for p in [place, *place.parents] if p.exists()), place)
-        try:
-            free = f"{shutil.disk_usage(probe).free / 2**20:.1f} MiB free"
-        except OSError:
-            free = "free space unknown"
-        places.append(f"{place} ({free})")
-    return DiskFullError(
-        f"no space left on device{' ' + what if what else ''}: {' or '.join(places)}. Free space there, or put "
-        "the folder on a larger disk (--state-dir for the local services' data, BLOODCELL_CACHE for downloads, "
-        "TMPDIR for temporary files), then resume the run. Objects already in the bucket are intact: an upload "
-        "is committed only when complete."
-    )
 
 
 def _call(uri: str, action: Any) -> Any:

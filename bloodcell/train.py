@@ -57,8 +57,9 @@ class TrainingData:
 
 def train(
     model_name: str,
+    *,
     arrays_uri: str,
-    run_uri: str,
+    run_base: str,
     profile: Profile,
     experiment: str,
     pipeline_run_id: str,
@@ -66,17 +67,17 @@ def train(
     vgg16_weights: str = "none",
     tracker: tracking.Tracker | None = None,
 ) -> TrainResult:
-    """Train ``model_name`` and store it under ``run_uri``; log everything to its MLflow run.
+    """Train ``model_name`` and store it under ``run_base`` (the run's folder); log everything to its MLflow run.
 
     A model already stored for this run is returned as is. MLflow failures never stop training
     (see :class:`tracking.Tracker`); the bucket always gets the model, history and ``train.json``.
     """
-    out_uri = storage.join(run_uri, "models", model_name)
+    out_uri = storage.join(run_base, "models", model_name)
     stored = stored_result(out_uri)
     if stored:
         print(f"{model_name} is already trained in this run ({stored.model_uri}); reusing it")
         return stored
-    tracker = tracker or tracking.Tracker(run_uri, f"train-{model_name}")
+    tracker = tracker or tracking.Tracker(run_base, f"train-{model_name}")
     cfg = profile.model(model_name)
     keras.utils.set_random_seed(profile.seed)
     precision = hardware.apply_precision(profile.precision)
@@ -88,24 +89,12 @@ def train(
         f"training {model_name}: {len(data.train[0])} train / {len(data.val[0])} val images at "
         f"{cfg.image_size}px, {precision}, {hardware.device_name()}, MLflow run {mlflow_run_id or '(none)'}"
     )
+    params = training_params(model_name, cfg, profile, precision, arrays_uri, data, vgg16_weights)
     if mlflow_run_id:
-        tracker.attempt(
-            "log params",
-            tracking.log_params,
-            mlflow_run_id,
-            training_params(model_name, cfg, profile, precision, arrays_uri, data, vgg16_weights),
-        )
+        tracker.attempt("log params", tracking.log_params, mlflow_run_id, params)
     epoch_logger = tracking.EpochMetricsLogger(tracker, mlflow_run_id)
-    started = time.perf_counter()
-    try:
-        model, history = fit_model(
-            model_name, cfg, data, storage.join(run_uri, "checkpoints", model_name), vgg16_weights, epoch_logger
-        )
-    except BaseException:
-        if mlflow_run_id:
-            tracker.attempt("mark the model run failed", tracking.finish, mlflow_run_id, "FAILED")
-        raise
-    seconds = time.perf_counter() - started
+    checkpoints = storage.join(run_base, "checkpoints", model_name)
+    model, history, seconds = _fit_timed(model_name, cfg, data, checkpoints, vgg16_weights, epoch_logger, tracker)
     model, calibrated = calibrate(model, data, cfg.batch_size, profile)
     epochs = len(history.get("loss", []))
     result = TrainResult(
@@ -123,14 +112,47 @@ def train(
         mlflow_model_uri=None,
         calibration=calibrated.params(),
     )
+    return _log_and_store(result, model, history, tracker, epoch_logger, out_uri, loading)
+
+
+def _fit_timed(
+    model_name: str,
+    cfg: ModelConfig,
+    data: TrainingData,
+    checkpoints: str,
+    vgg16_weights: str,
+    epoch_logger: tracking.EpochMetricsLogger,
+    tracker: tracking.Tracker,
+) -> tuple[keras.Model, dict, float]:
+    """The fitted model, its history and the seconds fitting took; its MLflow run is marked failed if it fails."""
+    started = time.perf_counter()
+    try:
+        model, history = fit_model(model_name, cfg, data, checkpoints, vgg16_weights, epoch_logger)
+    except BaseException:
+        if epoch_logger.run_id:
+            tracker.attempt("mark the model run failed", tracking.finish, epoch_logger.run_id, "FAILED")
+        raise
+    return model, history, time.perf_counter() - started
+
+
+def _log_and_store(
+    result: TrainResult,
+    model: keras.Model,
+    history: dict,
+    tracker: tracking.Tracker,
+    epoch_logger: tracking.EpochMetricsLogger,
+    out_uri: str,
+    loading: float,
+) -> TrainResult:
+    """Log the trained model to its MLflow run (when there is one) and store it in the bucket."""
     storing = time.perf_counter()
-    if mlflow_run_id:
+    if result.mlflow_run_id:
         result = log_trained_model(result, model, tracker, epoch_logger)
     store(model, history, result, out_uri)
     storing = time.perf_counter() - storing
     print(
-        f"{model_name}: {epochs} epochs in {seconds:.0f} s (arrays loaded in {loading:.1f} s, model logged and "
-        f"stored in {storing:.1f} s); stored {result.model_uri}; "
+        f"{result.model}: {result.epochs} epochs in {result.train_seconds:.0f} s (arrays loaded in {loading:.1f} s, "
+        f"model logged and stored in {storing:.1f} s); stored {result.model_uri}; "
         f"MLflow model {result.mlflow_model_uri}"
     )
     return result

@@ -31,7 +31,7 @@ def evaluate(
         "vgg16": vgg16_confusion,
         config.ENSEMBLE_NAME: ensemble_confusion,
     }
-    results = steps.evaluate(bucket, run_id, trained=[dict(model.metadata) for model in trained.values()])
+    results = steps.evaluate(bucket=bucket, run_id=run_id, trained=[dict(model.metadata) for model in trained.values()])
     for name, result in results.items():
         for key in ("accuracy", "macro_f1", "weighted_f1", "roc_auc_ovr"):
             metrics.log_metric(f"{name}.{key}", result[key])

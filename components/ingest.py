@@ -11,7 +11,7 @@ def ingest(source: str, bucket: str, vgg16_weights: str, stats: Output[Metrics],
     """Check and store the dataset's images (content-addressed); returns the dataset URI."""
     from bloodcell import steps
 
-    result = steps.ingest(source, bucket, vgg16_weights, data_sha256)
+    result = steps.ingest(source=source, bucket=bucket, vgg16_weights=vgg16_weights, data_sha256=data_sha256)
     for key in ("images", "quarantined", "duplicates"):
         stats.log_metric(key, result[key])
     stats.metadata.update(

@@ -23,11 +23,11 @@ def report(
     from bloodcell import steps, storage
 
     summary = steps.report(
-        bucket,
-        run_id,
-        split_uri,
-        profile,
-        experiment,
+        bucket=bucket,
+        run_id=run_id,
+        split_uri=split_uri,
+        profile=profile,
+        experiment=experiment,
         overrides=overrides,
         metrics_uris=metrics.metadata["metrics_uris"],
     )

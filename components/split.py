@@ -11,7 +11,7 @@ def split(dataset_uri: str, bucket: str, profile: str, overrides: str, counts: O
     """Stratified train/val/test split and decode-once arrays; returns the split URI."""
     from bloodcell import steps
 
-    result = steps.split(dataset_uri, bucket, profile, overrides)
+    result = steps.split(dataset_uri=dataset_uri, bucket=bucket, profile=profile, overrides=overrides)
     for subset, per_class in result["counts"].items():
         for label, count in per_class.items():
             counts.log_metric(f"{subset}.{label}", count)

@@ -1,11 +1,9 @@
 """The training step as a kfp component: one component, the model to train as a parameter."""
 
-import copy
-import dataclasses
-
 from kfp import dsl
 from kfp.dsl import Model, Output
 
+from bloodcell import compat
 from bloodcell.config import DEFAULT_IMAGE
 
 
@@ -25,7 +23,14 @@ def train(
     from bloodcell import steps
 
     result = steps.train(
-        model_name, split_uri, bucket, run_id, profile, overrides, experiment, vgg16_weights=vgg16_weights
+        model=model_name,
+        split_uri=split_uri,
+        bucket=bucket,
+        run_id=run_id,
+        profile=profile,
+        overrides=overrides,
+        experiment=experiment,
+        vgg16_weights=vgg16_weights,
     )
     steps.fill_model_artifact(model, result)
 
@@ -36,6 +41,4 @@ def trainer(model_name: str) -> dsl.base_component.BaseComponent:
     kfp names a task after its component, and the local runner's log, its failure report and
     ``--resume`` name steps by task, so each model's task keeps its own name.
     """
-    named = copy.copy(train)
-    named.component_spec = dataclasses.replace(train.component_spec, name=f"train-{model_name}")
-    return named
+    return compat.renamed_component(train, f"train-{model_name}")

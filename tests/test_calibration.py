@@ -7,12 +7,7 @@ import numpy as np
 import pytest
 
 from bloodcell import calibration, explain, predict, selective
-
-
-def sampled_labels(rng: np.random.Generator, probabilities: np.ndarray) -> np.ndarray:
-    """One label per row drawn from that row's probabilities (so those probabilities are calibrated)."""
-    cumulative = probabilities.cumsum(axis=1)
-    return (rng.random((len(probabilities), 1)) > cumulative).sum(axis=1).clip(0, probabilities.shape[1] - 1)
+from conftest import sampled_labels
 
 
 @pytest.mark.parametrize("temperature", [0.5, 1.0, 2.5])

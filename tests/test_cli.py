@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-from bloodcell.services import LocalServices, free_port
+from bloodcell.local.services import LocalServices, free_port
 from conftest import ROOT, SHARED_DATA
 
 
@@ -83,10 +83,10 @@ def test_a_full_disk_while_filling_the_model_artifact_is_the_train_steps_one_lin
     import errno
     from types import SimpleNamespace
 
-    from bloodcell import steps, storage
+    from bloodcell import errors, steps, storage
 
     def no_space(uri, path):
-        raise storage.disk_full_error(tmp_path, f"while transferring {uri}") from OSError(errno.ENOSPC, "full")
+        raise errors.disk_full_error(tmp_path, f"while transferring {uri}") from OSError(errno.ENOSPC, "full")
 
     monkeypatch.setattr(storage, "download_file", no_space)
     artifact = SimpleNamespace(path=str(tmp_path / "model"), metadata={})

@@ -25,8 +25,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from bloodcell import config, containers, storage
-from conftest import ROOT, UNDECODABLE, PipelineRun, free_port, mlflow_login, plain, store_login
+from bloodcell import config, storage
+from bloodcell.local import containers
+from conftest import ROOT, UNDECODABLE, PipelineRun, mlflow_login, plain, smoke_args, store_login
 
 pytestmark = pytest.mark.containers
 IMAGE = os.environ.get("BLOODCELL_TEST_IMAGE") or config.DEFAULT_IMAGE
@@ -64,24 +65,6 @@ def pipeline(*args: str, env: dict | None = None, timeout: float = 900) -> tuple
         timeout=timeout,
     )
     return process, plain(process.stdout + process.stderr)
-
-
-def run_args(state: Path, data: Path, *extra: str) -> list[str]:
-    return [
-        "--profile",
-        "smoke",
-        "--data",
-        str(data),
-        "--vgg16-weights",
-        "none",
-        "--state-dir",
-        str(state),
-        "--gcs-port",
-        str(free_port()),
-        "--mlflow-port",
-        str(free_port()),
-        *extra,
-    ]
 
 
 # --- the image -------------------------------------------------------------------------------
@@ -221,18 +204,7 @@ def runs(engine, sample_dataset, tmp_path_factory):
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     for name in ("STORAGE_EMULATOR_HOST", storage.STORE_TOKEN_ENV, "MLFLOW_TRACKING_URI", "BLOODCELL_CACHE"):
         env.pop(name, None)
-    ports = ["--gcs-port", str(free_port()), "--mlflow-port", str(free_port())]
-    common = [
-        "--profile",
-        "smoke",
-        "--data",
-        str(sample_dataset),
-        "--vgg16-weights",
-        "none",
-        "--state-dir",
-        str(state),
-        *ports,
-    ]
+    common = smoke_args(sample_dataset, state)
     events = ContainerEvents(engine, state)
     started = time.monotonic()
     docker_run, docker_log = pipeline(
@@ -354,7 +326,7 @@ def test_containers_give_the_results_of_local_processes(runs, monkeypatch):
 def bad_case(tmp_path, data: Path, extra: list[str], env: dict | None = None) -> tuple[int, str, float]:
     state = tmp_path / "state"
     started = time.monotonic()
-    process, _ = pipeline("run", *run_args(state, data, "--runner", "docker", *extra), env=env, timeout=120)
+    process, _ = pipeline("run", *smoke_args(data, state, "--runner", "docker", *extra), env=env, timeout=120)
     seconds = time.monotonic() - started
     assert not (state / "services.json").exists(), "nothing may start before the image is checked"
     errors = [line for line in process.stderr.splitlines() if line.startswith("error:")]
@@ -414,7 +386,7 @@ def test_a_failing_step_fails_the_run_and_leaves_no_container(engine, tmp_path):
     state = tmp_path / "state"
     missing = tmp_path / "missing"
     try:
-        process, log = pipeline("run", *run_args(state, missing, "--runner", "docker", "--image", IMAGE), timeout=600)
+        process, log = pipeline("run", *smoke_args(missing, state, "--runner", "docker", "--image", IMAGE), timeout=600)
         assert process.returncode == 1, log[-3000:]
         assert f"error in step ingest: data source '{missing}' does not exist" in log
         verdict = plain(process.stderr)
@@ -429,9 +401,9 @@ def training_in_a_container(tmp_path: Path, data: Path, epoch: int) -> Iterator[
     """A docker run whose cnn1 trains 40 epochs, from its epoch ``epoch`` on; stopped (--force) afterwards."""
     state = tmp_path / "state"
     run = PipelineRun(
-        run_args(
-            state,
+        smoke_args(
             data,
+            state,
             "--runner",
             "docker",
             "--image",

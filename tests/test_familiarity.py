@@ -6,9 +6,9 @@ import keras
 import numpy as np
 import pytest
 
-from bloodcell import calibration, decisions, familiarity, predict, selective, shifts
+from bloodcell import decisions, familiarity, predict, shifts
 from bloodcell.arrays import decode_resized
-from conftest import SHARED_DATA
+from conftest import SHARED_DATA, checked_model, tiny_model
 
 
 def clusters(rng: np.random.Generator, n: int, centres: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -36,34 +36,6 @@ def test_the_check_flags_a_far_away_cluster_and_about_the_chosen_share_of_famili
     x = held_out[:5]
     by_hand = np.min([np.einsum("nd,de,ne->n", x - m, precision, x - m) for m in means], axis=0)
     np.testing.assert_allclose(block.distances(x), by_hand, rtol=1e-6)
-
-
-def tiny_model() -> keras.Model:
-    keras.utils.set_random_seed(5)
-    images = keras.Input((32, 32, 3), dtype="uint8", name="image")
-    x = keras.layers.Rescaling(1 / 255)(images)
-    x = keras.layers.Conv2D(8, 3, activation="relu")(x)
-    x = keras.layers.MaxPooling2D(2)(x)
-    x = keras.layers.Conv2D(8, 3, activation="relu")(x)
-    x = keras.layers.MaxPooling2D(2)(x)
-    x = keras.layers.GlobalAveragePooling2D()(x)
-    return keras.Model(images, keras.layers.Dense(3, activation="softmax", name="probabilities")(x), name="tiny")
-
-
-def checked_model(model: keras.Model, images: np.ndarray, labels: np.ndarray) -> keras.Model:
-    """``model`` with a familiarity check fitted on ``images`` and a calibration layer."""
-    features = [np.asarray(f) for f in familiarity.pooled_features(model).predict_on_batch(images)]
-    blocks = familiarity.standardise([familiarity.fit_block(f, labels, 3) for f in features], features)
-    scores = familiarity.block_scores(blocks, features)
-    fitted = calibration.Calibrated(
-        1.5, [0.5, 0.6, 0.7], [selective.PROMISE_CLASS, selective.PROMISE_GROUP, selective.PROMISE_GROUP], 0.99,
-        0.95, [0.1, 0.2, 0.3], 0.01, [100, 100, 100], 0.9, familiarity.flag_threshold(scores, 0.05), 0.05, 0.05,
-        0.1, 0.05, 0.5, 0.4,
-    )  # fmt: skip
-    probabilities = calibration.calibration_layer_for(fitted)(model.outputs[0])
-    return familiarity.with_familiarity(
-        model, probabilities, blocks, 3, threshold=fitted.familiarity_threshold, flag_share=0.05
-    )
 
 
 def test_the_check_lives_in_the_model_file_and_reloads_with_identical_scores_sets_and_refer_flags(tmp_path):

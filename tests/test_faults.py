@@ -24,8 +24,8 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from bloodcell import config, ingest, split, storage
-from bloodcell.services import LocalServices, free_port
-from conftest import ROOT, PipelineRun, found, mlflow_login, store_login
+from bloodcell.local.services import LocalServices, free_port
+from conftest import ROOT, PipelineRun, found, mlflow_login, smoke_args, store_login, train_command
 
 pytestmark = pytest.mark.faults
 IMMUTABLE = ("datasets/", "sources/", "splits/", "arrays/")  # content-addressed: written once, never changed
@@ -54,22 +54,7 @@ def local_pipeline(tmp_path, sample_dataset, monkeypatch):
     """Arguments for smoke pipeline runs with their own state and ports; the test reads their bucket."""
     gcs_port, mlflow_port = free_port(), free_port()
     state = tmp_path / "state"
-    args = [
-        "--profile",
-        "smoke",
-        "--data",
-        str(sample_dataset),
-        "--vgg16-weights",
-        "none",
-        "--bucket",
-        "faults",
-        "--state-dir",
-        str(state),
-        "--gcs-port",
-        str(gcs_port),
-        "--mlflow-port",
-        str(mlflow_port),
-    ]
+    args = smoke_args(sample_dataset, state, "--bucket", "faults", gcs_port=gcs_port, mlflow_port=mlflow_port)
     state.mkdir()
     for name, value in {**mlflow_login(state), **store_login(state)}.items():
         monkeypatch.setenv(name, value)
@@ -144,24 +129,7 @@ def test_object_store_restart_during_training_loses_nothing(own_services):
     local, split_uri = own_services
     run_id = f"faults-{time.time_ns()}"
     state_uri = f"gs://faults/runs/{run_id}/checkpoints/cnn1/main/state.json"
-    command = [
-        sys.executable,
-        "-m",
-        "bloodcell.cli",
-        "train",
-        "cnn1",
-        split_uri,
-        "--bucket",
-        "faults",
-        "--run-id",
-        run_id,
-        "--profile",
-        "smoke",
-        "--set",
-        "cnn1.epochs=25",
-        "--set",
-        "cnn1.early_stopping_patience=1000",
-    ]
+    command = train_command(split_uri, "faults", run_id, 25)
     trainer = subprocess.Popen(
         command, cwd=ROOT, env=os.environ.copy(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
     )
@@ -248,24 +216,7 @@ def test_mlflow_outage_during_training_is_backfilled(own_services):
     local, split_uri = own_services
     run_id = f"faults-{time.time_ns()}"
     epochs = 60
-    command = [
-        sys.executable,
-        "-m",
-        "bloodcell.cli",
-        "train",
-        "cnn1",
-        split_uri,
-        "--bucket",
-        "faults",
-        "--run-id",
-        run_id,
-        "--profile",
-        "smoke",
-        "--set",
-        f"cnn1.epochs={epochs}",
-        "--set",
-        "cnn1.early_stopping_patience=1000",
-    ]
+    command = train_command(split_uri, "faults", run_id, epochs)
     trainer = subprocess.Popen(
         command, cwd=ROOT, env=os.environ.copy(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
     )

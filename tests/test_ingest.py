@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import io
 import shutil
-import stat
 import struct
 import tempfile
 import time
@@ -18,32 +17,7 @@ from PIL import Image, UnidentifiedImageError
 
 from bloodcell import arrays, config, ingest, sources, split
 from bloodcell.errors import DataError
-from conftest import UNDECODABLE, http_server, make_sample
-
-
-def jpeg_bytes(color=(200, 80, 120), size=(40, 40)) -> bytes:
-    buffer = io.BytesIO()
-    Image.new("RGB", size, color).save(buffer, "JPEG")
-    return buffer.getvalue()
-
-
-def make_dataset(root: Path, per_class: dict[str, int]) -> Path:
-    for index, (label, count) in enumerate(per_class.items()):
-        (root / label).mkdir(parents=True, exist_ok=True)
-        for i in range(count):
-            (root / label / f"{label}_{i}.jpg").write_bytes(jpeg_bytes((index * 30, i % 255, 90)))
-    return root
-
-
-def zip_with(path: Path, entries: dict[str, bytes], symlinks: dict[str, str] | None = None) -> Path:
-    with zipfile.ZipFile(path, "w") as zf:
-        for name, data in entries.items():
-            zf.writestr(name, data)
-        for name, target in (symlinks or {}).items():
-            info = zipfile.ZipInfo(name)
-            info.external_attr = (stat.S_IFLNK | 0o777) << 16
-            zf.writestr(info, target)
-    return path
+from conftest import UNDECODABLE, http_server, jpeg_bytes, make_dataset, make_sample, zip_with
 
 
 def png_declaring(width: int, height: int) -> bytes:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 import subprocess
 import sys
@@ -13,8 +12,8 @@ from pathlib import Path
 import pytest
 
 from bloodcell import shifts
-from bloodcell.services import client_env
-from conftest import ROOT, SHARED_DATA, UNDECODABLE, free_port, mlflow_login, store_login
+from bloodcell.local.services import client_env
+from conftest import ROOT, SHARED_DATA, UNDECODABLE, mlflow_login, plain, smoke_args, store_login
 
 pytestmark = pytest.mark.integration
 TASKS = ["ingest", "split", "train-cnn1", "train-cnn2", "train-vgg16", "evaluate", "report"]
@@ -30,10 +29,6 @@ SUMMARY_KEYS = {
 }
 
 
-def plain(text: str) -> str:
-    return re.sub(r"\x1b\[[0-9;]*m", "", text)
-
-
 @pytest.fixture(scope="module")
 def smoke_run(sample_dataset, tmp_path_factory):
     state = tmp_path_factory.mktemp("pipeline-state")
@@ -41,25 +36,7 @@ def smoke_run(sample_dataset, tmp_path_factory):
     env = {**os.environ, "BLOODCELL_CACHE": str(state / "cache"), "PYTHONUNBUFFERED": "1"}
     env.pop("STORAGE_EMULATOR_HOST", None)
     env.pop("MLFLOW_TRACKING_URI", None)
-    command = [
-        sys.executable,
-        "pipeline.py",
-        "run",
-        "--profile",
-        "smoke",
-        "--data",
-        str(sample_dataset),
-        "--vgg16-weights",
-        "none",
-        "--state-dir",
-        str(state),
-        "--gcs-port",
-        str(free_port()),
-        "--mlflow-port",
-        str(free_port()),
-        "--summary",
-        str(summary_path),
-    ]
+    command = [sys.executable, "pipeline.py", "run", *smoke_args(sample_dataset, state, "--summary", str(summary_path))]
     process = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     log = plain(process.stdout + process.stderr)
     (state / "run.log").write_text(log)
@@ -261,23 +238,7 @@ def test_stop_ends_only_the_services_it_started(smoke_run):
 
 def test_a_failing_step_fails_the_run_with_its_name_and_reason(tmp_path):
     env = {**os.environ, "BLOODCELL_CACHE": str(tmp_path / "cache")}
-    command = [
-        sys.executable,
-        "pipeline.py",
-        "run",
-        "--profile",
-        "smoke",
-        "--data",
-        str(tmp_path / "missing"),
-        "--vgg16-weights",
-        "none",
-        "--state-dir",
-        str(tmp_path / "state"),
-        "--gcs-port",
-        str(free_port()),
-        "--mlflow-port",
-        str(free_port()),
-    ]
+    command = [sys.executable, "pipeline.py", "run", *smoke_args(tmp_path / "missing", tmp_path / "state")]
     try:
         process = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     finally:

@@ -19,12 +19,12 @@ import numpy as np
 import pytest
 import requests
 import yaml
-from test_ingest import jpeg_bytes, make_dataset, zip_with
 
-from bloodcell import cli, ingest, local_runs, predict, registry, sources, storage, tracking
+from bloodcell import cli, ingest, predict, registry, sources, storage, tracking
 from bloodcell.errors import BloodcellError, DataError, StorageError
-from bloodcell.services import command_line, free_port, process_start_time
-from conftest import http_server
+from bloodcell.local import runs
+from bloodcell.local.services import command_line, free_port, process_start_time
+from conftest import http_server, jpeg_bytes, make_dataset, zip_with
 
 ESCAPING_URIS = ["gs://b//home/user/.bashrc", "gs://b/a/../../../x", "gs://b/a/./b", "gs://b/a//b", "gs://../x"]
 
@@ -340,22 +340,22 @@ def test_a_record_whose_start_time_differs_is_stale_and_its_process_is_left_alon
     (tmp_path / "active").mkdir()
     (tmp_path / "active" / "same.json").write_text(json.dumps({**record, "start_time": started}))
     (tmp_path / "active" / "reused.json").write_text(json.dumps({**record, "start_time": started + 1}))
-    assert local_runs.in_progress(tmp_path) == {"same": sleeper.pid}
+    assert runs.in_progress(tmp_path) == {"same": sleeper.pid}
     assert not (tmp_path / "active" / "reused.json").exists()
     assert sleeper.poll() is None
 
 
 def test_an_active_run_records_its_start_time(tmp_path):
-    with local_runs.active(tmp_path, "run-1"):
+    with runs.active(tmp_path, "run-1"):
         saved = json.loads((tmp_path / "active" / "run-1.json").read_text())
         assert saved["start_time"] == process_start_time(os.getpid())
-        assert local_runs.in_progress(tmp_path) == {"run-1": os.getpid()}
+        assert runs.in_progress(tmp_path) == {"run-1": os.getpid()}
 
 
 @pytest.mark.parametrize("abi, partial", [(1, True), (2, True), (3, False), (7, False)])
 def test_older_landlock_abis_are_named_as_partial_confinement(abi, partial, monkeypatch, capsys):
     """ABI 1-2 (Linux 5.13-6.1) do not confine truncation: the services warn on those kernels."""
-    from bloodcell import sandbox, services
+    from bloodcell.local import sandbox, services
 
     assert (sandbox.partial_confinement(abi) is not None) == partial
     monkeypatch.setattr(sandbox, "abi_version", lambda: abi)

@@ -19,9 +19,9 @@ from pathlib import Path
 
 import pytest
 import yaml
-from test_cluster_static import MLFLOW_IMAGE, render
 
 from bloodcell import config
+from conftest import MLFLOW_IMAGE, render
 
 ROOT = Path(__file__).resolve().parents[1]
 SCAN_BIN = ROOT / ".venv-scan" / "bin"

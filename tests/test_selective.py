@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from test_calibration import sampled_labels
 
 from bloodcell import calibration, selective
+from conftest import sampled_labels
 
 
 def synthetic(rng: np.random.Generator, n: int, sharpness: np.ndarray, prior: np.ndarray):

@@ -21,7 +21,7 @@ from mlflow.tracking import MlflowClient
 
 from bloodcell import config, storage
 from bloodcell.errors import BloodcellError
-from bloodcell.services import (
+from bloodcell.local.services import (
     EMULATOR_PORT_INSIDE,
     SETUP,
     LocalServices,

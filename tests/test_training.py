@@ -6,13 +6,12 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 
 import pytest
 
 from bloodcell import config, ingest, split, storage
-from conftest import ROOT
+from conftest import ROOT, train_command
 
 EPOCHS = 30
 
@@ -23,35 +22,12 @@ def smoke_split(services, sample_dataset):
     return split.split(dataset.dataset_uri, services["bucket"], config.resolve("smoke"), sizes=[48]).split_uri
 
 
-def train_command(split_uri: str, bucket: str, run_id: str) -> list[str]:
-    return [
-        sys.executable,
-        "-m",
-        "bloodcell.cli",
-        "train",
-        "cnn1",
-        split_uri,
-        "--bucket",
-        bucket,
-        "--run-id",
-        run_id,
-        "--profile",
-        "smoke",
-        "--set",
-        f"cnn1.epochs={EPOCHS}",
-        "--set",
-        "cnn1.early_stopping_patience=1000",
-        "--experiment",
-        "test-resume",
-    ]
-
-
 def test_killed_trainer_resumes_from_its_checkpoint(services, smoke_split):
     bucket, run_id = services["bucket"], f"resume-{time.time_ns()}"
     state_uri = f"gs://{bucket}/runs/{run_id}/checkpoints/cnn1/main/state.json"
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     process = subprocess.Popen(
-        train_command(smoke_split, bucket, run_id),
+        train_command(smoke_split, bucket, run_id, EPOCHS, "--experiment", "test-resume"),
         cwd=ROOT,
         env=env,
         stdout=subprocess.DEVNULL,
@@ -71,7 +47,12 @@ def test_killed_trainer_resumes_from_its_checkpoint(services, smoke_split):
     assert 2 <= killed_after < EPOCHS
 
     resumed = subprocess.run(
-        train_command(smoke_split, bucket, run_id), cwd=ROOT, env=env, capture_output=True, text=True, timeout=600
+        train_command(smoke_split, bucket, run_id, EPOCHS, "--experiment", "test-resume"),
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resuming from" in resumed.stdout

@@ -8,10 +8,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from test_familiarity import checked_model, tiny_model
 
 from bloodcell import cli, decisions, selective, shifts, validate
-from conftest import SHARED_DATA
+from conftest import SHARED_DATA, checked_model, tiny_model
 
 RULES = decisions.Rules(
     np.full(3, 0.5), [selective.PROMISE_CLASS, "group", "group"], 0.99, np.full(3, 0.1), 0.01, 1.0, 0.05, True, 1.0

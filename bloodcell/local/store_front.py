@@ -15,7 +15,7 @@ keeps the namespace it was made in, so the front accepts on the host's loopback 
 emulator on the namespace's own. Where the system refuses such namespaces (Ubuntu's AppArmor restriction,
 a container without the right), it runs here with the emulator on another loopback port, and says so.
 
-    python -m bloodcell.store_front --listen-fd FD --token-file FILE --inner-port PORT [--isolated] -- COMMAND ...
+    python -m bloodcell.local.store_front --listen-fd FD --token-file FILE --inner-port PORT [--isolated] -- COMMAND ...
 """
 
 from __future__ import annotations
@@ -66,7 +66,7 @@ def refusal(headers: email.message.Message, path: str, token: bytes, host: str) 
     if scheme.lower() != "bearer" or not hmac.compare_digest(offered.strip().encode(), token):
         return (
             "no valid token: requests need the state directory's object-store token (bloodcell's storage "
-            "client sends it; see `bloodcell.services.client_env`)"
+            "client sends it; see `bloodcell.local.services.client_env`)"
         )
     return None
 

@@ -14,10 +14,14 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from bloodcell import config, local_runs
+from bloodcell import compat, config
 from bloodcell.errors import BloodcellError
+from bloodcell.local import runs
+
+if TYPE_CHECKING:
+    from bloodcell.local.containers import ContainerPlan
 
 RUNNERS = ("subprocess", "docker")
 DEFAULT_STATE_DIR = ".bloodcell"
@@ -49,54 +53,28 @@ def run(
     import kfp.local
 
     from bloodcell import models
-    from bloodcell.services import LocalServices
+    from bloodcell.local.services import LocalServices
 
     state = options.state_dir.resolve()
-    if options.resume:
-        run_id = options.resume
-        arguments = local_runs.load_arguments(state, run_id)
-        recorded = local_runs.load_runner(state, run_id)
-    elif arguments is None or run_id is None:
-        raise ValueError("a new run needs its arguments and run id")
-    else:
-        recorded = {}
-    runner = options.runner or recorded.get("runner", "subprocess")
-    image = options.image or recorded.get("image") or config.DEFAULT_IMAGE
-    if runner not in RUNNERS:
-        raise BloodcellError(f"unknown runner {runner!r}; choose one of: {', '.join(RUNNERS)}")
+    run_id, arguments, runner, image = _what_to_run(state, options, arguments, run_id)
     weights = arguments["vgg16_weights"]
     if not weights.startswith("gs://"):
         models.check_vgg16_weights(weights)
     checked = None
     if runner == "docker":
-        from bloodcell import containers
+        from bloodcell.local import containers
 
         arguments = containers.absolute_paths(arguments)
         checked = containers.check(image)  # before anything starts: an engine, the image, our package in it
-    others = local_runs.in_progress(state)
-    if run_id in others:
-        raise BloodcellError(f"run {run_id} is already in progress (pid {others[run_id]}); wait for it to end")
-    if others:
-        print(
-            f"note: run(s) {', '.join(others)} in progress too; this run shares their services, "
-            f"its outputs go under runs/{run_id}/"
-        )
+    _check_not_in_progress(state, run_id)
     services = LocalServices(state, arguments["bucket"], options.gcs_port, options.mlflow_port)
     env = services.start()
     os.environ.update(env)
     if weights.startswith("gs://"):
         models.check_vgg16_weights(weights)
-    local_runs.save_arguments(state, run_id, arguments)
-    runner_record: dict[str, str] = {"runner": runner}
-    if checked is not None:
-        from bloodcell import containers
-
-        plan = containers.plan(checked, state, run_id, arguments, env)
-        kfp_runner: Any = plan.kfp_runner()
-        runner_record.update(image=plan.image, image_id=plan.image_id)
-    else:
-        kfp_runner = kfp.local.SubprocessRunner(use_venv=False)
-    local_runs.save_runner(state, run_id, runner_record)
+    runs.save_arguments(state, run_id, arguments)
+    kfp_runner, runner_record = _kfp_runner(runner, checked, state, run_id, arguments, env)
+    runs.save_runner(state, run_id, runner_record)
     kfp.local.init(runner=kfp_runner, pipeline_root=str(state / "kfp"), raise_on_error=True)
     started = time.perf_counter()
     where = f"containers of {image}" if checked else "local processes"
@@ -105,16 +83,62 @@ def run(
         + (" (resumed: finished steps and epochs are kept)" if options.resume else "")
     )
     with (
-        local_runs.active(state, run_id),
-        local_runs.TaskLog(sys.stdout).installed() as task_log,
+        runs.active(state, run_id),
+        runs.TaskLog(sys.stdout).installed() as task_log,
         _containers_fixed(checked is not None),
         _sigterm_exits(),
     ):
         try:
             make_pipeline(image)(**arguments)
-        except RuntimeError as exc:  # kfp.local: "Pipeline ... finished with status FAILURE. Inner task failed: ..."
+        except RuntimeError as exc:
+            if not compat.is_pipeline_failure(exc):
+                raise
             return report_failure(run_id, task_log, exc, options.state_dir)
     return finish(run_id, arguments, state, time.perf_counter() - started, options, runner_record)
+
+
+def _what_to_run(
+    state: Path, options: RunOptions, arguments: dict[str, str] | None, run_id: str | None
+) -> tuple[str, dict[str, str], str, str]:
+    """The run id, pipeline arguments, runner and image: given, or on ``--resume`` the run's own."""
+    if options.resume:
+        run_id = options.resume
+        arguments = runs.load_arguments(state, run_id)
+        recorded = runs.load_runner(state, run_id)
+    elif arguments is None or run_id is None:
+        raise ValueError("a new run needs its arguments and run id")
+    else:
+        recorded = {}
+    runner = options.runner or recorded.get("runner", "subprocess")
+    image = options.image or recorded.get("image") or config.DEFAULT_IMAGE
+    if runner not in RUNNERS:
+        raise BloodcellError(f"unknown runner {runner!r}; choose one of: {', '.join(RUNNERS)}")
+    return run_id, arguments, runner, image
+
+
+def _check_not_in_progress(state: Path, run_id: str) -> None:
+    others = runs.in_progress(state)
+    if run_id in others:
+        raise BloodcellError(f"run {run_id} is already in progress (pid {others[run_id]}); wait for it to end")
+    if others:
+        print(
+            f"note: run(s) {', '.join(others)} in progress too; this run shares their services, "
+            f"its outputs go under runs/{run_id}/"
+        )
+
+
+def _kfp_runner(
+    runner: str, checked: ContainerPlan | None, state: Path, run_id: str, arguments: dict[str, str], env: dict[str, str]
+) -> tuple[Any, dict[str, str]]:
+    """kfp's local runner for ``runner`` and what to record of it (the image and its ID for containers)."""
+    import kfp.local
+
+    if checked is None:
+        return kfp.local.SubprocessRunner(use_venv=False), {"runner": runner}
+    from bloodcell.local import containers
+
+    plan = containers.plan(checked, state, run_id, arguments, env)
+    return plan.kfp_runner(), {"runner": runner, "image": plan.image, "image_id": plan.image_id}
 
 
 @contextlib.contextmanager
@@ -122,7 +146,7 @@ def _containers_fixed(docker: bool) -> Iterator[None]:
     if not docker:
         yield
         return
-    from bloodcell import containers
+    from bloodcell.local import containers
 
     with containers.reliable_exit_codes():
         yield
@@ -142,7 +166,7 @@ def _sigterm_exits() -> Iterator[None]:
         signal.signal(signal.SIGTERM, saved)
 
 
-def report_failure(run_id: str, task_log: local_runs.TaskLog, exc: Exception, state_dir: Path) -> int:
+def report_failure(run_id: str, task_log: runs.TaskLog, exc: Exception, state_dir: Path) -> int:
     """Name the failing step, show the end of its log and how to resume; exit status 1."""
     task = task_log.task or "unknown"
     tail = "\n".join(f"    {line}" for line in task_log.lines) or "    (no output)"
@@ -150,7 +174,7 @@ def report_failure(run_id: str, task_log: local_runs.TaskLog, exc: Exception, st
     if str(state_dir) != DEFAULT_STATE_DIR:
         resume += f" --state-dir {state_dir}"
     print(
-        f"error: run {run_id} failed in step {task} ({local_runs.plain(str(exc)).strip()})\n"
+        f"error: run {run_id} failed in step {task} ({runs.plain(str(exc)).strip()})\n"
         f"last lines of {task}'s log:\n{tail}\n"
         f"fix the cause, then resume: {resume} (finished steps and training epochs are kept)",
         file=sys.stderr,
@@ -200,11 +224,11 @@ def finish(
 
 def stop(state_dir: Path, bucket: str, force: bool = False) -> int:
     """Stop the services ``run`` started and remove task containers left by runs that ended; exit status."""
-    from bloodcell import containers
-    from bloodcell.services import LocalServices
+    from bloodcell.local import containers
+    from bloodcell.local.services import LocalServices
 
     state = state_dir.resolve()
-    running = local_runs.in_progress(state)
+    running = runs.in_progress(state)
     if running and not force:
         listing = ", ".join(f"{run} (pid {pid})" for run, pid in running.items())
         print(

@@ -19,11 +19,11 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TextIO
 
+from bloodcell import compat
 from bloodcell.errors import BloodcellError
-from bloodcell.services import command_line, process_start_time
+from bloodcell.local.services import command_line, process_start_time
 
 ANSI = re.compile(r"\x1b\[[0-9;]*m")
-TASK_START = re.compile(r"Executing task '?([\w.-]+)'?")
 
 
 def plain(text: str) -> str:
@@ -122,7 +122,7 @@ class TaskLog(io.TextIOBase):
         *complete, self._partial = self._partial.split("\n")
         for line in complete:
             clean = plain(line).rstrip()
-            started = TASK_START.search(clean)
+            started = compat.TASK_START.search(clean)
             if started:
                 self.task = started.group(1)
                 self.lines.clear()

@@ -1,7 +1,7 @@
 """MLflow's ``gs://`` artifact repository, with bloodcell's storage client where the local store needs a token.
 
 The local MLflow server keeps its artifacts in the local object store, whose front refuses requests without
-the state directory's token (:mod:`bloodcell.store_front`); MLflow's own repository makes an anonymous
+the state directory's token (:mod:`bloodcell.local.store_front`); MLflow's own repository makes an anonymous
 client for an emulator. Registered for the ``gs`` scheme through MLflow's plugin entry point
 (``mlflow.artifact_repository`` in pyproject.toml), which MLflow reads after its built-in schemes. Without
 ``BLOODCELL_STORE_TOKEN`` (real GCS, a cluster) it is MLflow's repository unchanged.

@@ -3,7 +3,7 @@
 The local object store (fake-gcs-server) joins object names to its folder unchecked, so an upload named
 ``../../x`` lands outside it; any local user can reach its loopback port. Confined, such a write fails.
 
-    python -m bloodcell.sandbox --writable PATH [--writable PATH ...] -- COMMAND [ARG ...]
+    python -m bloodcell.local.sandbox --writable PATH [--writable PATH ...] -- COMMAND [ARG ...]
 
 Landlock is in Linux since 5.13; Python has no binding, hence the few syscalls below (x86-64 and arm64
 share their numbers). Reading and executing stay allowed everywhere. What is confined depends on the
@@ -99,7 +99,7 @@ def _allow_beneath(libc: ctypes.CDLL, ruleset: int, path: str, access: int) -> N
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bloodcell.sandbox", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m bloodcell.local.sandbox", description=__doc__.splitlines()[0])
     parser.add_argument("--writable", action="append", required=True, help="a folder (or file) the command may change")
     parser.add_argument("command", nargs=argparse.REMAINDER, help="-- COMMAND [ARG ...]")
     args = parser.parse_args(argv)

