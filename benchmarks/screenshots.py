@@ -26,7 +26,8 @@ import requests
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bloodcell import services, storage, tracking  # noqa: E402
+from bloodcell import storage, tracking  # noqa: E402
+from bloodcell.local import services  # noqa: E402
 
 
 def signing_proxy(target: str, user: str, password: str) -> http.server.ThreadingHTTPServer:

@@ -438,7 +438,13 @@ UNSHARE = ("unshare", "--user", "--map-root-user", "--net")
 @functools.lru_cache(maxsize=1)
 def _can_isolate() -> bool:
     """Whether this system lets us start the emulator in a user and network namespace of its own."""
-    probe = [*UNSHARE, "--", sys.executable, "-c", "from bloodcell import store_front; store_front.bring_loopback_up()"]
+    probe = [
+        *UNSHARE,
+        "--",
+        sys.executable,
+        "-c",
+        "from bloodcell.local import store_front; store_front.bring_loopback_up()",
+    ]
     try:
         done = subprocess.run(probe, capture_output=True, text=True, timeout=30)
     except (OSError, subprocess.TimeoutExpired) as exc:
