@@ -37,6 +37,7 @@ def place_on_cluster(
         kubernetes.set_security_context(
             task, run_as_user=config.IMAGE_UID, run_as_group=config.IMAGE_UID, run_as_non_root=True
         )
+        task.set_env_variable(config.RUNTIME_ENV, config.CLUSTER_POD)
     for task in data_tasks:
         task.set_cpu_request(settings.data_cpu).set_cpu_limit(settings.data_cpu)
         task.set_memory_request(settings.data_memory).set_memory_limit(settings.data_memory)

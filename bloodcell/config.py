@@ -45,6 +45,11 @@ STEP_ENV = ("MLFLOW_TRACKING_URI", "STORAGE_EMULATOR_HOST")
 MLFLOW_CREDENTIAL_ENV = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")
 # The local object store's token (bloodcell.local.store_front): local containers get it from `pipeline.py run`.
 STORE_TOKEN_ENV = "BLOODCELL_STORE_TOKEN"
+# How a step was started, said by whatever started it (the local runner, the container plan, the cluster
+# pipeline), never guessed from the file system: a local process on a machine that is itself a container
+# would otherwise claim our image.
+RUNTIME_ENV = "BLOODCELL_RUNTIME"
+LOCAL_PROCESS, CONTAINER, CLUSTER_POD = "local process", "container", "cluster pod"
 STORE_CREDENTIAL_ENV = (STORE_TOKEN_ENV,)
 # Limits of each `--runner docker` task container: the laptop profile's largest step peaks at 1.7 GB
 # (docs/performance.md, "Memory per step"); 8g leaves room for the page cache and larger profiles.

@@ -18,11 +18,14 @@ F = TypeVar("F", bound=Callable)
 
 
 def runtime() -> dict:
-    """Where this step runs: its user, whether in a container with a read-only root, the image."""
-    in_container = os.path.exists("/.dockerenv") or "KUBERNETES_SERVICE_HOST" in os.environ
+    """Where this step runs, as the runner that started it says (``config.RUNTIME_ENV``): a local process, a
+    container of an image (with its ID), a cluster pod; its user; whether its root filesystem is read-only."""
+    started_as = os.environ.get(config.RUNTIME_ENV) or "a process started directly"
+    in_container = started_as in (config.CONTAINER, config.CLUSTER_POD)
     return {
         "uid": os.getuid(),
         "gid": os.getgid(),
+        "started_as": started_as,
         "container": in_container,
         "read_only_root": bool(os.statvfs("/").f_flag & os.ST_RDONLY),
         "image": os.environ.get("BLOODCELL_IMAGE", "") if in_container else "",
@@ -32,11 +35,12 @@ def runtime() -> dict:
 
 def describe_runtime(facts: dict) -> str:
     if not facts["container"]:
-        return f"uid {facts['uid']}, a local process"
+        return f"uid {facts['uid']}, {facts.get('started_as', config.LOCAL_PROCESS)}"
     image = f", image {facts['image']}" if facts["image"] else ""
     image += f" ({facts['image_id'][:19]})" if facts["image_id"] else ""
     root = "read-only" if facts["read_only_root"] else "writable"
-    return f"uid {facts['uid']}, in a container ({root} root filesystem){image}"
+    where = "a cluster pod" if facts.get("started_as") == config.CLUSTER_POD else "a container"
+    return f"uid {facts['uid']}, in {where} ({root} root filesystem){image}"
 
 
 def user_errors(step: F) -> F:

@@ -133,6 +133,7 @@ def test_compiled_component_command_runs_in_the_image(engine, services, sample_d
     }
     args = [json.dumps(executor_input) if a == "{{$}}" else a for a in container["args"]]
     env = {name: services["env"][name] for name in config.STEP_ENV if name in services["env"]}
+    env |= {variable["name"]: variable["value"] for variable in container["env"]}  # the image, "cluster pod"
     mounts = [
         Mount(str(sample_dataset), str(sample_dataset), type="bind", read_only=True),
         Mount(str(outputs), str(outputs), type="bind"),
@@ -145,7 +146,7 @@ def test_compiled_component_command_runs_in_the_image(engine, services, sample_d
         mounts=mounts,
         **containers.isolation(containers.container_gid()),
     ).decode()
-    assert "step ingest: uid 10001, in a container (read-only root filesystem)" in log
+    assert f"step ingest: uid 10001, in a cluster pod (read-only root filesystem), image {IMAGE}" in log
     result = json.loads((outputs / "executor_output.json").read_text())
     assert result["parameterValues"]["Output"].startswith(f"gs://{services['bucket']}/datasets/")
     stats = result["artifacts"]["stats"]["artifacts"][0]["metadata"]
@@ -263,6 +264,7 @@ def test_every_task_runs_in_a_container_of_the_image(runs, engine):
         assert facts["uid"] == containers.IMAGE_UID, task
         assert facts["container"] is True and facts["read_only_root"] is True, task
         assert facts["image"] == IMAGE and facts["image_id"] == image_id, task
+        assert facts["started_as"] == "container", task
 
 
 def test_containers_give_the_results_of_local_processes(runs, monkeypatch):

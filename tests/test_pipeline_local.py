@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -72,6 +73,22 @@ def test_all_seven_tasks_succeed(smoke_run):
         assert f"Task '{task}' finished with status SUCCESS" in smoke_run["log"]
     assert "Pipeline 'bloodcell' finished with status SUCCESS" in smoke_run["log"]
     assert f"quarantined {UNDECODABLE}: hidden file" in smoke_run["log"]
+
+
+def test_every_step_says_it_ran_as_a_local_process(smoke_run):
+    """The runner that starts a step says how; a machine that is itself a container (CI) changes nothing."""
+    for step in ("ingest", "split", "train", "evaluate", "report"):
+        assert re.search(rf"step {step}: uid \d+, local process$", smoke_run["log"], re.M), step
+    outputs = list((smoke_run["state"] / "kfp").glob("*/*/executor_output.json"))
+    facts = [
+        artifact["metadata"]["runtime"]
+        for output in outputs
+        for artifacts in json.loads(output.read_text()).get("artifacts", {}).values()
+        for artifact in artifacts["artifacts"]
+        if "runtime" in artifact["metadata"]
+    ]
+    assert len(facts) >= len(TASKS)
+    assert all(f["started_as"] == "local process" and not f["container"] and f["image"] == "" for f in facts)
 
 
 def test_summary_has_the_promised_keys(smoke_run):

@@ -188,6 +188,7 @@ def plan(
         "KERAS_HOME": str(cache / "keras"),
         "BLOODCELL_IMAGE": checked.image,
         "BLOODCELL_IMAGE_ID": checked.image_id,
+        config.RUNTIME_ENV: config.CONTAINER,
     }
     run_args = {
         **isolation(gid),

@@ -134,6 +134,7 @@ def _kfp_runner(
     import kfp.local
 
     if checked is None:
+        os.environ[config.RUNTIME_ENV] = config.LOCAL_PROCESS  # the steps inherit this process's environment
         return kfp.local.SubprocessRunner(use_venv=False), {"runner": runner}
     from bloodcell.local import containers
 
