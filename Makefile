@@ -10,7 +10,7 @@ PYTEST_ARGS ?=
 # subprocess (default): each step a local process; docker: each step in a container of $(IMAGE) (make image)
 RUNNER ?=
 
-.PHONY: help run stop compile test test-faults test-containers lint lock clean scan-venv
+.PHONY: help run stop compile test test-data test-faults test-containers lint lock clean scan-venv
 
 help:
 	@echo "make run      install (.venv) and run the pipeline locally, laptop profile"
@@ -18,6 +18,7 @@ help:
 	@echo "              VGG16_WEIGHTS=imagenet|none|FILE"
 	@echo "              RUNNER=docker: each step in a container of IMAGE=$(IMAGE) (build it: make image)"
 	@echo "make setup    install only;  make test  run the tests;  make lint  ruff + mypy;  make stop  stop local services"
+	@echo "make test-data  the official images for the tests (or BLOODCELL_TEST_DATA=folder; ../shared/datasets if present)"
 	@echo "make image    build the CPU image (image-gpu: GPU; base-image: a base from Debian packages)"
 	@echo "make compile  write pipeline.yaml;  make cluster-up / submit  see docs/cluster.md"
 
@@ -34,6 +35,10 @@ compile: setup
 
 test: setup scan-venv
 	$(PYTHON) -m pytest $(PYTEST_ARGS)
+
+# The real PBC images for the tests, where ../shared/datasets does not exist: the official zip, once.
+test-data: setup
+	$(PYTHON) tests/get_test_data.py
 
 # The static security scan's tools (checkov, bandit: pyproject's `scan` extra) in their own virtual
 # environment, from their own lock: checkov pins packages that our lock has at other versions.

@@ -32,8 +32,39 @@ if TYPE_CHECKING:
     import keras
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARED_DATA = (ROOT / ".." / "shared" / "datasets" / "PBC_dataset_normal_DIB").resolve()
 UNDECODABLE = "neutrophil/.DS_169665.jpg"
+TEST_DATA_ENV = "BLOODCELL_TEST_DATA"
+BESIDE_THE_CHECKOUT = (ROOT / ".." / "shared" / "datasets" / "PBC_dataset_normal_DIB").resolve()
+DOWNLOADED_LOCATION = Path(
+    os.environ.get("BLOODCELL_CACHE", Path.home() / ".cache" / "bloodcell"), "test-data", "location"
+)  # written by `make test-data` (tests/get_test_data.py)
+
+
+def find_test_data() -> tuple[Path | None, str]:
+    """The real PBC images the suite reads (one sub-folder per class), or None and what to do."""
+    chosen = os.environ.get(TEST_DATA_ENV)
+    if chosen:
+        folder = Path(chosen).expanduser().resolve()
+        return (folder, "") if folder.is_dir() else (None, f"{TEST_DATA_ENV}={chosen} is not a folder")
+    if BESIDE_THE_CHECKOUT.is_dir():
+        return BESIDE_THE_CHECKOUT, ""
+    if DOWNLOADED_LOCATION.is_file() and Path(DOWNLOADED_LOCATION.read_text().strip()).is_dir():
+        return Path(DOWNLOADED_LOCATION.read_text().strip()), ""
+    return None, "no PBC images found"
+
+
+SHARED_DATA = find_test_data()[0] or BESIDE_THE_CHECKOUT
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """One line instead of a failure per test when the real images are missing."""
+    folder, problem = find_test_data()
+    if folder is None:
+        raise pytest.UsageError(
+            f"the tests read the real PBC images and {problem}: run `make test-data` (downloads the official "
+            f"281 MB zip once; needs the network) or set {TEST_DATA_ENV}=/path/to/PBC_dataset_normal_DIB "
+            "(one sub-folder per class)."
+        )
 
 
 @contextlib.contextmanager
@@ -255,8 +286,6 @@ def keras_dtype_policy() -> Iterator[None]:
 
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
-    if not SHARED_DATA.is_dir():
-        pytest.fail(f"the shared PBC images are missing: expected {SHARED_DATA}")
     return SHARED_DATA
 
 
