@@ -139,6 +139,7 @@ def run_local(args: argparse.Namespace) -> int:
         gcs_port=args.gcs_port,
         mlflow_port=args.mlflow_port,
         resume=args.resume,
+        verbose=args.verbose,
     )
     if args.resume:
         return runner.run(make_pipeline, run_options)
@@ -193,6 +194,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     run = commands.add_parser("run", help="run the whole pipeline locally (embedded services)")
     run_options(run, "laptop")
     run.add_argument("--summary", help="write the run summary JSON here")
+    run.add_argument(
+        "--verbose",
+        action="store_true",
+        help="show everything kfp and the steps print (default: a line per task "
+        "and per training epoch; the rest goes to <state-dir>/runs/<run id>/logs/)",
+    )
     run.add_argument(
         "--resume",
         metavar="RUN_ID",

@@ -13,6 +13,7 @@ import copy
 import dataclasses
 import importlib.metadata
 import re
+import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -27,6 +28,14 @@ WRITTEN_FOR = {
 
 # kfp's local runner announces each task with this line (kfp/local/task_dispatcher.py), the name coloured.
 TASK_START = re.compile(r"Executing task '?([\w.-]+)'?")
+# ... and its end (kfp/local/task_dispatcher.py): "Task 'name' finished with status SUCCESS".
+TASK_END = re.compile(r"Task '?([\w.-]+)'? finished with status (\w+)")
+
+
+def quiet_base_image_warning() -> None:
+    """kfp's SubprocessRunner warns once per task that the task's image is not a Python image; our steps run
+    as local processes on purpose (the image is for containers and clusters), so the warning says nothing."""
+    warnings.filterwarnings("ignore", message="You may be attemping to run a task that uses custom or non-Python")
 
 
 def check_versions(written_for: dict[str, str] = WRITTEN_FOR) -> None:

@@ -6,6 +6,7 @@ Each returns a JSON-serialisable dict. Results live in the bucket under
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 from collections.abc import Callable
@@ -43,14 +44,44 @@ def describe_runtime(facts: dict) -> str:
     return f"uid {facts['uid']}, in {where} ({root} root filesystem){image}"
 
 
+# A step's last line: its key result in words, which the local runner shows when the step ends.
+RESULT_PREFIX = "bloodcell result: "
+
+
+def describe_result(step: str, result: dict) -> str:
+    """A step's key result in one line (images ingested, split sizes, a model's training, test accuracies)."""
+    if step == "ingest":
+        hit = " (cache hit)" if result.get("cache_hit") else ""
+        return (
+            f"{result['images']:,} images in {len(result.get('classes', [])) or '?'} classes, "
+            f"{result['quarantined']} quarantined, {result['duplicates']} duplicates dropped{hit}"
+        )
+    if step == "split":
+        sizes = {subset: sum(per_class.values()) for subset, per_class in result["counts"].items()}
+        return " / ".join(f"{subset} {count:,}" for subset, count in sizes.items()) + " images"
+    if step == "train":
+        return (
+            f"{result['model']}: {result['epochs']} epochs in {result['train_seconds']:.0f} s "
+            f"({result['images_per_second']:,.0f} images/s)"
+        )
+    if step == "evaluate":
+        accuracies = ", ".join(f"{name} {r['accuracy']:.2%}" for name, r in result.items())
+        return f"test accuracy {accuracies}"
+    return f"best model {result.get('best_model', '?')}; report {result.get('report_uri', '?')}"
+
+
 def user_errors(step: F) -> F:
-    """The step reports an error the user can act on as one line (``error in step <name>: ...``), exit 2."""
+    """The step reports an error the user can act on as one line (``error in step <name>: ...``), exit 2;
+    its last line is its result (:func:`describe_result`)."""
 
     @functools.wraps(step)
     def wrapper(*args, **kwargs):
         print(f"step {step.__name__}: {describe_runtime(runtime())}", flush=True)
         with errors.exits_on_user_error(f"error in step {step.__name__}"):
-            return step(*args, **kwargs)
+            result = step(*args, **kwargs)
+        with contextlib.suppress(KeyError, TypeError, AttributeError):  # a result line is a courtesy
+            print(RESULT_PREFIX + describe_result(step.__name__, result), flush=True)
+        return result
 
     return wrapper  # type: ignore[return-value]
 

@@ -7,6 +7,7 @@ with the same number of epochs as an uninterrupted run. Results land in
 
 from __future__ import annotations
 
+import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field, replace
@@ -404,7 +405,7 @@ def fit(
         initial_epoch=initial_epoch,
         callbacks=callbacks,
         class_weight=_class_weights(y, cfg),
-        verbose=1,
+        verbose=progress_verbosity(),
         shuffle=False,  # the batches reshuffle themselves every epoch
     )
     if epoch_logger:
@@ -415,6 +416,12 @@ def fit(
     }
     _save_checkpoint(model, ckpt_uri, {"epoch": len(merged.get("loss", [])), "history": merged, "done": True})
     return merged
+
+
+def progress_verbosity() -> int:
+    """Keras' progress bar redraws in place only on a terminal; in a log (kfp's runners, a pod) it would add a
+    line per step, so there it writes one line per epoch."""
+    return 1 if sys.stdout.isatty() else 2
 
 
 def _class_weights(y: np.ndarray, cfg: ModelConfig) -> dict[int, float] | None:

@@ -205,7 +205,7 @@ def runs(engine, sample_dataset, tmp_path_factory):
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     for name in ("STORAGE_EMULATOR_HOST", storage.STORE_TOKEN_ENV, "MLFLOW_TRACKING_URI", "BLOODCELL_CACHE"):
         env.pop(name, None)
-    common = smoke_args(sample_dataset, state)
+    common = smoke_args(sample_dataset, state, "--verbose")
     events = ContainerEvents(engine, state)
     started = time.monotonic()
     docker_run, docker_log = pipeline(
@@ -406,6 +406,7 @@ def training_in_a_container(tmp_path: Path, data: Path, epoch: int) -> Iterator[
         smoke_args(
             data,
             state,
+            "--verbose",
             "--runner",
             "docker",
             "--image",
@@ -433,7 +434,7 @@ def test_a_killed_trainer_container_is_reported_and_resumed(engine, tmp_path, sa
         code, output = run.finish()
         assert code == 1, output[-3000:]
         assert "failed in step train-cnn1" in output and f"python pipeline.py run --resume {run_id}" in output
-        resume, log = pipeline("run", "--resume", run_id, "--state-dir", str(state), timeout=900)
+        resume, log = pipeline("run", "--resume", run_id, "--state-dir", str(state), "--verbose", timeout=900)
         assert resume.returncode == 0, log[-3000:]
         assert "steps in containers of" in log  # the run's own runner, without --runner again
         assert "cache hit: split" in log and re.search(r"resuming from gs://\S+/checkpoints/cnn1/main at epoch", log)

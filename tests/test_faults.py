@@ -54,7 +54,9 @@ def local_pipeline(tmp_path, sample_dataset, monkeypatch):
     """Arguments for smoke pipeline runs with their own state and ports; the test reads their bucket."""
     gcs_port, mlflow_port = free_port(), free_port()
     state = tmp_path / "state"
-    args = smoke_args(sample_dataset, state, "--bucket", "faults", gcs_port=gcs_port, mlflow_port=mlflow_port)
+    args = smoke_args(
+        sample_dataset, state, "--bucket", "faults", "--verbose", gcs_port=gcs_port, mlflow_port=mlflow_port
+    )
     state.mkdir()
     for name, value in {**mlflow_login(state), **store_login(state)}.items():
         monkeypatch.setenv(name, value)
@@ -376,7 +378,7 @@ def test_stop_is_refused_during_a_run_and_cleans_up_after_a_crash(local_pipeline
 def mount_small_tmpfs(path: Path, size: str) -> None:
     path.mkdir(parents=True, exist_ok=True)
     mounted = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True, text=True
+        ["mount", "-t", "tmpfs", "-o", f"size={size},mode=0700", "tmpfs", str(path)], capture_output=True, text=True
     )
     if mounted.returncode != 0:
         pytest.skip(f"cannot mount a size-limited tmpfs here (needs root): {mounted.stderr.strip()}")

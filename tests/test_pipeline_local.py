@@ -69,16 +69,41 @@ def clients(smoke_run, monkeypatch):
 
 def test_all_seven_tasks_succeed(smoke_run):
     assert smoke_run["process"].returncode == 0, smoke_run["log"][-5000:]
+    logs = smoke_run["state"] / "runs" / smoke_run["summary"]["run_id"] / "logs"
+    run_log = (logs / "run.log").read_text()
     for task in TASKS:
-        assert f"Task '{task}' finished with status SUCCESS" in smoke_run["log"]
-    assert "Pipeline 'bloodcell' finished with status SUCCESS" in smoke_run["log"]
-    assert f"quarantined {UNDECODABLE}: hidden file" in smoke_run["log"]
+        assert f"Task '{task}' finished with status SUCCESS" in run_log
+        assert re.search(rf"^done {task} in \d+ s: \S", smoke_run["log"], re.M), task
+    assert "Pipeline 'bloodcell' finished with status SUCCESS" in run_log
+    assert f"quarantined {UNDECODABLE}: hidden file" in (logs / "ingest.log").read_text()
+
+
+def test_the_console_shows_tasks_and_epochs_and_the_logs_keep_everything(smoke_run):
+    """A line when each task starts and ends (wall time, key result), one per training epoch; kfp's and the
+    steps' whole output in the run's logs folder, each task's in its own file."""
+    console = [line for line in smoke_run["process"].stdout.splitlines() if line.strip()]
+    assert len(console) < 40, "\n".join(console)
+    ingested = r"^done ingest in \d+ s: \d+ images in 8 classes, 1 quarantined, \d+ duplicates dropped$"
+    assert re.search(ingested, smoke_run["log"], re.M)
+    assert re.search(
+        r"^done split in \d+ s: train \d+ / val \d+ / calibration \d+ / test \d+ images$", smoke_run["log"], re.M
+    )
+    assert re.search(
+        r"^  train-cnn1 epoch 1/1  loss \S+  accuracy \S+  val_accuracy \S+  \d+ s$", smoke_run["log"], re.M
+    )
+    assert re.search(r"^done evaluate in \d+ s: test accuracy cnn1 [\d.]+%", smoke_run["log"], re.M)
+    logs = smoke_run["state"] / "runs" / smoke_run["summary"]["run_id"] / "logs"
+    assert {path.stem for path in logs.glob("*.log")} == {"run", *TASKS}
+    assert "Executing task 'train-cnn1'" in (logs / "run.log").read_text()
+    assert "training cnn1: " in (logs / "train-cnn1.log").read_text()
+    assert "executor_input" not in smoke_run["process"].stdout
 
 
 def test_every_step_says_it_ran_as_a_local_process(smoke_run):
     """The runner that starts a step says how; a machine that is itself a container (CI) changes nothing."""
+    run_log = (smoke_run["state"] / "runs" / smoke_run["summary"]["run_id"] / "logs" / "run.log").read_text()
     for step in ("ingest", "split", "train", "evaluate", "report"):
-        assert re.search(rf"step {step}: uid \d+, local process$", smoke_run["log"], re.M), step
+        assert re.search(rf"step {step}: uid \d+, local process$", run_log, re.M), step
     outputs = list((smoke_run["state"] / "kfp").glob("*/*/executor_output.json"))
     facts = [
         artifact["metadata"]["runtime"]
@@ -89,6 +114,12 @@ def test_every_step_says_it_ran_as_a_local_process(smoke_run):
     ]
     assert len(facts) >= len(TASKS)
     assert all(f["started_as"] == "local process" and not f["container"] and f["image"] == "" for f in facts)
+
+
+def test_a_trainer_logs_one_progress_line_per_epoch_when_not_on_a_terminal(smoke_run):
+    run_log = (smoke_run["state"] / "runs" / smoke_run["summary"]["run_id"] / "logs" / "run.log").read_text()
+    progress = re.findall(r"/step\b", run_log)
+    assert len(progress) == 3  # the smoke profile trains each model one epoch (Keras then prints no "Epoch 1/1")
 
 
 def test_summary_has_the_promised_keys(smoke_run):

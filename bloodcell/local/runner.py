@@ -38,6 +38,7 @@ class RunOptions:
     gcs_port: int = 9023
     mlflow_port: int = 5023
     resume: str | None = None
+    verbose: bool = False  # everything kfp and the steps print, as before; else a line per task and epoch
 
 
 PipelineFactory = Callable[[str], Callable[..., Any]]  # image -> the kfp pipeline function
@@ -78,13 +79,15 @@ def run(
     kfp.local.init(runner=kfp_runner, pipeline_root=str(state / "kfp"), raise_on_error=True)
     started = time.perf_counter()
     where = f"containers of {image}" if checked else "local processes"
+    logs = state / "runs" / run_id / "logs"
     print(
         f"run {run_id}: profile {arguments['profile']}, data {arguments['source']}, steps in {where}"
         + (" (resumed: finished steps and epochs are kept)" if options.resume else "")
+        + ("" if options.verbose else f"; each step's whole output in {logs}/ (--verbose shows it here)")
     )
     with (
         runs.active(state, run_id),
-        runs.TaskLog(sys.stdout).installed() as task_log,
+        runs.TaskLog(sys.stdout, logs=logs, verbose=options.verbose).installed() as task_log,
         _containers_fixed(checked is not None),
         _sigterm_exits(),
     ):
@@ -135,6 +138,7 @@ def _kfp_runner(
 
     if checked is None:
         os.environ[config.RUNTIME_ENV] = config.LOCAL_PROCESS  # the steps inherit this process's environment
+        compat.quiet_base_image_warning()
         return kfp.local.SubprocessRunner(use_venv=False), {"runner": runner}
     from bloodcell.local import containers
 
@@ -171,6 +175,8 @@ def report_failure(run_id: str, task_log: runs.TaskLog, exc: Exception, state_di
     """Name the failing step, show the end of its log and how to resume; exit status 1."""
     task = task_log.task or "unknown"
     tail = "\n".join(f"    {line}" for line in task_log.lines) or "    (no output)"
+    whole = task_log.log_path(task)
+    tail += f"\nthe whole log: {whole}" if whole else ""
     resume = f"python pipeline.py run --resume {run_id}"
     if str(state_dir) != DEFAULT_STATE_DIR:
         resume += f" --state-dir {state_dir}"

@@ -15,6 +15,7 @@ import json
 import os
 import re
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TextIO
@@ -22,6 +23,7 @@ from typing import TextIO
 from bloodcell import compat
 from bloodcell.errors import BloodcellError
 from bloodcell.local.services import command_line, process_start_time
+from bloodcell.steps import RESULT_PREFIX
 
 ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
@@ -104,37 +106,75 @@ def active(state_dir: Path, run_id: str) -> Iterator[None]:
 
 
 class TaskLog(io.TextIOBase):
-    """A stdout that passes everything through and keeps the last lines of the task running now.
+    """A stdout for the local runner: it keeps the last lines of the task running now and, given a logs folder,
+    writes every line to ``run.log`` and each task's lines to ``<task>.log``.
 
-    kfp's local runner executes one task at a time and announces each with "Executing task
-    'name'", so the lines after the last announcement belong to the task that failed.
+    kfp's local runner executes one task at a time and announces each with "Executing task 'name'", so the
+    lines after the last announcement belong to the task that runs (and, if it fails, failed). ``verbose``
+    passes everything through as kfp prints it; otherwise the console gets a line when a task starts and
+    ends (its wall time and key result), a line per training epoch, and warnings and errors.
     """
 
-    def __init__(self, out: TextIO, keep: int = 30):
+    def __init__(self, out: TextIO, keep: int = 30, logs: Path | None = None, verbose: bool = True):
         self.out = out
         self.task: str | None = None
         self.lines: collections.deque[str] = collections.deque(maxlen=keep)
+        self.verbose = verbose or logs is None
+        self.logs = logs
         self._partial = ""
+        self._files: dict[str, TextIO] = {}
+        self._console = TaskConsole(out)
 
     def write(self, text: str) -> int:
-        self.out.write(text)
+        if self.verbose:
+            self.out.write(text)
         self._partial += text
         *complete, self._partial = self._partial.split("\n")
         for line in complete:
-            clean = plain(line).rstrip()
-            started = compat.TASK_START.search(clean)
-            if started:
-                self.task = started.group(1)
-                self.lines.clear()
-            elif clean.strip():
-                self.lines.append(clean)
+            self._line(plain(line).rstrip())
         return len(text)
+
+    def _line(self, clean: str) -> None:
+        self._log("run", clean)
+        started = compat.TASK_START.search(clean)
+        if started:
+            self.task = started.group(1)
+            self.lines.clear()
+            if not self.verbose:
+                self._console.started(self.task)
+            return
+        ended = compat.TASK_END.search(clean)
+        if self.task:
+            self._log(self.task, clean)
+        if ended and not self.verbose:
+            self._console.ended(ended.group(1), ended.group(2))
+        elif clean.strip():
+            self.lines.append(clean)
+            if not self.verbose:
+                self._console.line(self.task, clean.strip())
+
+    def _log(self, name: str, line: str) -> None:
+        if self.logs is None:
+            return
+        if name not in self._files:
+            self.logs.mkdir(parents=True, exist_ok=True)
+            self._files[name] = (self.logs / f"{name}.log").open("a", encoding="utf-8")
+        self._files[name].write(line + "\n")
+        self._files[name].flush()
+
+    def log_path(self, task: str) -> Path | None:
+        return self.logs / f"{task}.log" if self.logs is not None else None
 
     def flush(self) -> None:
         self.out.flush()
 
     def isatty(self) -> bool:
         return self.out.isatty()
+
+    def close_logs(self) -> None:
+        for file in self._files.values():
+            file.close()
+        self._files.clear()
 
     @contextlib.contextmanager
     def installed(self) -> Iterator[TaskLog]:
@@ -143,3 +183,55 @@ class TaskLog(io.TextIOBase):
             yield self
         finally:
             sys.stdout = saved
+            self.close_logs()
+
+
+EPOCH_START = re.compile(r"^Epoch (\d+)/(\d+)$")
+EPOCH_END = re.compile(r"^\d+/\d+ - (\d+)s - .*/step - (.*)$")  # Keras' one line per epoch (verbose=2)
+SHOWN = re.compile(r"^(warning|note): ")  # our own (absl's and Python's warnings stay in the logs)
+
+
+class TaskConsole:
+    """What a person watching a run sees: tasks starting and ending, training epochs, warnings and errors."""
+
+    def __init__(self, out: TextIO):
+        self.out = out
+        self.started_at: dict[str, float] = {}
+        self.result: dict[str, str] = {}
+        self.epoch: tuple[int, int] | None = None
+        self.epoch_seconds: list[float] = []
+
+    def started(self, task: str) -> None:
+        self.started_at[task] = time.monotonic()
+        self.epoch, self.epoch_seconds = None, []
+        self._print(f"start {task}")
+
+    def ended(self, task: str, status: str) -> None:
+        seconds = time.monotonic() - self.started_at.get(task, time.monotonic())
+        outcome = "done" if status == "SUCCESS" else status.lower()
+        result = self.result.get(task, "")
+        self._print(f"{outcome} {task} in {seconds:.0f} s" + (f": {result}" if result else ""))
+
+    def line(self, task: str | None, text: str) -> None:
+        if task and text.startswith(RESULT_PREFIX):
+            self.result[task] = text.removeprefix(RESULT_PREFIX)
+        elif match := EPOCH_START.match(text):
+            self.epoch = (int(match.group(1)), int(match.group(2)))
+        elif (match := EPOCH_END.match(text)) and task:
+            self._epoch_done(task, float(match.group(1)), match.group(2))
+        elif SHOWN.match(text) or text.startswith("error in step"):
+            self._print(f"  {task or 'run'}: {text}")
+
+    def _epoch_done(self, task: str, seconds: float, metrics: str) -> None:
+        done, total = self.epoch or (1, 1)  # Keras announces no epoch when a fit has only one
+        self.epoch = None
+        self.epoch_seconds.append(seconds)
+        named = dict(part.split(": ", 1) for part in metrics.split(" - ") if ": " in part)
+        shown = "  ".join(f"{k} {named[k]}" for k in ("loss", "accuracy", "val_accuracy") if k in named)
+        left = (total - done) * sum(self.epoch_seconds) / len(self.epoch_seconds)
+        eta = f"  ETA {left / 60:.0f} min" if left >= 60 else (f"  ETA {left:.0f} s" if left else "")
+        self._print(f"  {task} epoch {done}/{total}  {shown}  {seconds:.0f} s{eta}")
+
+    def _print(self, text: str) -> None:
+        self.out.write(text + "\n")
+        self.out.flush()
