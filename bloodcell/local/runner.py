@@ -83,7 +83,8 @@ def run(
     print(
         f"run {run_id}: profile {arguments['profile']}, data {arguments['source']}, steps in {where}"
         + (" (resumed: finished steps and epochs are kept)" if options.resume else "")
-        + ("" if options.verbose else f"; each step's whole output in {logs}/ (--verbose shows it here)")
+        + ("" if options.verbose else f"; each step's whole output in {logs}/ (--verbose shows it here)"),
+        flush=True,
     )
     with (
         runs.active(state, run_id),
