@@ -218,7 +218,7 @@ def finish(
             + (f"  {speed:,.0f} images/s" if speed else "")
             + (f"  (members: {', '.join(model['members'])})" if "members" in model else "")
         )
-    print(f"report: {summary['report_uri']} (local copy: {report_copy})")
+    print(f"report: {summary['report_uri']} (local copy: {report_copy.resolve().as_uri()})")
     print(f"summary: {summary_path}")
     for line in tracking.describe_failures(summary.get("tracking_failures", {})):
         print(f"warning: MLflow logging failed in {line}")
