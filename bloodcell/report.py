@@ -253,6 +253,21 @@ def left_out(manifest: dict) -> list[dict[str, str]]:
     ]
 
 
+def headline(result: dict) -> str:
+    """The first thing the report says: which model, how good, how far to trust it (test split)."""
+    text = f"Best model: {result['model']}, {result['accuracy']:.2%} test accuracy (macro F1 {result['macro_f1']:.3f})."
+    answers, calibrated = result.get("answers") or {}, result.get("calibration") or {}
+    if "kept_share" in answers:
+        text += (
+            f" It keeps {_share(answers['kept_share'])} of the test cells, {_share(answers['kept_accuracy'], 2)} of "
+            f"them right, and refers the rest to a person ({_share(answers.get('unfamiliar_share'))} unlike the "
+            f"training images, {_share(answers.get('low_confidence_share'))} low confidence)."
+        )
+    if "ece" in calibrated:
+        text += f" Its confidence is calibrated: expected calibration error {calibrated['ece']:.4f}."
+    return text
+
+
 def calibration_rows(results: dict[str, dict]) -> list[dict[str, str]]:
     """Per model, on the test split: calibration before -> after, selective prediction, the stored threshold."""
     rows = []
@@ -347,6 +362,7 @@ def page_context(
         "run_id": summary.get("run_id", ""),
         "profile": summary.get("profile", ""),
         "best": best,
+        "headline": headline(results[best]),
         "experiment": summary.get("mlflow_experiment", ""),
         "parent_run_id": summary.get("mlflow_parent_run_id"),
         "columns": list(rows[0]),

@@ -139,7 +139,11 @@ def test_html_report_has_every_section_with_embedded_images():
     assert "unlike the training images" in page and "promised alone" in page and "set coverage" in page
     assert "with the group" in page and "refer below" in page  # the best model's per-class table
     assert "b/.DS_1.jpg" in page and "stays on version 1" in page and f"{best} (best)" in page
+    first = page.split('<h2 id="comparison">', 1)[0]  # the first screen: which model, how good, how far to trust it
+    assert f'<p id="headline" class="headline"><b>Best model: {best}, {results[best]["accuracy"]:.2%} test' in first
+    assert "It keeps" in first and "refers the rest to a person" in first and "calibration error" in first
     markdown = report.render_markdown(context)
+    assert markdown.split("\n")[2].startswith(f"**Best model: {best}, ")
     assert "| model " in markdown and "![Confusion matrices](plots/confusion.png)" in markdown
     assert "temperature" in markdown.split("## Calibration")[1]
     assert "- `b/.DS_1.jpg`: hidden file" in markdown
