@@ -384,9 +384,12 @@ def mount_small_tmpfs(path: Path, size: str) -> None:
         pytest.skip(f"cannot mount a size-limited tmpfs here (needs root): {mounted.stderr.strip()}")
 
 
-def test_disk_full_in_the_state_directory(local_pipeline):
+def test_disk_full_in_the_state_directory(local_pipeline, monkeypatch):
     state = local_pipeline["state"]
     mount_small_tmpfs(state, "40m")
+    for name, value in {**mlflow_login(state), **store_login(state)}.items():  # the mount hid the first ones
+        monkeypatch.setenv(name, value)
+    storage.client.cache_clear()
     try:
         run = PipelineRun(local_pipeline["args"], local_pipeline["env"])
         run_id = run.wait_for(r"^run (\S+): profile smoke").group(1)
