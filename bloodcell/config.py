@@ -49,6 +49,8 @@ STORE_TOKEN_ENV = "BLOODCELL_STORE_TOKEN"
 # pipeline), never guessed from the file system: a local process on a machine that is itself a container
 # would otherwise claim our image.
 RUNTIME_ENV = "BLOODCELL_RUNTIME"
+# MLflow's UI opens an experiment by its kind; without one it may open on the GenAI traces overview.
+EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
 LOCAL_PROCESS, CONTAINER, CLUSTER_POD = "local process", "container", "cluster pod"
 STORE_CREDENTIAL_ENV = (STORE_TOKEN_ENV,)
 # Limits of each `--runner docker` task container: the laptop profile's largest step peaks at 1.7 GB

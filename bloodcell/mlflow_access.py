@@ -62,8 +62,10 @@ def claim(
         "GET", "2.0/mlflow/experiments/get-by-name", {"experiment_name": experiment}, ok=(DOES_NOT_EXIST,)
     )
     experiment_id = found.get("experiment", {}).get("experiment_id")
+    kind = [{"key": key, "value": value} for key, value in config.EXPERIMENT_KIND.items()]
     if experiment_id is None:
-        experiment_id = admin.call("POST", "2.0/mlflow/experiments/create", {"name": experiment})["experiment_id"]
+        created = admin.call("POST", "2.0/mlflow/experiments/create", {"name": experiment, "tags": kind})
+        experiment_id = created["experiment_id"]
     admin.call("POST", "2.0/mlflow/registered-models/create", {"name": model}, ok=(ALREADY_EXISTS,))
     admin.set_permission(PIPELINE_USER, "experiment", experiment_id, "EDIT")
     admin.set_permission(PIPELINE_USER, "registered_model", model, "MANAGE")

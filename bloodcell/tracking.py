@@ -19,9 +19,10 @@ import keras
 import mlflow
 import requests
 from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from bloodcell import storage
+from bloodcell import config, storage
 
 # A down tracking server must cost seconds per call, not MLflow's default of minutes of retries
 # (7 retries, backoff factor 2, 120 s timeout).
@@ -46,15 +47,15 @@ def configure_client() -> None:
         os.environ.setdefault(name, value)
 
 
-# MLflow's UI opens an experiment by its kind; without one it may open on the GenAI traces overview.
-EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
-
-
 def experiment_id(name: str) -> str:
     experiment = mlflow.set_experiment(name)
-    for key, value in EXPERIMENT_KIND.items():
+    for key, value in config.EXPERIMENT_KIND.items():
         if experiment.tags.get(key) != value:
-            MlflowClient().set_experiment_tag(experiment.experiment_id, key, value)
+            try:
+                MlflowClient().set_experiment_tag(experiment.experiment_id, key, value)
+            except MlflowException as exc:  # a step of another run set it at the same moment (sqlite: UNIQUE)
+                if "UNIQUE constraint" not in str(exc):
+                    raise
     return experiment.experiment_id
 
 
