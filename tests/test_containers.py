@@ -132,7 +132,8 @@ def test_compiled_component_command_runs_in_the_image(engine, services, sample_d
         },
     }
     args = [json.dumps(executor_input) if a == "{{$}}" else a for a in container["args"]]
-    env = {name: services["env"][name] for name in config.STEP_ENV if name in services["env"]}
+    passed = (*config.STEP_ENV, *config.STORE_CREDENTIAL_ENV)  # as the local runner gives a container
+    env = {name: services["env"][name] for name in passed if name in services["env"]}
     env |= {variable["name"]: variable["value"] for variable in container["env"]}  # the image, "cluster pod"
     mounts = [
         Mount(str(sample_dataset), str(sample_dataset), type="bind", read_only=True),
