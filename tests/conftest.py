@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pytest
 import yaml
+from get_test_data import location_file
 from PIL import Image
 
 from bloodcell import config, storage
@@ -35,9 +36,7 @@ ROOT = Path(__file__).resolve().parents[1]
 UNDECODABLE = "neutrophil/.DS_169665.jpg"
 TEST_DATA_ENV = "BLOODCELL_TEST_DATA"
 BESIDE_THE_CHECKOUT = (ROOT / ".." / "shared" / "datasets" / "PBC_dataset_normal_DIB").resolve()
-DOWNLOADED_LOCATION = Path(
-    os.environ.get("BLOODCELL_CACHE", Path.home() / ".cache" / "bloodcell"), "test-data", "location"
-)  # written by `make test-data` (tests/get_test_data.py)
+DOWNLOADED_LOCATION = location_file()  # written by `make test-data`
 
 
 def find_test_data() -> tuple[Path | None, str]:
@@ -48,8 +47,9 @@ def find_test_data() -> tuple[Path | None, str]:
         return (folder, "") if folder.is_dir() else (None, f"{TEST_DATA_ENV}={chosen} is not a folder")
     if BESIDE_THE_CHECKOUT.is_dir():
         return BESIDE_THE_CHECKOUT, ""
-    if DOWNLOADED_LOCATION.is_file() and Path(DOWNLOADED_LOCATION.read_text().strip()).is_dir():
-        return Path(DOWNLOADED_LOCATION.read_text().strip()), ""
+    downloaded = Path(DOWNLOADED_LOCATION.read_text().strip()) if DOWNLOADED_LOCATION.is_file() else None
+    if downloaded is not None and downloaded.is_dir():
+        return downloaded, ""
     return None, "no PBC images found"
 
 

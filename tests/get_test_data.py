@@ -13,12 +13,16 @@ nor ``../shared/datasets/PBC_dataset_normal_DIB`` exists.
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 from bloodcell import ingest, sources
 from bloodcell.config import MENDELEY_URL
 from bloodcell.errors import BloodcellError
 
-LOCATION_FILE = "location"
+
+def location_file() -> Path:
+    """Where the unpacked class folder's location is recorded (the suite's conftest reads it)."""
+    return sources.cache_dir() / "test-data" / "location"
 
 
 def main() -> int:
@@ -33,7 +37,7 @@ def main() -> int:
             file=sys.stderr,
         )
         return 2
-    (cache / "test-data" / LOCATION_FILE).write_text(str(folder))
+    location_file().write_text(str(folder))
     print(f"test images: {folder} (make test finds them there; or set BLOODCELL_TEST_DATA={folder})")
     return 0
 
