@@ -19,7 +19,7 @@ from pathlib import Path
 from kfp import compiler, dsl, kubernetes
 
 from bloodcell import config, errors, options
-from components import evaluate, ingest, report, split, trainer
+from components import evaluator, ingest, report, split, trainer
 
 
 def place_on_cluster(
@@ -55,8 +55,16 @@ def place_on_cluster(
             kubernetes.add_toleration(task, key=settings.gpu_toleration_key, operator="Exists", effect="NoSchedule")
 
 
-def make_pipeline(image: str = config.DEFAULT_IMAGE, cluster: config.ClusterSettings | None = None):
-    """The pipeline, every task in ``image``; ``cluster`` adds resources, GPU placement and retries."""
+def make_pipeline(
+    image: str = config.DEFAULT_IMAGE,
+    model_names: list[str] | None = None,
+    cluster: config.ClusterSettings | None = None,
+):
+    """The pipeline training ``model_names`` (default: the gpu profile's), every task in ``image``; ``cluster``
+    adds resources, GPU placement and retries. The model list is fixed here (a task per model); everything
+    else about the profile is a run-time parameter, and a trainer fails clearly if its profile lacks its model."""
+    model_names = model_names or config.PROFILES["gpu"].model_names
+    evaluate = evaluator(model_names)
 
     @dsl.pipeline(name="bloodcell", description="Train and compare CNNs classifying blood cell images (PBC).")
     def bloodcell(
@@ -81,7 +89,7 @@ def make_pipeline(image: str = config.DEFAULT_IMAGE, cluster: config.ClusterSett
                 vgg16_weights=vgg16_weights,
                 **common,
             ).set_display_name(f"train-{name}")
-            for name in config.MODEL_NAMES
+            for name in model_names
         }
         evaluate_task = evaluate(bucket=bucket, run_id=run_id, **{n: t.outputs["model"] for n, t in trained.items()})
         report_task = report(
@@ -102,10 +110,11 @@ def make_pipeline(image: str = config.DEFAULT_IMAGE, cluster: config.ClusterSett
     return bloodcell
 
 
-def cluster_pipeline():
-    """The pipeline as a cluster runs it: image and placement from ``BLOODCELL_*`` (see ClusterSettings)."""
+def cluster_pipeline(profile: str = "gpu"):
+    """The pipeline as a cluster runs it, training ``profile``'s models: image and placement from ``BLOODCELL_*``
+    (see ClusterSettings)."""
     settings = config.ClusterSettings.from_env()
-    return make_pipeline(settings.image, settings)
+    return make_pipeline(settings.image, config.resolve(profile).model_names, settings)
 
 
 def new_run_id() -> str:
@@ -154,7 +163,7 @@ def stop_local(args: argparse.Namespace) -> int:
 
 
 def compile_pipeline(args: argparse.Namespace) -> int:
-    compiler.Compiler().compile(cluster_pipeline(), args.output)
+    compiler.Compiler().compile(cluster_pipeline(args.profile), args.output)
     print(f"wrote {args.output}")
     return 0
 
@@ -165,7 +174,7 @@ def submit(args: argparse.Namespace) -> int:
     run_id = new_run_id()
     client = kfp.Client(host=args.host)
     run = client.create_run_from_pipeline_func(
-        cluster_pipeline(),
+        cluster_pipeline(args.profile),
         arguments=pipeline_arguments(args, run_id),
         run_name=f"bloodcell-{run_id}",
         experiment_name=args.experiment,
@@ -227,6 +236,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
     comp = commands.add_parser("compile", help="write the compiled pipeline (kfp IR YAML)")
     comp.add_argument("--output", default="pipeline.yaml")
+    comp.add_argument("--profile", default="gpu", help="whose models get a trainer task (default gpu)")
     comp.set_defaults(handler=compile_pipeline)
 
     sub = commands.add_parser("submit", help="compile and submit to a Kubeflow Pipelines cluster")

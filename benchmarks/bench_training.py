@@ -14,7 +14,7 @@ first ``--images-per-class`` images of each class; 2 epochs per measurement keep
      (decoded every epoch) with its default batch of 32, pixels rescaled in the model; measured
      twice: with the original's augmentation (random flips and rotations up to 90 degrees, here
      as Keras layers) and without any augmentation (generous to it);
-   - ours: ``bloodcell.train.fit`` (bucket checkpoints, MLflow metrics, the precision policy the
+   - ours: ``bloodcell.fitting.fit`` (bucket checkpoints, MLflow metrics, the precision policy the
      hardware offers, the random right-angle-symmetry layer) on the decode-once uint8 arrays,
      with the batch size of the ``gpu`` profile (the 128 px settings).
    Two figures each: images/second per epoch = training images / the median epoch time (the
@@ -51,15 +51,17 @@ from bloodcell import (  # noqa: E402
     arrays,
     config,
     feeding,
+    fitting,
     hardware,
     ingest,
+    layers,
     models,
     recipes,
     split,
     tracking,
-    train,
 )
 from bloodcell.config import ModelConfig  # noqa: E402
+from bloodcell.runstore import RunStore  # noqa: E402
 
 
 class EpochTimer(keras.callbacks.Callback):
@@ -186,20 +188,12 @@ def our_recipe(
     policy = hardware.apply_precision("auto")
     model = models.build_model(name, 8, 128, augment=True)
     recipes.compile_model(model, 1e-3)
-    cfg = ModelConfig(image_size=128, epochs=epochs, batch_size=batch, early_stopping_patience=100)
+    cfg = ModelConfig(name, image_size=128, epochs=epochs, batch_size=batch, early_stopping_patience=100)
     timer = EpochTimer()
     with mlflow.start_run() as run:
-        epoch_logger = tracking.EpochMetricsLogger(tracking.Tracker(f"gs://{bucket}/bench", name), run.info.run_id)
-        train.fit(
-            model,
-            train_data,
-            val_data,
-            cfg,
-            epochs,
-            f"gs://{bucket}/bench/{name}-{time.time_ns()}",
-            epoch_logger=epoch_logger,
-            extra_callbacks=(timer,),
-        )
+        store = RunStore(bucket, f"bench-{name}-{time.time_ns()}")
+        epoch_logger = tracking.EpochMetricsLogger(tracking.Tracker(store, name), run.info.run_id)
+        fitting.fit(model, train_data, val_data, cfg, epochs, store.checkpoints(name), callbacks=(timer, epoch_logger))
     return images_per_second(len(train_data[0]), batch, timer), policy
 
 
@@ -225,7 +219,7 @@ def vgg16_frozen(x: np.ndarray, y: np.ndarray, size: int, epochs: int, batch: in
 
     stem, block5 = models.vgg16_base(size, None)
     images = keras.Input((size, size, 3))
-    extractor = keras.Model(images, block5(stem(models.VGGPreprocess()(images))))
+    extractor = keras.Model(images, block5(stem(layers.VGGPreprocess()(images))))
     feeding.predict(extractor, x[:batch], batch)
     started = time.perf_counter()
     features = feeding.predict(extractor, x, batch)
@@ -289,7 +283,8 @@ def main() -> None:
                 f"{len(x)} training and {len(x_val)} validation images, {args.epochs} epochs per measurement "
                 f"(first excluded, median epoch), CPU bf16: {hardware.cpu_has_bf16()}"
             )
-            ours_batch = {name: config.resolve("gpu").model(name).batch_size for name in ("cnn1", "cnn2")}
+            gpu = config.resolve("gpu").models
+            ours_batch = {name: gpu[name].batch_size for name in ("cnn1", "cnn2")}  # type: ignore[union-attr]
             for name in (n.strip() for n in args.models.split(",") if n.strip()):
                 ours, policy = our_recipe(name, (x, y), (x_val, y_val), args.epochs, ours_batch[name], "bench")
                 as_trained = original_recipe(
@@ -308,7 +303,7 @@ def main() -> None:
                     print(f"  original without augmentation {plain} -> {ours / plain}", flush=True)
             for size in (int(s) for s in args.vgg_sizes.split(",") if s.strip()):
                 subset = slice(None) if size <= 128 else slice(0, 512)
-                batch = config.resolve("gpu").vgg16.batch_size
+                batch = config.resolve("gpu").models["vgg16"].transfer.batch_size  # type: ignore[union-attr]
                 recompute, once, cached = vgg16_frozen(x[subset], y[subset], size, args.epochs, batch)
                 count = len(y[subset])
                 print(

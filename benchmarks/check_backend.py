@@ -49,9 +49,9 @@ def main() -> None:
             split_uri = split.split(dataset.dataset_uri, "backend", config.resolve("smoke")).split_uri
             run_id = f"backend-{backend}-{time.time_ns()}"
             common = ["--bucket", "backend", "--run-id", run_id, "--profile", "smoke", "--vgg16-weights", "none"]
-            for model in config.MODEL_NAMES:
-                common += ["--set", f"{model}.epochs={args.epochs}"]
-            for model in config.MODEL_NAMES:
+            smoke = config.PROFILES["smoke"]
+            common += [f"--set={key}={args.epochs}" for key in epoch_settings(smoke)]
+            for model in smoke.model_names:
                 started = time.perf_counter()
                 subprocess.run(
                     [sys.executable, "-m", "bloodcell.cli", "train", model, split_uri, *common],
@@ -72,6 +72,11 @@ def main() -> None:
                 print(f"{backend}: {model} test accuracy {result['accuracy']:.3f} ({result['n_test']} images)")
         finally:
             services.stop()
+
+
+def epoch_settings(profile) -> list[str]:
+    """The ``epochs`` setting of each model's each recipe (``cnn1.epochs``, ``vgg16.scratch.epochs``, ...)."""
+    return [key for key in profile.flat_params() if key.endswith(".epochs") and key.split(".")[0] in profile.models]
 
 
 if __name__ == "__main__":

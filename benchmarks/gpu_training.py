@@ -11,9 +11,9 @@ ingest checks, same ``splitfolders`` assignment and seed), resized once and re-e
     # on the GPU machine: the gpu profile's training of all three models (vgg16 from scratch: no weights there)
     KERAS_BACKEND=jax python benchmarks/gpu_training.py run --data split224.npz --json results.json
 
-``run`` trains each model with its recipe from :mod:`bloodcell.recipes` (schedule, early stopping,
-augmentation in the model, the precision the hardware offers) and prints, per model, the training
-seconds, images/second (first epoch, which compiles, left out) and test accuracy.
+``run`` trains each model with the pipeline's own trainer, :func:`bloodcell.fitting.train_recipe` (its recipe's
+schedule, early stopping, augmentation in the model, the precision the hardware offers; no checkpoints) and
+prints, per model, the training seconds, images/second (first epoch, which compiles, left out) and test accuracy.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bloodcell.config import MODEL_NAMES, SUBSETS, Profile  # noqa: E402
+from bloodcell.config import SUBSETS, Profile  # noqa: E402
 
 Subsets = dict[str, tuple[np.ndarray, np.ndarray]]
 
@@ -95,51 +95,53 @@ def _decode(blob: bytes, sizes: list[int]) -> list[np.ndarray]:
 
 
 def train_one(model_name: str, profile: Profile, data: Subsets, n_classes: int, epochs: int | None) -> dict:
+    """Train one model of ``profile`` with the pipeline's own trainer (:func:`fitting.train_recipe`, no
+    checkpoints, from scratch: no pretrained weights here); its speed and test accuracy."""
     import keras
 
-    from bloodcell import feeding, hardware, recipes
+    from bloodcell import feeding, fitting, hardware, recipes
+    from bloodcell.weights import Weights
 
-    cfg = profile.model(model_name)
-    if epochs:
-        cfg = replace(cfg, epochs=epochs, scratch_epochs=epochs)
+    recipe = recipes.choose(profile.model(model_name), Weights.parse("none"))
+    recipe = replace(recipe, epochs=epochs) if epochs else recipe
     keras.utils.set_random_seed(profile.seed)
     precision = hardware.apply_precision(profile.precision)
-    model, cfg = recipes.build_on_images(model_name, cfg, n_classes)
     (x, y), (x_val, y_val), (x_test, y_test) = (data[s] for s in ("train", "val", "test"))
-    recipes.compile_model(model, recipes.learning_rate(cfg, len(x)))
     durations: list[float] = []
     timer = keras.callbacks.LambdaCallback(
         on_epoch_begin=lambda epoch, logs: durations.append(-time.perf_counter()),
         on_epoch_end=lambda epoch, logs: durations.__setitem__(-1, durations[-1] + time.perf_counter()),
     )
     started = time.perf_counter()
-    history = model.fit(
-        feeding.batches(x, y, batch_size=cfg.batch_size, shuffle=True),
-        validation_data=feeding.batches(x_val, y_val, batch_size=cfg.batch_size),
-        epochs=cfg.epochs,
-        callbacks=[*recipes.callbacks(cfg), timer],
-        verbose=2,
-        shuffle=False,
+    model, history = fitting.train_recipe(
+        recipe, n_classes, ((x, y), (x_val, y_val)), fitting.NoCheckpoints(), callbacks=(timer,)
     )
     seconds = time.perf_counter() - started
     steady = durations[1:] or durations
-    predicted = feeding.predict(model, x_test, cfg.batch_size).argmax(axis=1)
+    predicted = feeding.predict(model, x_test, recipe.batch_size).argmax(axis=1)
     return {
         "model": model_name,
         "backend": keras.backend.backend(),
         "device": hardware.device_name(),
         "precision": precision,
-        "image_size": cfg.image_size,
-        "batch_size": cfg.batch_size,
+        "image_size": recipe.image_size,
+        "batch_size": recipe.batch_size,
         "params": model.count_params(),
-        "epochs": len(history.history["loss"]),
+        "epochs": len(history["loss"]),
         "train_seconds": round(seconds, 1),
         "first_epoch_seconds": round(durations[0], 1),
         "seconds_per_epoch": round(sum(steady) / len(steady), 2),
         "images_per_second": round(len(x) * len(steady) / sum(steady)),
-        "best_val_accuracy": round(max(history.history["val_accuracy"]), 4),
+        "best_val_accuracy": round(max(history["val_accuracy"]), 4),
         "test_accuracy": round(float(np.mean(predicted == y_test)), 4),
     }
+
+
+def image_size(profile: Profile, model_name: str) -> int:
+    from bloodcell import recipes
+    from bloodcell.weights import Weights
+
+    return recipes.choose(profile.model(model_name), Weights.parse("none")).image_size
 
 
 def run(args: argparse.Namespace) -> list[dict]:
@@ -149,11 +151,11 @@ def run(args: argparse.Namespace) -> list[dict]:
     names = args.models.split(",")
     loading = time.perf_counter()
     # Decoded before Keras starts its backend: the decoding workers fork, and a forked JAX process can deadlock.
-    classes, by_size = load(args.data, sorted({profile.model(n).image_size for n in names}), args.limit)
+    classes, by_size = load(args.data, sorted({image_size(profile, n) for n in names}), args.limit)
     print(f"decoded the split at {list(by_size)} px in {time.perf_counter() - loading:.1f} s")
     results = []
     for model_name in names:
-        data = by_size[profile.model(model_name).image_size]
+        data = by_size[image_size(profile, model_name)]
         result = train_one(model_name, profile, data, len(classes), args.epochs)
         print(json.dumps(result), flush=True)
         results.append(result)
@@ -176,9 +178,9 @@ def main() -> None:
     bench = commands.add_parser("run", help="train the models and report speed and test accuracy")
     bench.add_argument("--data", type=Path, required=True, help="an .npz written by export")
     bench.add_argument("--profile", default="gpu")
-    bench.add_argument("--models", default="cnn2,cnn1,vgg16", help=f"comma-separated, of {', '.join(MODEL_NAMES)}")
+    bench.add_argument("--models", default="cnn2,cnn1,vgg16", help="comma-separated, of the profile's models")
     bench.add_argument(
-        "--set", action="append", default=[], metavar="KEY=VALUE", help="profile override, e.g. vgg16.scratch_epochs=20"
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="profile override, e.g. vgg16.scratch.epochs=20"
     )
     bench.add_argument("--epochs", type=int, help="override every model's epochs (quick tries)")
     bench.add_argument("--limit", type=int, default=0, help="only N evenly spaced images of each subset (quick tries)")

@@ -48,7 +48,7 @@ def step(name: str, args: list[str], log_dir: Path) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--profile", default="gpu", choices=list(config.PROFILES))
-    parser.add_argument("--models", nargs="+", default=["cnn1", "cnn2"], choices=config.MODEL_NAMES)
+    parser.add_argument("--models", nargs="+", default=["cnn1", "cnn2"], help="models of the profile")
     parser.add_argument("--data", default="../shared/datasets/PBC_dataset_normal_DIB")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--state-dir", default=".bloodcell-bench")
@@ -62,10 +62,11 @@ def main() -> None:
     profile_args = ["--profile", args.profile] + [f"--set={item}" for item in args.set]
     # Build arrays only for the sizes the chosen models need.
     profile = config.resolve(args.profile, config.parse_assignments(args.set))
+    size = min(profile.model(args.models[0]).image_sizes())
     size_args = [
-        f"--set={name}.image_size={profile.model(args.models[0]).image_size}"
-        for name in config.MODEL_NAMES
-        if name not in args.models
+        f"--set={key}={size}"
+        for key in profile.flat_params()
+        if key.endswith(".image_size") and key.split(".")[0] not in args.models
     ]
     run_id = time.strftime("bench-%Y%m%d-%H%M%S")
     bucket = ["--bucket", args.bucket]

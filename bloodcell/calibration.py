@@ -17,15 +17,14 @@ from dataclasses import asdict, dataclass
 
 import keras
 import numpy as np
-from keras import layers, ops
 from scipy import optimize
 
 from bloodcell import familiarity, selective
+from bloodcell.layers import DEFAULT_FLAG_SHARE, TINY, Calibration
 
 ECE_BINS = 15
 LAYER_NAME = "calibration"
 DEFAULT_TARGET_ACCURACY = 0.99
-TINY = 1e-37  # clip before log: float32 softmax outputs reach 0 only for logit gaps above ~87
 REPORTED_COVERAGES = (1.0, 0.95, 0.9)
 REPORTED_TARGETS = (0.99, 0.995)
 
@@ -198,7 +197,7 @@ def calibrate(
     calibration_cells: tuple[np.ndarray, np.ndarray, np.ndarray],
     target_accuracy: float,
     set_alpha: float = selective.DEFAULT_SET_ALPHA,
-    flag_share: float = familiarity.DEFAULT_FLAG_SHARE,
+    flag_share: float = DEFAULT_FLAG_SHARE,
 ) -> Calibrated:
     """Fit a model's rules from (labels, uncalibrated probabilities, familiarity scores) of the validation
     and calibration splits: the temperature on validation; the familiarity threshold on both (the share
@@ -263,51 +262,6 @@ def quality(y_true: np.ndarray, uncalibrated: np.ndarray, calibrated: np.ndarray
         "accuracy": curve_accuracy[::step].round(4).tolist() + [float(curve_accuracy[-1])],
     }
     return result
-
-
-@keras.saving.register_keras_serializable(package="bloodcell")
-class Calibration(layers.Layer):
-    """Temperature-scaled probabilities: softmax(log p / temperature); carries the refer and set rules.
-
-    The rules do not change the output: they travel in the layer's config so whoever loads the model
-    (``predict``, ``validate``, the registry) refers and builds prediction sets as chosen for it.
-    ``refer_below`` is one number in models saved before per-class thresholds (the same for every class).
-    """
-
-    def __init__(
-        self,
-        temperature: float = 1.0,
-        refer_below: float | list[float] = 0.0,
-        target_accuracy: float = 0.0,
-        promise: list[str] | None = None,
-        level: float = selective.DEFAULT_LEVEL,
-        set_min_probability: list[float] | None = None,
-        set_alpha: float | None = None,
-        **kwargs,
-    ) -> None:
-        super().__init__(**kwargs)
-        self.temperature, self.refer_below, self.target_accuracy = temperature, refer_below, target_accuracy
-        self.promise, self.level = promise, level
-        self.set_min_probability, self.set_alpha = set_min_probability, set_alpha
-
-    def call(self, probabilities):
-        logp = ops.log(ops.clip(ops.cast(probabilities, "float32"), TINY, 1.0))
-        return ops.softmax(logp / self.temperature, axis=-1)
-
-    def compute_output_shape(self, input_shape):
-        return input_shape
-
-    def get_config(self):
-        return {
-            **super().get_config(),
-            "temperature": self.temperature,
-            "refer_below": self.refer_below,
-            "target_accuracy": self.target_accuracy,
-            "promise": self.promise,
-            "level": self.level,
-            "set_min_probability": self.set_min_probability,
-            "set_alpha": self.set_alpha,
-        }
 
 
 def calibration_layer_for(calibrated: Calibrated) -> Calibration:

@@ -15,7 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from bloodcell import config, errors, options
+from bloodcell import errors, options
 from bloodcell.errors import BloodcellError
 
 # predict and compare answer a person: a service that does not answer is reported within seconds.
@@ -73,7 +73,7 @@ def _add_data_steps(commands: argparse._SubParsersAction) -> None:
 def _add_model_steps(commands: argparse._SubParsersAction) -> None:
     """The train, evaluate and report steps."""
     p = commands.add_parser("train", help="train one model")
-    p.add_argument("model", choices=list(config.MODEL_NAMES))
+    p.add_argument("model", help="a model of the profile (config.PROFILES), e.g. cnn1")
     p.add_argument("split_uri", help="gs://<bucket>/splits/<key> (printed by split)")
     _common(p)
     options.add_experiment(p)
@@ -95,7 +95,7 @@ def _add_model_steps(commands: argparse._SubParsersAction) -> None:
 
     p = commands.add_parser("evaluate", help="evaluate a run's models on the test split")
     _common(p, profile=False)
-    p.add_argument("--models", nargs="+", default=list(config.MODEL_NAMES))
+    p.add_argument("--models", nargs="+", help="default: every model the run trained")
     p.set_defaults(handler=lambda a: _steps().evaluate(bucket=a.bucket, run_id=a.run_id, model_names=a.models))
 
     p = commands.add_parser("report", help="build a run's comparison report")
@@ -103,7 +103,7 @@ def _add_model_steps(commands: argparse._SubParsersAction) -> None:
     _common(p)
     options.add_experiment(p)
     options.add_mlflow_parent_run(p)
-    p.add_argument("--models", nargs="+", default=list(config.MODEL_NAMES))
+    p.add_argument("--models", nargs="+", help="default: every model the run trained")
     p.set_defaults(
         handler=lambda a: _steps().report(
             bucket=a.bucket,

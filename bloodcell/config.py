@@ -7,8 +7,10 @@ object of overrides (``{"cnn1.epochs": 5}``) and call :func:`resolve`.
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import json
 import os
+import re
 import typing
 from dataclasses import dataclass
 
@@ -20,8 +22,8 @@ MENDELEY_URL = (
     "2fc38728-2ae7-4a62-a857-032af82334c3/file_downloaded"
 )
 MENDELEY_ZIP_BYTES = 281_366_219
-MODEL_NAMES = ("cnn1", "cnn2", "vgg16")
 LR_SCHEDULES = ("plateau", "cosine")
+MODEL_NAME = re.compile(r"[a-z][a-z0-9]*")
 # The pipeline image: the one name that `make image`, the compiled pipeline, the cluster manifests and
 # `pipeline.py run --runner docker` use (BLOODCELL_IMAGE, or make's IMAGE=, overrides it). A local name:
 # push it to a registry under another name for a cluster that cannot load local images.
@@ -58,13 +60,14 @@ STORE_CREDENTIAL_ENV = (STORE_TOKEN_ENV,)
 CONTAINER_MEMORY = os.environ.get("BLOODCELL_CONTAINER_MEMORY", "8g")
 CONTAINER_PIDS = int(os.environ.get("BLOODCELL_CONTAINER_PIDS", "4096"))  # processes and threads
 # Settings of this machine's environment that local containers get too.
-PASSED_ENV = ("BLOODCELL_MLFLOW_WAIT_S", "GOOGLE_CLOUD_PROJECT")
+PASSED_ENV = ("BLOODCELL_MLFLOW_WAIT_S", "GOOGLE_CLOUD_PROJECT", "BLOODCELL_EXTENSIONS")
 
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """How one model is trained."""
+    """A model that trains end to end on the images, in one phase: its architecture and how it trains."""
 
+    architecture: str  # a builder of bloodcell.models (models.register)
     image_size: int
     epochs: int
     batch_size: int = 64
@@ -73,21 +76,61 @@ class ModelConfig:
     # With augment: a quarter of the training images blurred, Gaussian sigma up to this many pixels (0: none).
     blur_sigma: float = 0.0
     early_stopping_patience: int = 5
-    early_stopping_start: int = 0  # epochs before early stopping watches (cnn2's batch norm settles late)
+    early_stopping_start: int = 0  # epochs before early stopping watches (batch norm settles late)
     lr_schedule: str = "plateau"  # plateau: ReduceLROnPlateau | cosine: 1 warm-up epoch, then cosine decay
     class_weights: bool = False
-    # vgg16 only: epochs of the second phase (top block unfrozen) and its learning rate.
-    fine_tune_epochs: int = 0
-    fine_tune_learning_rate: float = 1e-5
-    # vgg16 without pretrained weights (--vgg16-weights none): the whole network trains from scratch on
-    # augmented images in one phase, at this fraction of VGG16's channels, epochs and peak learning rate.
-    scratch_width: float = 1.0
-    scratch_epochs: int = 12
-    scratch_learning_rate: float = 2e-3
+    width: float = 1.0  # the architecture's channels times this (for a builder that takes a width)
 
     def __post_init__(self) -> None:
-        if self.lr_schedule not in LR_SCHEDULES:
-            raise ConfigError(f"lr_schedule {self.lr_schedule!r} is not one of: {', '.join(LR_SCHEDULES)}")
+        _check_schedule(self.lr_schedule)
+
+    def image_sizes(self) -> set[int]:
+        return {self.image_size}
+
+
+@dataclass(frozen=True)
+class TransferConfig:
+    """A model on a pretrained, frozen base (``--vgg16-weights``): its head trains on features the base computed
+    once, then (``fine_tune_epochs``) its top block with the head at a low learning rate; no augmentation."""
+
+    architecture: str
+    image_size: int
+    epochs: int
+    batch_size: int = 64
+    learning_rate: float = 1e-3
+    fine_tune_epochs: int = 0
+    fine_tune_learning_rate: float = 1e-5
+    early_stopping_patience: int = 5
+    early_stopping_start: int = 0
+    lr_schedule: str = "plateau"
+    class_weights: bool = False
+
+    def __post_init__(self) -> None:
+        _check_schedule(self.lr_schedule)
+
+    def image_sizes(self) -> set[int]:
+        return {self.image_size}
+
+
+@dataclass(frozen=True)
+class TransferOrScratch:
+    """A model with two recipes: ``transfer`` when pretrained weights are given (``--vgg16-weights``),
+    ``scratch`` (every layer from random weights) with ``--vgg16-weights none``."""
+
+    transfer: TransferConfig
+    scratch: ModelConfig
+
+    def image_sizes(self) -> set[int]:
+        return {self.transfer.image_size, self.scratch.image_size}
+
+
+Recipe = ModelConfig | TransferConfig  # how one model trains in one run
+ModelEntry = ModelConfig | TransferOrScratch  # a model of a profile
+
+
+def _check_schedule(schedule: str) -> None:
+    if schedule not in LR_SCHEDULES:
+        raise ConfigError(f"lr_schedule {schedule!r} is not one of: {', '.join(LR_SCHEDULES)}")
 
 
 @dataclass(frozen=True)
@@ -95,9 +138,9 @@ class Profile:
     """A complete run configuration."""
 
     name: str
-    cnn1: ModelConfig
-    cnn2: ModelConfig
-    vgg16: ModelConfig
+    # The models this profile trains, by name, in the pipeline's order: the trainer tasks (train-<name>),
+    # evaluate and the report follow this list. Adding a model is one entry here (and its builder in models).
+    models: dict[str, ModelEntry]
     max_images_per_class: int = 0  # 0 keeps every image
     # train, val, calibration, test. split-folders makes train+val / calibration / test (70/15/15 as the
     # original work, seed 777), then val is carved from the first part per class (docs/architecture.md: the split).
@@ -114,28 +157,56 @@ class Profile:
     # Whether its best model may take the registry's champion alias (not a profile that only checks the pipeline).
     takes_champion: bool = True
 
-    def model(self, name: str) -> ModelConfig:
-        if name not in MODEL_NAMES:
-            raise ConfigError(f"unknown model {name!r}; known models: {', '.join(MODEL_NAMES)}")
-        return getattr(self, name)
+    def __post_init__(self) -> None:
+        # A name becomes a task (train-<name>), a kfp parameter and a bucket folder: lower-case letters and digits.
+        bad = [name for name in self.models if not MODEL_NAME.fullmatch(name)]
+        clashes = {f.name for f in dataclasses.fields(self)} & set(self.models) | {ENSEMBLE_NAME} & set(self.models)
+        if bad or clashes:
+            raise ConfigError(
+                f"profile {self.name!r}: model name(s) {', '.join(sorted({*bad, *clashes}))} not allowed: use "
+                f"lower-case letters and digits, starting with a letter, not {ENSEMBLE_NAME!r} or a profile setting"
+            )
+        if not self.models:
+            raise ConfigError(f"profile {self.name!r} has no models")
+
+    @property
+    def model_names(self) -> list[str]:
+        return list(self.models)
+
+    def model(self, name: str) -> ModelEntry:
+        if name not in self.models:
+            raise ConfigError(
+                f"profile {self.name!r} has no model {name!r}; its models: {', '.join(self.models)} "
+                "(config.PROFILES lists each profile's models)"
+            )
+        return self.models[name]
 
     def image_sizes(self) -> list[int]:
-        """Distinct input sizes the models of this profile need, ascending."""
-        return sorted({self.model(name).image_size for name in MODEL_NAMES})
+        """Distinct input sizes the models of this profile need (either recipe of each), ascending."""
+        return sorted(set().union(*(entry.image_sizes() for entry in self.models.values())))
 
     def to_dict(self) -> dict[str, typing.Any]:
         return dataclasses.asdict(self)
 
     def flat_params(self) -> dict[str, str]:
-        """``section.key -> value`` strings, for MLflow params."""
-        flat: dict[str, str] = {}
-        for key, value in self.to_dict().items():
-            if isinstance(value, dict):
-                flat.update({f"{key}.{k}": str(v) for k, v in value.items()})
-            else:
-                flat[key] = str(value)
-        return flat
+        """``section.key -> value`` strings (``cnn1.epochs``, ``vgg16.transfer.epochs``, ``seed``), for MLflow."""
+        values = {key: value for key, value in self.to_dict().items() if key != "models"}
+        return _flatten({**self.to_dict()["models"], **values})
 
+
+def _flatten(values: dict[str, typing.Any], prefix: str = "") -> dict[str, str]:
+    flat: dict[str, str] = {}
+    for key, value in values.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[prefix + key] = str(value)
+    return flat
+
+
+# The combined model that evaluate builds from a run's trained models (bloodcell.ensemble): its name in
+# the bucket (runs/<id>/models/ensemble/), the summary, the report and MLflow.
+ENSEMBLE_NAME = "ensemble"
 
 PROFILES: dict[str, Profile] = {
     # Seconds per model: for tests and trying the plumbing.
@@ -143,78 +214,117 @@ PROFILES: dict[str, Profile] = {
         name="smoke",
         max_images_per_class=24,
         takes_champion=False,
-        cnn1=ModelConfig(image_size=48, epochs=1, batch_size=32),
-        cnn2=ModelConfig(image_size=96, epochs=1, batch_size=32, lr_schedule="cosine"),
-        vgg16=ModelConfig(
-            image_size=32, epochs=1, batch_size=32, fine_tune_epochs=1, scratch_width=0.25, scratch_epochs=1
-        ),
+        models={
+            "cnn1": ModelConfig("cnn1", image_size=48, epochs=1, batch_size=32),
+            "cnn2": ModelConfig("cnn2", image_size=96, epochs=1, batch_size=32, lr_schedule="cosine"),
+            "vgg16": TransferOrScratch(
+                transfer=TransferConfig("vgg16_transfer", image_size=32, epochs=1, batch_size=32, fine_tune_epochs=1),
+                scratch=ModelConfig(
+                    "vgg16_from_scratch",
+                    image_size=32,
+                    epochs=1,
+                    batch_size=32,
+                    learning_rate=2e-3,
+                    lr_schedule="cosine",
+                    width=0.25,
+                ),
+            ),
+        },
     ),
     # The full data at reduced resolution, sized for a 2-core CPU (docs/performance.md).
     "laptop": Profile(
         name="laptop",
-        # A cosine decay over a fixed budget: ReduceLROnPlateau stopped cnn1 while it was still improving.
-        cnn1=ModelConfig(
-            image_size=64,
-            epochs=40,
-            batch_size=64,
-            early_stopping_patience=10,
-            early_stopping_start=20,
-            lr_schedule="cosine",
-        ),
-        # cnn2's epochs are the profile's costliest (docs/performance.md): fewer of them, each with twice the updates.
-        cnn2=ModelConfig(
-            image_size=96,
-            epochs=8,
-            batch_size=32,
-            blur_sigma=0.8,
-            early_stopping_patience=4,
-            early_stopping_start=8,
-            lr_schedule="cosine",
-        ),
-        # With `none`, VGG16 trains from scratch: a quarter of its width at 64 px fits the laptop budget.
-        vgg16=ModelConfig(
-            image_size=64,
-            epochs=8,
-            batch_size=128,
-            learning_rate=1e-3,
-            fine_tune_epochs=4,
-            fine_tune_learning_rate=1e-4,
-            scratch_width=0.25,
-            scratch_epochs=12,
-            scratch_learning_rate=2e-3,
-        ),
+        models={
+            # A cosine decay over a fixed budget: ReduceLROnPlateau stopped cnn1 while it was still improving.
+            "cnn1": ModelConfig(
+                "cnn1",
+                image_size=64,
+                epochs=40,
+                batch_size=64,
+                early_stopping_patience=10,
+                early_stopping_start=20,
+                lr_schedule="cosine",
+            ),
+            # cnn2's epochs are the profile's costliest (docs/performance.md): fewer, each with twice the updates.
+            "cnn2": ModelConfig(
+                "cnn2",
+                image_size=96,
+                epochs=8,
+                batch_size=32,
+                blur_sigma=0.8,
+                early_stopping_patience=4,
+                early_stopping_start=8,
+                lr_schedule="cosine",
+            ),
+            "vgg16": TransferOrScratch(
+                transfer=TransferConfig(
+                    "vgg16_transfer",
+                    image_size=64,
+                    epochs=8,
+                    batch_size=128,
+                    learning_rate=1e-3,
+                    fine_tune_epochs=4,
+                    fine_tune_learning_rate=1e-4,
+                ),
+                # From scratch, a quarter of VGG16's width at 64 px fits the laptop budget. Early stopping watches
+                # the second half only: while the rate is high, batch norm's moving statistics lag the weights.
+                scratch=ModelConfig(
+                    "vgg16_from_scratch",
+                    image_size=64,
+                    epochs=12,
+                    batch_size=128,
+                    learning_rate=2e-3,
+                    early_stopping_start=6,
+                    lr_schedule="cosine",
+                    width=0.25,
+                ),
+            ),
+        },
     ),
     # A cluster run on GPU nodes: the original resolutions and more epochs.
     "gpu": Profile(
         name="gpu",
-        # A cosine decay over a fixed budget: ReduceLROnPlateau, halving the rate on a noisy val_loss,
-        # left cnn1 underfitting at 128 px.
-        cnn1=ModelConfig(
-            image_size=128,
-            epochs=50,
-            batch_size=128,
-            early_stopping_patience=10,
-            early_stopping_start=25,
-            lr_schedule="cosine",
-        ),
-        cnn2=ModelConfig(
-            image_size=128,
-            epochs=20,
-            batch_size=128,
-            early_stopping_patience=8,
-            early_stopping_start=8,
-            lr_schedule="cosine",
-        ),
-        vgg16=ModelConfig(
-            image_size=224,
-            epochs=15,
-            batch_size=64,
-            fine_tune_epochs=15,
-            fine_tune_learning_rate=1e-5,
-            scratch_width=1.0,
-            scratch_epochs=30,
-            scratch_learning_rate=1e-3,
-        ),
+        models={
+            # A cosine decay over a fixed budget: ReduceLROnPlateau, halving the rate on a noisy val_loss,
+            # left cnn1 underfitting at 128 px.
+            "cnn1": ModelConfig(
+                "cnn1",
+                image_size=128,
+                epochs=50,
+                batch_size=128,
+                early_stopping_patience=10,
+                early_stopping_start=25,
+                lr_schedule="cosine",
+            ),
+            "cnn2": ModelConfig(
+                "cnn2",
+                image_size=128,
+                epochs=20,
+                batch_size=128,
+                early_stopping_patience=8,
+                early_stopping_start=8,
+                lr_schedule="cosine",
+            ),
+            "vgg16": TransferOrScratch(
+                transfer=TransferConfig(
+                    "vgg16_transfer",
+                    image_size=224,
+                    epochs=15,
+                    batch_size=64,
+                    fine_tune_epochs=15,
+                    fine_tune_learning_rate=1e-5,
+                ),
+                scratch=ModelConfig(
+                    "vgg16_from_scratch",
+                    image_size=224,
+                    epochs=30,
+                    batch_size=64,
+                    learning_rate=1e-3,
+                    early_stopping_start=15,
+                    lr_schedule="cosine",
+                ),
+            ),
+        },
     ),
 }
 
@@ -278,8 +388,13 @@ def parse_assignments(assignments: list[str]) -> dict[str, str]:
 def _override(obj: typing.Any, dotted_key: str, value: typing.Any, prefix: str = "") -> typing.Any:
     head, _, rest = dotted_key.partition(".")
     full_key = prefix + dotted_key
+    if isinstance(obj, Profile) and head in obj.models:  # `cnn1.epochs`: a setting of the profile's model cnn1
+        if not rest:
+            raise ConfigError(f"{full_key!r} is a group; set one of its fields, e.g. {full_key}.epochs")
+        entry = _override(obj.models[head], rest, value, f"{head}.")
+        return dataclasses.replace(obj, models={**obj.models, head: entry})
     hints = typing.get_type_hints(type(obj))
-    if head not in hints or head == "name":
+    if head not in hints or head in ("name", "models"):
         raise ConfigError(
             f"unknown setting {full_key!r}; settings are: {', '.join(sorted(_setting_names(obj, prefix)))}"
         )
@@ -297,11 +412,14 @@ def _override(obj: typing.Any, dotted_key: str, value: typing.Any, prefix: str =
 
 def _setting_names(obj: typing.Any, prefix: str = "") -> list[str]:
     names = []
+    if isinstance(obj, Profile):
+        for model, entry in obj.models.items():
+            names += _setting_names(entry, f"{prefix}{model}.")
     for f in dataclasses.fields(obj):
         value = getattr(obj, f.name)
         if dataclasses.is_dataclass(value):
             names += _setting_names(value, f"{prefix}{f.name}.")
-        elif f.name != "name":
+        elif f.name not in ("name", "models"):
             names.append(prefix + f.name)
     return names
 
@@ -342,8 +460,11 @@ __all__ = [
     "IMAGE_UID",
     "MENDELEY_URL",
     "MENDELEY_ZIP_BYTES",
-    "MODEL_NAMES",
     "ModelConfig",
+    "ModelEntry",
+    "Recipe",
+    "TransferConfig",
+    "TransferOrScratch",
     "MLFLOW_CREDENTIAL_ENV",
     "PASSED_ENV",
     "PROFILES",
@@ -354,9 +475,24 @@ __all__ = [
     "resolve",
 ]
 
-# The combined model that evaluate builds from a run's trained models (bloodcell.ensemble): its name in
-# the bucket (runs/<id>/models/ensemble/), the summary, the report and MLflow.
-ENSEMBLE_NAME = "ensemble"
+# Modules that add models or profiles (a builder registered with bloodcell.models.register, an entry in
+# PROFILES), comma-separated: imported here, so the pipeline and every step process see the same models.
+EXTENSIONS_ENV = "BLOODCELL_EXTENSIONS"
+
+
+def load_extensions() -> None:
+    for module in filter(None, (name.strip() for name in os.environ.get(EXTENSIONS_ENV, "").split(","))):
+        try:
+            importlib.import_module(module)
+        except ImportError as exc:
+            raise ConfigError(
+                f"{EXTENSIONS_ENV} names {module!r}, which cannot be imported ({exc}): put it on PYTHONPATH "
+                f"(in containers: into the image) or unset {EXTENSIONS_ENV}"
+            ) from None
+
+
+if __name__ != "__main__":
+    load_extensions()
 
 if __name__ == "__main__":  # `python -m bloodcell.config image`: the image name, for make (stdlib only)
     import sys

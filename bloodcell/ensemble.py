@@ -14,129 +14,29 @@ then lower validation log loss). The test split is never read here.
 
 from __future__ import annotations
 
-import itertools
 import math
-import tempfile
 import time
-from dataclasses import asdict, dataclass, field, replace
-from pathlib import Path
+from dataclasses import asdict, replace
 
 import keras
-import mlflow
 import numpy as np
-from keras import layers, ops
-from mlflow.tracking import MlflowClient
-from sklearn import metrics as skm
+from keras import layers
 
-from bloodcell import arrays, calibration, decisions, familiarity, feeding, models, selective, storage, tracking  # noqa: F401
+from bloodcell import arrays, calibration, decisions, familiarity, feeding, selection, selective, tracking
 from bloodcell.config import ENSEMBLE_NAME
 from bloodcell.errors import BloodcellError
-
-SYMMETRIES = 8  # the dihedral group of the square: 4 rotations, each optionally mirrored
-BRANCH_IMAGES_PER_BATCH = 128  # member images per forward pass (with TTA: 16 inputs x 8 symmetries)
-SELECTION_RULE = (
-    "on the validation split: per member, the resize method with the best accuracy, and test-time "
-    "augmentation (8 symmetries) if it raises accuracy; then the set of members whose average has the best "
-    "accuracy (ties: fewer members, lower log loss)"
+from bloodcell.layers import (
+    DEFAULT_FLAG_SHARE,
+    RESIZE_METHODS,
+    SYMMETRIES,
+    CombinedFamiliarity,
+    DihedralImages,
+    ResizeImages,
+    SymmetryMean,
 )
-RESIZE_METHODS = ("bilinear", "area")  # tried in this order on the validation split; a tie keeps the first
+from bloodcell.runstore import Combination, ModelRecord, RunStore
 
-
-def shrink_weights(n_in: int, n_out: int, method: str) -> np.ndarray:
-    """The (n_out, n_in) matrix that shrinks one image axis; each row sums to 1.
-
-    ``bilinear``: a triangle filter widened by the shrink factor (antialiased, as PIL and Keras shrink);
-    ``area``: each output pixel the mean of the input span it covers (sharper).
-    """
-    scale = n_in / n_out
-    pixels = np.arange(n_in) + 0.5  # input pixel centres, in input pixels
-    if method == "area":
-        starts, ends = np.arange(n_out)[:, None] * scale, (np.arange(n_out)[:, None] + 1) * scale
-        weights = np.clip(np.minimum(ends, pixels + 0.5) - np.maximum(starts, pixels - 0.5), 0, None)
-    elif method == "bilinear":
-        centres = (np.arange(n_out)[:, None] + 0.5) * scale
-        weights = np.clip(1 - np.abs(pixels - centres) / max(scale, 1.0), 0, None)
-    else:
-        raise ValueError(f"unknown resize method {method!r}; one of {RESIZE_METHODS}")
-    return (weights / weights.sum(axis=1, keepdims=True)).astype("float32")
-
-
-MAX_IMAGE_SIZE = 4096  # px: far above any profile's input size
-
-
-@keras.saving.register_keras_serializable(package="bloodcell")
-class ResizeImages(layers.Layer):
-    """Square uint8 images shrunk to ``size`` px (:func:`shrink_weights`' ``method``), rounded back to uint8.
-
-    Two matrix products, so every Keras backend runs it the same. A member's arrays were shrunk by PIL
-    from the decoded image; shrinking the larger arrays again blurs more, and which method brings a
-    member closest to its own arrays differs (measured: area for 96 -> 64 px, bilinear for 96 -> 48),
-    so it is chosen per member on the validation split.
-    """
-
-    def __init__(self, size: int, method: str = "bilinear", **kwargs):
-        super().__init__(**kwargs)
-        if not isinstance(size, int) or not 1 <= size <= MAX_IMAGE_SIZE:
-            # A model's config is data: an absurd size would allocate memory before anything checks it.
-            raise ValueError(f"ResizeImages size {size!r} is not between 1 and {MAX_IMAGE_SIZE} px: not our model")
-        self.size, self.method = size, method
-
-    def call(self, images):
-        weights = ops.convert_to_tensor(shrink_weights(images.shape[1], self.size, self.method))
-        x = ops.einsum("oh,bhwc->bowc", weights, ops.cast(images, "float32"))
-        x = ops.einsum("pw,bowc->bopc", weights, x)
-        return ops.cast(ops.clip(ops.round(x), 0, 255), "uint8")
-
-    def compute_output_shape(self, input_shape):
-        return (input_shape[0], self.size, self.size, input_shape[3])
-
-    def compute_output_spec(self, images):
-        return keras.KerasTensor(self.compute_output_shape(images.shape), dtype="uint8")
-
-    def get_config(self):
-        return {**super().get_config(), "size": self.size, "method": self.method}
-
-
-def symmetries(images):
-    """The eight right-angle symmetries of square images (B, H, W, C), concatenated: (8B, H, W, C).
-
-    Two flips and a transpose, each applied or not, reach all eight; symmetry-major order
-    (the first B rows are the images as given).
-    """
-    variants = [images]
-    for transform in (
-        lambda x: ops.flip(x, axis=1),
-        lambda x: ops.flip(x, axis=2),
-        lambda x: ops.transpose(x, (0, 2, 1, 3)),
-    ):
-        variants += [transform(v) for v in variants]
-    return ops.concatenate(variants, axis=0)
-
-
-@keras.saving.register_keras_serializable(package="bloodcell")
-class DihedralImages(layers.Layer):
-    """Each image in its eight right-angle symmetries (:func:`symmetries`): (B, H, W, C) -> (8B, H, W, C)."""
-
-    def call(self, images):
-        return symmetries(images)
-
-    def compute_output_shape(self, input_shape):
-        return (None if input_shape[0] is None else SYMMETRIES * input_shape[0], *input_shape[1:])
-
-    def compute_output_spec(self, images):
-        return keras.KerasTensor(self.compute_output_shape(images.shape), dtype=images.dtype)
-
-
-@keras.saving.register_keras_serializable(package="bloodcell")
-class SymmetryMean(layers.Layer):
-    """The mean of :class:`DihedralImages`' stacked predictions over the symmetries: (8B, K) -> (B, K)."""
-
-    def call(self, probabilities):
-        by_symmetry = ops.reshape(probabilities, (SYMMETRIES, -1, ops.shape(probabilities)[-1]))
-        return ops.mean(by_symmetry, axis=0)
-
-    def compute_output_shape(self, input_shape):
-        return (None if input_shape[0] is None else input_shape[0] // SYMMETRIES, input_shape[-1])
+BRANCH_IMAGES_PER_BATCH = 128  # member images per forward pass (with TTA: 16 inputs x 8 symmetries)
 
 
 def resized_input(member: keras.Model, images: keras.KerasTensor, name: str, method: str | None) -> keras.KerasTensor:
@@ -194,10 +94,10 @@ def combined_model(
     checks = [familiarity.familiarity_layer(member) for member in members.values()]
     if any(check is None for check in checks):
         return keras.Model(images, average, name=ENSEMBLE_NAME)
-    combined = familiarity.CombinedFamiliarity(
+    combined = CombinedFamiliarity(
         [check.threshold for check in checks if check is not None],
         threshold=calibrated.familiarity_threshold if calibrated else math.inf,
-        flag_share=calibrated.flag_share if calibrated else familiarity.DEFAULT_FLAG_SHARE,
+        flag_share=calibrated.flag_share if calibrated else DEFAULT_FLAG_SHARE,
         name=familiarity.LAYER_NAME,
         dtype="float32",
     )([o[1] for o in outputs])
@@ -233,145 +133,77 @@ def symmetry_probabilities(member: keras.Model, x: np.ndarray, name: str, resize
     return np.concatenate(parts, axis=1)
 
 
-@dataclass(frozen=True)
-class Score:
-    """Validation accuracy and log loss of some probabilities."""
-
-    accuracy: float
-    log_loss: float
-
-    @classmethod
-    def of(cls, y_true: np.ndarray, probabilities: np.ndarray) -> Score:
-        labels = list(range(probabilities.shape[1]))
-        return cls(
-            float(skm.accuracy_score(y_true, probabilities.argmax(axis=1))),
-            float(skm.log_loss(y_true, np.clip(probabilities, 1e-7, 1), labels=labels)),
-        )
-
-
 def choose_resize(member: keras.Model, x_val: np.ndarray, y_val: np.ndarray, name: str) -> tuple[str | None, dict]:
     """How ``member`` shrinks the combined model's images: the method of :data:`RESIZE_METHODS` with the best
     validation accuracy (None when they are already its size), and each method's score."""
     if member.input_shape[1] == x_val.shape[1]:
         return None, {}
-    scores = {m: Score.of(y_val, plain_probabilities(member, x_val, name, m)) for m in RESIZE_METHODS}
+    scores = {m: selection.Score.of(y_val, plain_probabilities(member, x_val, name, m)) for m in RESIZE_METHODS}
     return max(RESIZE_METHODS, key=lambda m: scores[m].accuracy), {m: asdict(s) for m, s in scores.items()}
 
 
-def choose_tta(by_symmetry: dict[str, np.ndarray], y_val: np.ndarray) -> dict[str, dict]:
-    """Per member: its validation score without and with test-time augmentation, and whether to use it.
-
-    TTA costs 8x the inference, so a member keeps it only if it raises validation accuracy.
-    """
-    choices = {}
-    for name, probabilities in by_symmetry.items():
-        plain, averaged = Score.of(y_val, probabilities[0]), Score.of(y_val, probabilities.mean(axis=0))
-        choices[name] = {"plain": asdict(plain), "tta": asdict(averaged), "use": averaged.accuracy > plain.accuracy}
-    return choices
-
-
-def choose_members(member_probabilities: dict[str, np.ndarray], y_val: np.ndarray) -> list[dict]:
-    """Every non-empty set of members, scored by the validation accuracy of their average; best first.
-
-    Ties go to the smaller set (cheaper, and no evidence the extra member helps), then to the lower
-    validation log loss.
-    """
-    names = list(member_probabilities)
-    candidates = []
-    for size in range(1, len(names) + 1):
-        for subset in itertools.combinations(names, size):
-            average = np.mean([member_probabilities[n] for n in subset], axis=0)
-            candidates.append({"members": list(subset), **asdict(Score.of(y_val, average))})
-    return sorted(candidates, key=lambda c: (-c["accuracy"], len(c["members"]), c["log_loss"]))
-
-
-@dataclass(frozen=True)
-class EnsembleRecord:
-    """The combined model: what ``<run_uri>/models/ensemble/train.json`` holds (a training record's
-    keys, so evaluate, predict and the report read it like a trained model's)."""
-
-    model: str
-    model_uri: str
-    classes: list[str]
-    image_size: int
-    members: list[str]
-    description: str  # in words: members, how each shrinks the images, test-time augmentation
-    tta: dict[str, bool]  # per chosen member
-    resize: dict[str, str | None]  # per chosen member: how it shrinks the images (None: already its size)
-    val_accuracy: float
-    val_log_loss: float
-    params: int
-    arrays_uri: str  # the arrays at image_size: validation for choosing, test for evaluate
-    train_seconds: float  # building it: validation predictions, choices, storing
-    mlflow_run_id: str | None
-    mlflow_model_uri: str | None
-    epochs: int = 0
-    selection: dict = field(default_factory=dict)  # every measurement behind the choices
-    calibration: dict = field(
-        default_factory=dict
-    )  # calibration.Calibrated's fields, fitted on validation and calibration
-
-
-def stored(run_uri: str) -> EnsembleRecord | None:
-    """The combined model this run already built, if any (a rerun of evaluate reuses it)."""
-    record = storage.join(run_uri, "models", ENSEMBLE_NAME, "train.json")
-    return EnsembleRecord(**storage.read_json(record)) if storage.exists(record) else None
-
-
-def build(trained: list[dict], run_uri: str, tracker: tracking.Tracker) -> EnsembleRecord:
-    """Choose, build, store and log the combined model of ``trained`` (training records), on validation data."""
-    found = stored(run_uri)
+def build(records: list[ModelRecord], store: RunStore, tracker: tracking.Tracker) -> ModelRecord:
+    """Choose, build, store and log the combined model of ``records`` (trained models), on validation data."""
+    found = store.record(ENSEMBLE_NAME)
     if found:
         print(f"{ENSEMBLE_NAME} is already built in this run ({found.model_uri}); reusing it")
         return found
     started = time.perf_counter()
-    check_members(trained)
-    largest = max(trained, key=lambda info: int(info["image_size"]))
-    x_val, y_val = arrays.load(largest["arrays_uri"], "val")
-    members = {info["model"]: load_member(info) for info in trained}
-    tta, resize, selection = choose(members, x_val, y_val)
+    check_members(records)
+    largest = max(records, key=lambda record: record.image_size)
+    x_val, y_val = arrays.load(largest.arrays_uri, "val")
+    members = {record.model: load_member(store, record) for record in records}
+    tta, resize, choices = choose(members, x_val, y_val)
     chosen = {name: members[name] for name in tta}
     calibrated = fit_rules(
-        combined_model(chosen, tta, x_val.shape[1], resize), trained, (x_val, y_val), largest["arrays_uri"]
+        combined_model(chosen, tta, x_val.shape[1], resize), records, (x_val, y_val), largest.arrays_uri
     )
     model = combined_model(chosen, tta, x_val.shape[1], resize, calibrated)
-    best = selection["candidates"][0]
-    record = EnsembleRecord(
-        model=ENSEMBLE_NAME,
-        model_uri=storage.join(run_uri, "models", ENSEMBLE_NAME, "model.keras"),
-        classes=list(largest["classes"]),
-        image_size=int(x_val.shape[1]),
+    best = choices["candidates"][0]
+    combination = Combination(
         members=list(tta),
-        description=describe(list(tta), tta, resize),
+        description=selection.describe(list(tta), tta, resize),
         tta=tta,
         resize=resize,
         val_accuracy=best["accuracy"],
         val_log_loss=best["log_loss"],
-        params=model.count_params(),
-        arrays_uri=largest["arrays_uri"],
+        selection=choices,
+    )
+    record = ModelRecord(
+        model=ENSEMBLE_NAME,
+        model_uri=store.model_uri(ENSEMBLE_NAME),
+        classes=list(largest.classes),
+        image_size=int(x_val.shape[1]),
+        epochs=0,
         train_seconds=time.perf_counter() - started,
+        params=model.count_params(),
+        arrays_uri=largest.arrays_uri,
         mlflow_run_id=None,
         mlflow_model_uri=None,
-        selection=selection,
         calibration=calibrated.params(),
+        combination=combination,
     )
     print(
-        f"{ENSEMBLE_NAME}: {record.description}; chosen on {len(y_val)} validation images "
-        f"(validation accuracy {record.val_accuracy:.4f}, log loss {record.val_log_loss:.4f})"
+        f"{ENSEMBLE_NAME}: {combination.description}; chosen on {len(y_val)} validation images "
+        f"(validation accuracy {combination.val_accuracy:.4f}, log loss {combination.val_log_loss:.4f})"
     )
-    record = log_to_mlflow(record, model, run_uri, tracker)
-    store(model, record)
+    record = log_to_mlflow(record, model, store, tracker)
+    store.save_model(model, ENSEMBLE_NAME)
+    store.write_record(record)  # last: the combined model is complete
     return record
 
 
-def member_setting(trained: list[dict], key: str, default: float) -> float:
+def member_setting(records: list[ModelRecord], key: str, default: float) -> float:
     """A setting the members were calibrated with (the profile's: target accuracy, set alpha, flag share)."""
-    values = [info.get("calibration", {}).get(key) for info in trained]
+    values = [record.calibration.get(key) for record in records]
     return max([v for v in values if v] or [default])
 
 
 def fit_rules(
-    uncalibrated: keras.Model, trained: list[dict], validation: tuple[np.ndarray, np.ndarray], arrays_uri: str
+    uncalibrated: keras.Model,
+    records: list[ModelRecord],
+    validation: tuple[np.ndarray, np.ndarray],
+    arrays_uri: str,
 ) -> calibration.Calibrated:
     """The combined model's own rules, fitted like a trained model's (:func:`calibration.calibrate`) on its
     outputs for the validation and calibration splits, through the very branches it will have."""
@@ -386,9 +218,9 @@ def fit_rules(
     return calibration.calibrate(
         (y_val, p_val, s_val),
         (y_cal, p_cal, s_cal),
-        member_setting(trained, "target_accuracy", calibration.DEFAULT_TARGET_ACCURACY),
-        member_setting(trained, "set_alpha", selective.DEFAULT_SET_ALPHA),
-        member_setting(trained, "flag_share", familiarity.DEFAULT_FLAG_SHARE),
+        member_setting(records, "target_accuracy", calibration.DEFAULT_TARGET_ACCURACY),
+        member_setting(records, "set_alpha", selective.DEFAULT_SET_ALPHA),
+        member_setting(records, "flag_share", DEFAULT_FLAG_SHARE),
     )
 
 
@@ -400,75 +232,44 @@ def choose(
     resizing = {name: choose_resize(member, x_val, y_val, name) for name, member in members.items()}
     resize = {name: method for name, (method, _) in resizing.items()}
     by_symmetry = {name: symmetry_probabilities(m, x_val, name, resize[name]) for name, m in members.items()}
-    tta = choose_tta(by_symmetry, y_val)
+    tta = selection.choose_tta(by_symmetry, y_val)
     probabilities = {n: p.mean(axis=0) if tta[n]["use"] else p[0] for n, p in by_symmetry.items()}
-    candidates = choose_members(probabilities, y_val)
+    candidates = selection.choose_members(probabilities, y_val)
     chosen = candidates[0]["members"]
-    selection = {
-        "rule": SELECTION_RULE,
+    measured = {
+        "rule": selection.SELECTION_RULE,
         "n_val": len(y_val),
         "resize": {name: scores for name, (_, scores) in resizing.items() if scores},
         "tta": tta,
         "candidates": candidates,
     }
-    return {n: bool(tta[n]["use"]) for n in chosen}, {n: resize[n] for n in chosen}, selection
+    return {n: bool(tta[n]["use"]) for n in chosen}, {n: resize[n] for n in chosen}, measured
 
 
-def check_members(trained: list[dict]) -> None:
-    if len(trained) < 2:
-        raise BloodcellError(f"a combined model needs at least 2 trained models, got {len(trained)}")
-    if len({tuple(info["classes"]) for info in trained}) != 1:
+def check_members(records: list[ModelRecord]) -> None:
+    if len(records) < 2:
+        raise BloodcellError(f"a combined model needs at least 2 trained models, got {len(records)}")
+    if len({tuple(record.classes) for record in records}) != 1:
         raise BloodcellError("the trained models do not share their classes; they cannot be combined")
 
 
-def load_member(info: dict) -> keras.Model:
-    """A trained model from the bucket, loaded in Keras safe mode, named after its training record."""
-    with tempfile.TemporaryDirectory() as tmp:
-        path = storage.download_file(info["model_uri"], Path(tmp, "model.keras"))
-        model = keras.saving.load_model(path, safe_mode=True)
-    model.name = info["model"]  # unique layer names in the combined model, whatever the builder called it
+def load_member(store: RunStore, record: ModelRecord) -> keras.Model:
+    """A trained model of the run (the safe loader), named after its record."""
+    model = store.load_model(record.model)
+    model.name = record.model  # unique layer names in the combined model, whatever the builder called it
     return model
 
 
-def describe(members: list[str], tta: dict[str, bool], resize: dict[str, str | None]) -> str:
-    """What the combined model is, e.g. ``the average of cnn2 (averaged over the 8 symmetries) and vgg16
-    (shrunk by area)`` (for the log, the report and the summary)."""
-
-    def branch(name: str) -> str:
-        parts = [
-            f"shrunk by {resize[name]}" if resize[name] else "",
-            "averaged over the 8 symmetries" if tta[name] else "",
-        ]
-        return name + (f" ({', '.join(p for p in parts if p)})" if any(parts) else "")
-
-    if len(members) == 1:
-        return f"{branch(members[0])} alone"
-    return f"the average of {', '.join(branch(n) for n in members[:-1])} and {branch(members[-1])}"
-
-
-def store(model: keras.Model, record: EnsembleRecord) -> None:
-    """``model.keras``, then ``train.json`` (written last: the model is complete)."""
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp, "model.keras")
-        model.save(path)
-        storage.upload_file(path, record.model_uri)
-    storage.write_json(asdict(record), storage.join(record.model_uri.rsplit("/", 1)[0], "train.json"))
-
-
-def log_to_mlflow(
-    record: EnsembleRecord, model: keras.Model, run_uri: str, tracker: tracking.Tracker
-) -> EnsembleRecord:
+def log_to_mlflow(record: ModelRecord, model: keras.Model, store: RunStore, tracker: tracking.Tracker) -> ModelRecord:
     """Log the combined model as a nested run of the pipeline's parent run (its choices as params, the
     validation measurements as metrics, the model itself); ``record`` with the run and model URIs.
 
     Without a parent run (MLflow was down when the trainers started) nothing is logged.
     """
-    claim = storage.join(run_uri, "mlflow_parent_run_id")
-    if not storage.exists(claim):
+    parent = store.parent_run_id()
+    if not parent:
         return record
-    run_id = tracker.call(
-        f"create the {ENSEMBLE_NAME} run", _open_run, storage.read_bytes(claim).decode(), run_uri.rsplit("/", 1)[-1]
-    )
+    run_id = tracker.call(f"create the {ENSEMBLE_NAME} run", tracking.nested_run, parent, store, ENSEMBLE_NAME)
     if not run_id:
         return record
     from bloodcell.train import pip_requirements  # what loading a model of this run needs
@@ -481,41 +282,37 @@ def log_to_mlflow(
     return replace(record, mlflow_run_id=run_id, mlflow_model_uri=model_uri)
 
 
-def _open_run(parent_run_id: str, pipeline_run_id: str) -> str:
-    client = MlflowClient()
-    experiment = client.get_experiment(client.get_run(parent_run_id).info.experiment_id).name
-    return tracking.model_run(experiment, pipeline_run_id, parent_run_id, ENSEMBLE_NAME)
-
-
-def _log_choices(run_id: str, record: EnsembleRecord) -> None:
+def _log_choices(run_id: str, record: ModelRecord) -> None:
+    combination = record.combination
+    assert combination is not None  # a combined model's record
     tracking.log_params(
         run_id,
         {
-            "members": ",".join(record.members),
-            "tta": ",".join(n for n in record.members if record.tta[n]) or "none",
-            "resize": ",".join(f"{n}:{record.resize[n]}" for n in record.members if record.resize[n]) or "none",
+            "members": ",".join(combination.members),
+            "tta": ",".join(n for n in combination.members if combination.tta[n]) or "none",
+            "resize": ",".join(f"{n}:{combination.resize[n]}" for n in combination.members if combination.resize[n])
+            or "none",
             "image_size": record.image_size,
             "params": record.params,
-            "selection": SELECTION_RULE,
-            "n_val": record.selection["n_val"],
+            "selection": selection.SELECTION_RULE,
+            "n_val": combination.selection["n_val"],
         },
     )
     scores = {
-        "val_accuracy": record.val_accuracy,
-        "val_log_loss": record.val_log_loss,
+        "val_accuracy": combination.val_accuracy,
+        "val_log_loss": combination.val_log_loss,
         "train_seconds": record.train_seconds,  # building it (compare's training time)
     }
-    for name, decision in record.selection["tta"].items():
+    for name, decision in combination.selection["tta"].items():
         scores[f"val_accuracy_{name}"] = decision["plain"]["accuracy"]
         scores[f"val_accuracy_{name}_tta"] = decision["tta"]["accuracy"]
-    for name, by_method in record.selection["resize"].items():
+    for name, by_method in combination.selection["resize"].items():
         scores.update({f"val_accuracy_{name}_{method}": score["accuracy"] for method, score in by_method.items()})
     tracking.log_metrics(run_id, scores)
     tracking.log_calibration(run_id, record.calibration, record.classes)
     tracking.describe_run(
         run_id,
-        f"{ENSEMBLE_NAME}: {record.description}, chosen on the validation split (accuracy "
-        f"{record.val_accuracy:.2%}). " + calibration.Calibrated(**record.calibration).describe(record.classes),
+        f"{ENSEMBLE_NAME}: {combination.description}, chosen on the validation split (accuracy "
+        f"{combination.val_accuracy:.2%}). " + calibration.Calibrated(**record.calibration).describe(record.classes),
     )
-    with mlflow.start_run(run_id=run_id):
-        mlflow.log_dict(record.selection, "ensemble/selection.json")
+    tracking.log_json(run_id, combination.selection, "ensemble/selection.json")

@@ -11,53 +11,47 @@ from __future__ import annotations
 import io
 import tempfile
 import time
-from dataclasses import asdict
 from pathlib import Path
 
-import keras
 import mlflow
 import numpy as np
 from sklearn import metrics as skm
 
-from bloodcell import arrays, calibration, decisions, ensemble, feeding, models, plots, storage, tracking  # noqa: F401
-from bloodcell.config import ENSEMBLE_NAME
+from bloodcell import arrays, calibration, decisions, ensemble, feeding, plots, tracking
+from bloodcell.runstore import ModelRecord, RunStore
 
 INFERENCE_BATCH = 128
 
 
-def evaluate(trained: list[dict], run_uri: str, tracker: tracking.Tracker | None = None) -> dict[str, dict]:
-    """Evaluate each trained model (its ``train.json``) on its test arrays; metrics by model name.
+def evaluate(records: list[ModelRecord], store: RunStore, tracker: tracking.Tracker | None = None) -> dict[str, dict]:
+    """Evaluate each model of ``records`` on its test arrays, and their combined model; metrics by model name.
 
-    Each model's metrics go to ``<run_uri>/metrics/<name>.json`` (``metrics_uri`` in the result).
+    Each model's metrics go to the run store (``metrics_uri`` in the result).
     """
-    tracker = tracker or tracking.Tracker(run_uri, "evaluate")
+    tracker = tracker or tracking.Tracker(store, "evaluate")
     results = {}
-    for info in with_ensemble(trained, run_uri, tracker):
-        result = evaluate_one(info)
-        name = info["model"]
-        result["metrics_uri"] = storage.write_json(result, storage.join(run_uri, "metrics", f"{name}.json"))
-        results[name] = result
-        print(f"{name}: test accuracy {result['accuracy']:.4f}, macro F1 {result['macro_f1']:.4f}")
-        if info.get("mlflow_run_id"):
-            tracker.attempt(f"log {name}'s test metrics", _log_to_mlflow, info["mlflow_run_id"], result)
+    for record in with_ensemble(records, store, tracker):
+        result = evaluate_one(record, store)
+        result["metrics_uri"] = store.write_metrics(record.model, result)
+        results[record.model] = result
+        print(f"{record.model}: test accuracy {result['accuracy']:.4f}, macro F1 {result['macro_f1']:.4f}")
+        if record.mlflow_run_id:
+            tracker.attempt(f"log {record.model}'s test metrics", _log_to_mlflow, record.mlflow_run_id, result)
     return results
 
 
-def with_ensemble(trained: list[dict], run_uri: str, tracker: tracking.Tracker) -> list[dict]:
-    """``trained`` and, from two trained models on, the record of their combined model (built now,
+def with_ensemble(records: list[ModelRecord], store: RunStore, tracker: tracking.Tracker) -> list[ModelRecord]:
+    """``records`` and, from two trained models on, the record of their combined model (built now,
     or already built by an earlier evaluation of this run)."""
-    if len(trained) < 2:
-        return trained
-    return [*trained, asdict(ensemble.build(trained, run_uri, tracker))]
+    if len(records) < 2:
+        return records
+    return [*records, ensemble.build(records, store, tracker)]
 
 
-def evaluate_one(info: dict) -> dict:
-    """Test-split metrics of one trained model, its inference speed and size; predictions stored beside it."""
-    x_test, y_test = arrays.load(info["arrays_uri"], "test")
-    with tempfile.TemporaryDirectory() as tmp:
-        path = storage.download_file(info["model_uri"], Path(tmp, "model.keras"))
-        size_bytes = path.stat().st_size
-        model = keras.saving.load_model(path, safe_mode=True)
+def evaluate_one(record: ModelRecord, store: RunStore) -> dict:
+    """Test-split metrics of one model, its inference speed and size; predictions stored beside it."""
+    x_test, y_test = arrays.load(record.arrays_uri, "test")
+    model = store.load_model(record.model)
     batch = ensemble.inference_batch(model, INFERENCE_BATCH)  # the combined model: 8 symmetries per image
     scoring = decisions.scoring_model(model)  # one pass: before and after calibration, familiarity
     feeding.predict_outputs(scoring, x_test[:batch], batch)  # warm-up
@@ -65,7 +59,7 @@ def evaluate_one(info: dict) -> dict:
     outputs = decisions.outputs_of(scoring, x_test, batch)
     seconds = time.perf_counter() - started
     uncalibrated, probabilities = outputs.uncalibrated, outputs.probabilities
-    result = classification_metrics(y_test, probabilities, info["classes"])
+    result = classification_metrics(y_test, probabilities, record.classes)
     layer = calibration.calibration_layer(model)
     rules = decisions.Rules.of(model)
     result["calibration"] = {
@@ -73,34 +67,38 @@ def evaluate_one(info: dict) -> dict:
         "target_accuracy": layer.target_accuracy if layer else None,
         **calibration.quality(y_test, uncalibrated, probabilities),
     }
-    result["answers"] = answers_summary(y_test, rules, outputs, info["classes"])
+    result["answers"] = answers_summary(y_test, rules, outputs, record.classes)
     result.update(
         {
-            "model": info["model"],
-            "params": int(info["params"]),
-            "train_seconds": float(info["train_seconds"]),
-            "epochs": int(info["epochs"]),
-            "image_size": int(info["image_size"]),
+            "model": record.model,
+            "params": int(record.params),
+            "train_seconds": float(record.train_seconds),
+            "epochs": int(record.epochs),
+            "image_size": int(record.image_size),
             "inference_images_per_second": len(x_test) / seconds if seconds else 0.0,
-            "model_size_bytes": size_bytes,
-            "model_uri": info["model_uri"],
-            "mlflow_run_id": info["mlflow_run_id"],
-            "mlflow_model_uri": info["mlflow_model_uri"],
+            "model_size_bytes": store.model_size(record.model),
+            "model_uri": record.model_uri,
+            "arrays_uri": record.arrays_uri,
+            "mlflow_run_id": record.mlflow_run_id,
+            "mlflow_model_uri": record.mlflow_model_uri,
+            **record.combination_fields(),
         }
     )
-    if info["model"] == ENSEMBLE_NAME:
-        result.update({key: info[key] for key in ("members", "description", "tta", "resize", "val_accuracy")})
+    result["predictions_uri"] = store.write_predictions(record.model, predictions_file(y_test, outputs))
+    return result
+
+
+def predictions_file(y_test: np.ndarray, outputs: decisions.Outputs) -> bytes:
+    """The test labels and the model's outputs, as the ``.npz`` the report reads."""
     buffer = io.BytesIO()
     np.savez_compressed(
         buffer,
         y_true=y_test,
-        probabilities=probabilities,
-        uncalibrated=uncalibrated,
+        probabilities=outputs.probabilities,
+        uncalibrated=outputs.uncalibrated,
         familiarity=outputs.familiarity if outputs.familiarity is not None else np.full(len(y_test), np.nan),
     )
-    model_dir = info["model_uri"].rsplit("/", 1)[0]
-    result["predictions_uri"] = storage.upload_bytes(buffer.getvalue(), storage.join(model_dir, "test_predictions.npz"))
-    return result
+    return buffer.getvalue()
 
 
 def answers_summary(y_true: np.ndarray, rules: decisions.Rules, outputs: decisions.Outputs, classes: list[str]) -> dict:

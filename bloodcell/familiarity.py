@@ -25,13 +25,18 @@ from dataclasses import dataclass
 
 import keras
 import numpy as np
-from keras import layers, ops
+from keras import layers
 from sklearn.covariance import LedoitWolf
 
+from bloodcell.layers import (
+    TINY_DISTANCE,
+    Familiarity,
+    ImageStatistics,
+    ScoredFamiliarity,
+    pooled,
+)
+
 LAYER_NAME = "familiarity"
-MAX_FEATURES, MAX_CLASSES = 8192, 1000  # per feature vector (VGG16's widest block: 512); classes
-DEFAULT_FLAG_SHARE = 0.05
-TINY_DISTANCE = 1e-12
 
 
 def feature_layers(model: keras.Model) -> list[keras.layers.Layer]:
@@ -43,32 +48,6 @@ def feature_layers(model: keras.Model) -> list[keras.layers.Layer]:
     ]
 
 
-LAPLACIAN_FLOOR = 1e-4  # keeps the logarithm finite on flat images
-
-
-@keras.saving.register_keras_serializable(package="bloodcell")
-class ImageStatistics(layers.Layer):
-    """uint8 images -> per channel (0-1 scale): the mean, the standard deviation, and the logarithms of the
-    mean absolute value and the standard deviation of the 4-neighbour Laplacian (fine detail). (B, 12)."""
-
-    def call(self, images):
-        x = ops.cast(images, "float32") / 255.0
-        padded = ops.pad(x, [[0, 0], [1, 1], [1, 1], [0, 0]], mode="symmetric")
-        laplacian = padded[:, :-2, 1:-1] + padded[:, 2:, 1:-1] + padded[:, 1:-1, :-2] + padded[:, 1:-1, 2:] - 4.0 * x
-        return ops.concatenate(
-            [
-                ops.mean(x, axis=(1, 2)),
-                ops.std(x, axis=(1, 2)),
-                ops.log(ops.mean(ops.abs(laplacian), axis=(1, 2)) + LAPLACIAN_FLOOR),
-                ops.log(ops.std(laplacian, axis=(1, 2)) + LAPLACIAN_FLOOR),
-            ],
-            axis=1,
-        )
-
-    def compute_output_shape(self, input_shape):
-        return (input_shape[0], 4 * input_shape[-1])
-
-
 def feature_outputs(model: keras.Model) -> list[keras.KerasTensor]:
     """The vectors the check reads, as tensors of ``model``'s graph: the input image's statistics, then each
     of :func:`feature_layers`' maps (the check pools them itself)."""
@@ -77,12 +56,6 @@ def feature_outputs(model: keras.Model) -> list[keras.KerasTensor]:
         raise ValueError(f"model {model.name} has no convolutional blocks for a familiarity check")
     image = ImageStatistics(name="image_statistics", dtype="float32")(model.inputs[0])
     return [image, *(layer.output for layer in chosen)]
-
-
-def pooled(features: keras.KerasTensor) -> keras.KerasTensor:
-    """A feature vector as it is, or a block's maps averaged over their positions (float32)."""
-    features = ops.cast(features, "float32")
-    return ops.mean(features, axis=(1, 2)) if len(features.shape) == 4 else features
 
 
 def pooled_features(model: keras.Model) -> keras.Model:
@@ -146,95 +119,11 @@ def flag_threshold(scores: np.ndarray, flag_share: float) -> float:
     return float(ordered[min(rank, len(ordered)) - 1])
 
 
-class _Scored(layers.Layer):
-    """What both familiarity layers carry in their config: the threshold and how often validation was flagged."""
-
-    def __init__(self, threshold: float = math.inf, flag_share: float = DEFAULT_FLAG_SHARE, **kwargs):
-        super().__init__(**kwargs)
-        self.threshold, self.flag_share = threshold, flag_share
-
-    def get_config(self):
-        return {**super().get_config(), "threshold": self.threshold, "flag_share": self.flag_share}
-
-
-@keras.saving.register_keras_serializable(package="bloodcell")
-class Familiarity(_Scored):
-    """The vectors of :func:`feature_outputs` (maps are pooled) -> the familiarity score (B, 1); statistics in
-    non-trainable weights. (Models saved before the image statistics give it block maps only.)"""
-
-    def __init__(self, dims: list[int], n_classes: int, **kwargs):
-        super().__init__(**kwargs)
-        # The weights' shapes come from the config, which is data: bound them before anything is allocated.
-        if not all(isinstance(d, int) and 1 <= d <= MAX_FEATURES for d in dims) or not 2 <= n_classes <= MAX_CLASSES:
-            raise ValueError(f"Familiarity dims {dims!r} / classes {n_classes!r} are out of bounds: not our model")
-        self.dims, self.n_classes = list(dims), n_classes
-
-    def build(self, input_shape):
-        self.statistics = []
-        for i, d in enumerate(self.dims):
-            self.statistics.append(
-                (
-                    self.add_weight(name=f"offset_{i}", shape=(d,), initializer="zeros", trainable=False),
-                    self.add_weight(name=f"whitening_{i}", shape=(d, d), initializer="zeros", trainable=False),
-                    self.add_weight(
-                        name=f"centres_{i}", shape=(self.n_classes, d), initializer="zeros", trainable=False
-                    ),
-                    self.add_weight(name=f"standardise_{i}", shape=(2,), initializer="ones", trainable=False),
-                )
-            )
-
-    def set_statistics(self, blocks: list[BlockStatistics]) -> None:
-        for variables, block in zip(self.statistics, blocks, strict=True):
-            values = (block.offset, block.whitening, block.centres, np.array([block.log_mean, block.log_std]))
-            for variable, value in zip(variables, values, strict=True):
-                variable.assign(np.asarray(value, np.float32))
-
-    def call(self, maps):
-        scores = []
-        for block_maps, (offset, whitening, centres, standardise) in zip(maps, self.statistics, strict=True):
-            g = ops.matmul(pooled(block_maps) - offset, whitening)
-            d = (
-                ops.sum(g * g, axis=1, keepdims=True)
-                - 2 * ops.matmul(g, ops.transpose(centres))
-                + ops.sum(centres * centres, axis=1)[None, :]
-            )
-            distance = ops.maximum(ops.min(d, axis=1), TINY_DISTANCE)
-            scores.append((ops.log(distance) - standardise[0]) / standardise[1])
-        return ops.max(ops.stack(scores, axis=1), axis=1, keepdims=True)
-
-    def compute_output_shape(self, input_shape):
-        return (input_shape[0][0], 1)
-
-    def get_config(self):
-        return {**super().get_config(), "dims": self.dims, "n_classes": self.n_classes}
-
-
-@keras.saving.register_keras_serializable(package="bloodcell")
-class CombinedFamiliarity(_Scored):
-    """The combined model's score: the largest of its members' scores, each less that member's threshold."""
-
-    def __init__(self, member_thresholds: list[float], **kwargs):
-        super().__init__(**kwargs)
-        self.member_thresholds = [float(t) for t in member_thresholds]
-
-    def call(self, scores):
-        parts = scores if isinstance(scores, (list, tuple)) else [scores]
-        shifted = [ops.cast(s, "float32") - t for s, t in zip(parts, self.member_thresholds, strict=True)]
-        return ops.max(ops.concatenate(shifted, axis=1), axis=1, keepdims=True)
-
-    def compute_output_shape(self, input_shape):
-        first = input_shape[0] if isinstance(input_shape, list) else input_shape
-        return (first[0], 1)
-
-    def get_config(self):
-        return {**super().get_config(), "member_thresholds": self.member_thresholds}
-
-
-def familiarity_layer(model: keras.Model) -> _Scored | None:
+def familiarity_layer(model: keras.Model) -> ScoredFamiliarity | None:
     """The layer giving ``model``'s familiarity output; None for a model saved before the check existed."""
     if len(model.outputs) < 2:
         return None
-    found = [layer for layer in model.layers if isinstance(layer, _Scored) and layer.name == LAYER_NAME]
+    found = [layer for layer in model.layers if isinstance(layer, ScoredFamiliarity) and layer.name == LAYER_NAME]
     return found[-1] if found else None
 
 

@@ -71,9 +71,8 @@ def ingest(source: str, bucket: str, workdir: str | Path | None = None, expected
         check_classes(root, records, quarantined)
         dataset_hash = hash_records(records)
         dataset_uri = f"gs://{bucket}/datasets/{dataset_hash}"
-        manifest_uri = storage.join(dataset_uri, "manifest.json")
         _print_left_out(quarantined, duplicates)
-        cache_hit = storage.exists(manifest_uri)
+        cache_hit = storage.exists(manifest_uri(dataset_uri))
         if cache_hit:
             print(f"cache hit: dataset {dataset_hash} is already in {dataset_uri}")
         else:
@@ -87,7 +86,7 @@ def ingest(source: str, bucket: str, workdir: str | Path | None = None, expected
                 "quarantined": quarantined,
                 "duplicates": duplicates,
             }
-            storage.write_json(manifest, manifest_uri)
+            storage.write_json(manifest, manifest_uri(dataset_uri))
         storage.write_json({"dataset_uri": dataset_uri, "source": source, **pin}, pointer_uri)
     classes = sorted({r.label for r in records})
     print(
@@ -124,24 +123,37 @@ def content_sha256(root: Path) -> str:
     return digest.hexdigest()
 
 
+def manifest_uri(dataset_uri: str) -> str:
+    """Where a dataset's manifest is (written last: the dataset is complete)."""
+    return storage.join(dataset_uri, "manifest.json")
+
+
+def read_manifest(dataset_uri: str) -> dict:
+    return storage.read_json(manifest_uri(dataset_uri))
+
+
+def hash_of(dataset_uri: str) -> str:
+    """The content hash a dataset is stored under (``gs://<bucket>/datasets/<hash>``)."""
+    return dataset_uri.rstrip("/").rsplit("/", 1)[-1]
+
+
 def _known_dataset(pointer_uri: str, pin: dict[str, str]) -> IngestResult | None:
     """The stored dataset these exact files produced before, if its manifest is complete."""
     if not storage.exists(pointer_uri):
         return None
     dataset_uri = storage.read_json(pointer_uri)["dataset_uri"]
-    manifest_uri = storage.join(dataset_uri, "manifest.json")
-    if not storage.exists(manifest_uri):
+    if not storage.exists(manifest_uri(dataset_uri)):
         return None
-    manifest = storage.read_json(manifest_uri)
-    _print_left_out(manifest["quarantined"], manifest["duplicates"])
-    print(f"cache hit: these files were ingested before as dataset {manifest['dataset_hash']} ({dataset_uri})")
+    stored = read_manifest(dataset_uri)
+    _print_left_out(stored["quarantined"], stored["duplicates"])
+    print(f"cache hit: these files were ingested before as dataset {stored['dataset_hash']} ({dataset_uri})")
     return IngestResult(
         dataset_uri,
-        manifest["dataset_hash"],
-        len(manifest["images"]),
-        manifest["classes"],
-        len(manifest["quarantined"]),
-        len(manifest["duplicates"]),
+        stored["dataset_hash"],
+        len(stored["images"]),
+        stored["classes"],
+        len(stored["quarantined"]),
+        len(stored["duplicates"]),
         True,
         **pin,
     )

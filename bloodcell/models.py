@@ -1,4 +1,4 @@
-"""Model registry: the original architectures (cnn1, cnn2) and VGG16 transfer learning.
+"""Model registry: the original architectures (cnn1, cnn2), VGG16 from scratch and VGG16 transfer learning.
 
 Keras 3 APIs only, so models run on the TensorFlow and JAX backends. Pixel scaling and
 augmentation are layers inside the model: a saved model takes raw uint8 RGB images.
@@ -7,21 +7,16 @@ Adding a model is one builder function decorated with :func:`register`.
 
 from __future__ import annotations
 
+import inspect
 import math
-import os
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import keras
-from keras import layers, ops
+from keras import layers
 
 from bloodcell.errors import BloodcellError
-
-VGG16_NOTOP_URL = (
-    "https://storage.googleapis.com/tensorflow/keras-applications/vgg16/"
-    "vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5"
-)
-VGG16_NOTOP_FILE = "vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5"
+from bloodcell.layers import BatchNorm, RandomSymmetry, VGGPreprocess
 
 
 @dataclass(frozen=True)
@@ -43,119 +38,23 @@ def register(name: str, min_size: int, description: str):
     return decorator
 
 
-def build_model(name: str, n_classes: int, image_size: int, augment: bool = True, **kwargs) -> keras.Model:
-    """Build registered model ``name`` for ``n_classes`` classes and square ``image_size`` inputs."""
+def build_model(name: str, n_classes: int, image_size: int, augment: bool = True, **settings) -> keras.Model:
+    """Build registered model ``name`` for ``n_classes`` classes and square ``image_size`` inputs; ``settings``
+    are the builder's own (e.g. ``width``, ``weights``)."""
     if name not in REGISTRY:
-        raise BloodcellError(f"unknown model {name!r}; registered models: {', '.join(REGISTRY)}")
+        raise BloodcellError(f"unknown model architecture {name!r}; registered: {', '.join(REGISTRY)}")
     spec = REGISTRY[name]
     if image_size < spec.min_size:
         raise BloodcellError(
             f"{name} needs images of at least {spec.min_size}x{spec.min_size} pixels "
-            f"({spec.description}); got {image_size}. Set {name}.image_size >= {spec.min_size}."
+            f"({spec.description}); got {image_size}. Set its image_size >= {spec.min_size}."
         )
     if n_classes < 2:
         raise BloodcellError(f"{name} needs at least 2 classes, got {n_classes}")
-    return spec.build(n_classes=n_classes, image_size=image_size, augment=augment, **kwargs)
-
-
-@keras.saving.register_keras_serializable(package="bloodcell")
-class RandomSymmetry(layers.Layer):
-    """In training, give each image one of its eight right-angle symmetries, drawn at random.
-
-    Three coin flips per image (horizontal flip, vertical flip, transpose) reach all eight,
-    which are label-preserving for cell images and need no interpolation. Each flip selects whole
-    images with one gather along the batch axis, on the raw uint8 input, which is much cheaper than
-    ``RandomFlip``'s element-wise selects (docs/performance.md). Images must be square.
-    """
-
-    TRANSFORMS = (
-        lambda images: ops.flip(images, axis=1),
-        lambda images: ops.flip(images, axis=2),
-        lambda images: ops.transpose(images, (0, 2, 1, 3)),
-    )
-
-    def __init__(self, seed: int | None = None, **kwargs):
-        super().__init__(**kwargs)
-        self.seed = seed
-        self.seed_generator = keras.random.SeedGenerator(seed)
-
-    def call(self, images, training=False):
-        if not training:
-            return images
-        batch = ops.shape(images)[0]
-        for transform in self.TRANSFORMS:
-            chosen = ops.cast(keras.random.uniform((batch,), seed=self.seed_generator) < 0.5, "int32")
-            candidates = ops.concatenate([images, transform(images)], axis=0)
-            images = ops.take(candidates, ops.arange(batch) + batch * chosen, axis=0)
-        return images
-
-    def compute_output_shape(self, input_shape):
-        return input_shape
-
-    def get_config(self):
-        return {**super().get_config(), "seed": self.seed}
-
-
-@keras.saving.register_keras_serializable(package="bloodcell")
-class VGGPreprocess(layers.Layer):
-    """The VGG16 ImageNet preprocessing (RGB->BGR, subtract channel means) as a layer."""
-
-    MEAN_BGR = (103.939, 116.779, 123.68)
-
-    def call(self, images):
-        bgr = ops.flip(ops.cast(images, self.compute_dtype), axis=-1)
-        return bgr - ops.convert_to_tensor(self.MEAN_BGR, dtype=self.compute_dtype)
-
-
-@keras.saving.register_keras_serializable(package="bloodcell")
-class BatchNorm(layers.BatchNormalization):
-    """Keras' ``BatchNormalization`` (same math, weights and config), fused under TensorFlow.
-
-    Keras computes batch statistics, normalisation and their gradients as a dozen separate float32
-    passes over the activations; TensorFlow's ``FusedBatchNormV3`` does each direction in one kernel
-    (docs/performance.md). Other backends (XLA fuses these itself), masks and the
-    renorm/synchronized variants use Keras' own code.
-    """
-
-    def call(self, inputs, training=None, mask=None):
-        if not self._fusable(inputs, mask):
-            return super().call(inputs, training=training, mask=mask)
-        import tensorflow as tf
-
-        channels = inputs.shape[-1]
-        gamma = tf.cast(self.gamma, "float32") if self.scale else tf.ones(channels, "float32")
-        beta = tf.cast(self.beta, "float32") if self.center else tf.zeros(channels, "float32")
-        if training and self.trainable:
-            outputs, mean, variance = tf.compat.v1.nn.fused_batch_norm(
-                inputs, gamma, beta, epsilon=self.epsilon, is_training=True
-            )
-            count = tf.cast(tf.reduce_prod(tf.shape(inputs)[:-1]), "float32")
-            variance = variance * (count - 1) / count  # TF returns it Bessel-corrected; Keras keeps the biased one
-            self.moving_mean.assign(self.moving_mean * self.momentum + mean * (1.0 - self.momentum))
-            self.moving_variance.assign(self.moving_variance * self.momentum + variance * (1.0 - self.momentum))
-        else:
-            outputs, _, _ = tf.compat.v1.nn.fused_batch_norm(
-                inputs,
-                gamma,
-                beta,
-                mean=tf.cast(self.moving_mean, "float32"),
-                variance=tf.cast(self.moving_variance, "float32"),
-                epsilon=self.epsilon,
-                is_training=False,
-            )
-        return tf.cast(outputs, self.compute_dtype)
-
-    def _fusable(self, inputs, mask) -> bool:
-        return (
-            keras.backend.backend() == "tensorflow"
-            and mask is None
-            and len(inputs.shape) == 4
-            and self.axis in (3, -1, [3], [-1])
-            and not self.renorm
-            and not self.synchronized
-            and self.epsilon >= 1.001e-5
-            and inputs.shape[-1] is not None
-        )
+    unknown = set(settings) - set(inspect.signature(spec.build).parameters)
+    if unknown:
+        raise BloodcellError(f"architecture {name} has no setting {', '.join(sorted(unknown))}")
+    return spec.build(n_classes=n_classes, image_size=image_size, augment=augment, **settings)
 
 
 def augmentation(seed: int = 777) -> RandomSymmetry:
@@ -236,22 +135,7 @@ def cnn2(n_classes: int, image_size: int, augment: bool = True, blur_sigma: floa
 VGG16_BLOCKS = ((64, 2), (128, 2), (256, 3), (512, 3), (512, 3))
 
 
-@register("vgg16", min_size=32, description="the VGG16 base pools five times")
-def vgg16(
-    n_classes: int,
-    image_size: int,
-    augment: bool = True,
-    weights: str | None = None,
-    width: float = 1.0,
-    blur_sigma: float = 0.0,
-) -> keras.Model:
-    """VGG16: with ``weights`` (``imagenet`` or a file), :func:`vgg16_transfer`; without, :func:`vgg16_from_scratch`
-    (``width`` scales its channels)."""
-    if weights is None:
-        return vgg16_from_scratch(n_classes, image_size, augment, width, blur_sigma)
-    return vgg16_transfer(n_classes, image_size, augment, weights)
-
-
+@register("vgg16_from_scratch", min_size=32, description="the VGG16 layout pools five times")
 def vgg16_from_scratch(
     n_classes: int, image_size: int, augment: bool = True, width: float = 1.0, blur_sigma: float = 0.0
 ) -> keras.Model:
@@ -281,12 +165,13 @@ def vgg16_from_scratch(
     return keras.Model(inputs, head(x), name="vgg16")
 
 
-def vgg16_transfer(n_classes: int, image_size: int, augment: bool, weights: str | None) -> keras.Model:
+@register("vgg16_transfer", min_size=32, description="the VGG16 base pools five times")
+def vgg16_transfer(n_classes: int, image_size: int, augment: bool = False, weights: str | None = None) -> keras.Model:
     """VGG16 transfer learning: ImageNet preprocessing, the VGG16 convolutional base in two frozen parts
     (blocks 1-4 ``vgg16_stem``, block 5 ``vgg16_block5``) and a pooled dropout ``head``. ``weights``: a Keras
     weights argument (None, a random frozen base, only for speed measurements).
 
-    :func:`bloodcell.train.fit_vgg16` trains it in two phases: the head, then block 5 with it.
+    :func:`bloodcell.fitting.fit_transfer` trains it in two phases: the head, then block 5 with it.
     """
     inputs, x = _inputs(image_size, augment)
     stem, block5 = vgg16_base(image_size, weights)
@@ -316,42 +201,3 @@ def vgg16_head(feature_shape: tuple[int, ...], n_classes: int) -> keras.Model:
     x = layers.Dense(256, activation="relu")(x)
     x = layers.Dropout(0.3)(x)
     return keras.Model(features, _classifier(x, n_classes), name="head")
-
-
-def vgg16_weights_cached() -> str | None:
-    """Path of the Keras-cached ImageNet no-top weights, if present."""
-    home = os.environ.get("KERAS_HOME", os.path.join(os.path.expanduser("~"), ".keras"))
-    path = os.path.join(home, "models", VGG16_NOTOP_FILE)
-    return path if os.path.exists(path) else None
-
-
-def check_vgg16_weights(weights: str, timeout_s: float = 5) -> None:
-    """Fail within seconds when ``weights`` cannot be had: no network for ``imagenet``, a missing file."""
-    hint = (
-        "Offline options: --vgg16-weights none (random init), --vgg16-weights /path/to/"
-        f"{VGG16_NOTOP_FILE}, or --vgg16-weights gs://bucket/{VGG16_NOTOP_FILE} "
-        "(VGG16_WEIGHTS=... with make)."
-    )
-    if weights in ("none", ""):
-        return
-    if weights == "imagenet":
-        if vgg16_weights_cached():
-            return
-        import requests
-
-        try:
-            requests.head(VGG16_NOTOP_URL, timeout=timeout_s).raise_for_status()
-        except requests.RequestException as exc:
-            raise BloodcellError(
-                f"VGG16 ImageNet weights are not cached and cannot be downloaded from "
-                f"{VGG16_NOTOP_URL} ({type(exc).__name__}). {hint}"
-            ) from None
-        return
-    if weights.startswith("gs://"):
-        from bloodcell import storage
-
-        if not storage.exists(weights):
-            raise BloodcellError(f"VGG16 weights file {weights} does not exist. {hint}")
-        return
-    if not os.path.isfile(weights):
-        raise BloodcellError(f"VGG16 weights file {weights!r} does not exist. {hint}")

@@ -13,7 +13,7 @@ import numpy as np
 import seaborn as sns
 from matplotlib.ticker import MaxNLocator
 
-from bloodcell import arrays, storage
+from bloodcell import arrays, runstore, storage
 
 MISCLASSIFIED_SHOWN = 24
 
@@ -131,8 +131,11 @@ def _test_predictions(result: dict) -> tuple[np.ndarray, np.ndarray]:
 
 def _test_images(result: dict) -> np.ndarray:
     """The test images ``result``'s model was evaluated on (the arrays its training record names)."""
-    train = storage.read_json(storage.join(result["model_uri"].rsplit("/", 1)[0], "train.json"))
-    return arrays.load(train["arrays_uri"], "test")[0]
+    arrays_uri = result.get("arrays_uri")
+    if not arrays_uri:  # evaluated before the metrics named them: its record does
+        store, name = runstore.RunStore.of_model(result["model_uri"])
+        arrays_uri = store.require_record(name).arrays_uri
+    return arrays.load(arrays_uri, "test")[0]
 
 
 def misclassified(result: dict) -> bytes:
@@ -233,12 +236,12 @@ def explanation_examples(y_true: np.ndarray, y_pred: np.ndarray, confidence: np.
 
 def explanations(result: dict) -> bytes:
     """A grid of Grad-CAM overlays for ``result``'s model: per class (row) correct, then misclassified test images."""
-    from bloodcell import explain, predict
+    from bloodcell import explain
 
     y_true, probabilities = _test_predictions(result)
     y_pred, confidence = probabilities.argmax(axis=1), probabilities.max(axis=1)
     x_test = _test_images(result)
-    model, _ = predict.load(result["model_uri"])  # safe mode, as predict loads any model
+    model = runstore.load_model(result["model_uri"])
     chosen = explanation_examples(y_true, y_pred, confidence)
     rows: dict[int, list[tuple[int, bool, np.ndarray]]] = {int(y_true[i]): [] for i, _ in chosen}
     indices = np.array([i for i, _ in chosen])

@@ -6,7 +6,6 @@ import json
 import sys
 import tempfile
 import time
-import zipfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -17,56 +16,33 @@ from sklearn import metrics as skm
 from tabulate import tabulate
 from tqdm import tqdm
 
-from bloodcell import calibration, decisions, ensemble, explain, familiarity, models, storage  # noqa: F401 - layers
+from bloodcell import decisions, ensemble, explain, modelfile
 from bloodcell.arrays import decode_resized
 from bloodcell.errors import BloodcellError
 from bloodcell.ingest import IMAGE_SUFFIXES
+from bloodcell.runstore import RECORD_FILE, RunStore
 
 BATCH = 64
 
 
 def load(model_uri: str) -> tuple[keras.Model, list[str]]:
-    """A model and its class names from ``models:/...``, ``runs:/...``, ``gs://...`` or a local file."""
+    """A model and its class names from ``models:/...``, ``runs:/...``, a run's ``gs://.../model.keras`` or a local
+    ``.keras`` file (beside a ``train.json`` for its class names), always through :func:`modelfile.load`."""
     if model_uri.startswith(("models:/", "runs:/")):
         from bloodcell import registry
 
         with tempfile.TemporaryDirectory() as tmp:
             path, classes = registry.download_keras_model(model_uri, Path(tmp))
-            return load_keras(path, model_uri), classes
+            return modelfile.load(path, model_uri), classes
     if model_uri.startswith("gs://"):
-        if not model_uri.endswith(".keras"):
-            raise BloodcellError(f"model {model_uri!r} is not a .keras file: pass gs://.../model.keras")
-        classes = storage.read_json(model_uri.rsplit("/", 1)[0] + "/train.json")["classes"]
-        with tempfile.TemporaryDirectory() as tmp:
-            return load_keras(storage.download_file(model_uri, Path(tmp, "model.keras")), model_uri), classes
+        store, name = RunStore.of_model(model_uri)
+        return store.load_model(name), store.require_record(name).classes
     path = Path(model_uri)
     if not path.exists():
         raise BloodcellError(f"model {model_uri!r} not found: pass models:/<id>, gs://.../model.keras or a .keras file")
-    train_json = path.with_name("train.json")
-    classes = json.loads(train_json.read_text())["classes"] if train_json.exists() else []
-    return load_keras(path, model_uri), classes
-
-
-def load_keras(path: Path, origin: str) -> keras.Model:
-    """The Keras model in the ``.keras`` file ``path``, loaded in safe mode: no Python code from the file runs.
-
-    Other formats are refused: a SavedModel folder is a TensorFlow graph, and HDF5 predates safe mode.
-    """
-    if path.is_symlink() or not path.is_file() or path.suffix != ".keras" or not zipfile.is_zipfile(path):
-        raise BloodcellError(
-            f"model {origin} is not a Keras .keras file (a zip archive): refusing to load it. Other formats "
-            "(a TensorFlow SavedModel folder, HDF5) can run operations or code; pass a .keras model."
-        )
-    try:
-        return keras.saving.load_model(path, safe_mode=True)
-    except (ValueError, TypeError, KeyError, OSError, zipfile.BadZipFile) as exc:  # what a hostile file can cause
-        if "safe_mode" in str(exc):
-            raise BloodcellError(
-                f"model {origin} holds Python code (e.g. a Lambda layer), which Keras safe mode refuses to load: "
-                "bloodcell never runs code from a model file. Pass a model trained by bloodcell."
-            ) from None
-        reason = str(exc).rsplit("Exception encountered: ", 1)[-1]  # Keras nests the first cause last
-        raise BloodcellError(f"model {origin} cannot be loaded: {type(exc).__name__}: {reason[:300]}") from None
+    record = path.with_name(RECORD_FILE)
+    classes = json.loads(record.read_text())["classes"] if record.exists() else []
+    return modelfile.load(path, model_uri), classes
 
 
 def image_files(paths: list[str]) -> list[Path]:

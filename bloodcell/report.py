@@ -16,8 +16,9 @@ import jinja2
 import mlflow
 from tabulate import tabulate
 
-from bloodcell import plots, registry, selective, storage, tracking
+from bloodcell import ingest, plots, registry, selective, split, tracking
 from bloodcell.config import ENSEMBLE_NAME, SUBSETS
+from bloodcell.runstore import RunStore
 
 SECTIONS = [
     ("comparison", "Model comparison"),
@@ -73,19 +74,18 @@ def best_model(results: dict[str, dict]) -> str:
 
 
 def build_report(
-    run_uri: str, split_uri: str, results: dict[str, dict], summary: dict, tracker: tracking.Tracker | None = None
+    store: RunStore, split_uri: str, results: dict[str, dict], summary: dict, tracker: tracking.Tracker | None = None
 ) -> Report:
     """Render, store and log the report of ``results`` (evaluation results by model name).
 
     Histories and dataset counts come from the bucket; MLflow failures of any step (recorded there)
     are listed in the report and the summary. ``summary["registry"]`` is the registry outcome.
     """
-    tracker = tracker or tracking.Tracker(run_uri, "report")
+    tracker = tracker or tracking.Tracker(store, "report")
     results = dict(sorted(results.items(), key=lambda item: -item[1]["accuracy"]))  # every plot: best first
-    histories = training_histories(run_uri, results)
-    counts = storage.read_json(storage.join(split_uri, "counts.json"))
-    split = storage.read_json(storage.join(split_uri, "split.json"))
-    manifest = storage.read_json(storage.join(split["dataset_uri"], "manifest.json"))
+    histories = training_histories(store, results)
+    counts = split.read_counts(split_uri)
+    manifest = ingest.read_manifest(split.dataset_of(split_uri))
     best = best_model(results)
     figures = {
         "comparison": plots.comparison(results, best),
@@ -100,15 +100,14 @@ def build_report(
         figures["explanations"] = plots.explanations(results[best])
     if results[best].get("answers"):
         figures["answers"] = plots.per_class_answers(results[best])
-    report_uri = storage.join(run_uri, "report")
     for name, png in figures.items():
-        storage.upload_bytes(png, storage.join(report_uri, "plots", f"{name}.png"), "image/png")
-    summary = {**summary, "tracking_failures": tracking.recorded_failures(run_uri)}
+        store.write_report_file(f"plots/{name}.png", png, "image/png")
+    summary = {**summary, "tracking_failures": tracking.recorded_failures(store)}
     context = page_context(results, counts, manifest, best, summary, list(figures))
     page = render_html(context, figures)
     markdown = render_markdown(context)
-    html_uri = storage.upload_bytes(page, storage.join(report_uri, "report.html"), "text/html")
-    markdown_uri = storage.upload_bytes(markdown, storage.join(report_uri, "report.md"), "text/markdown")
+    html_uri = store.write_report_file("report.html", page, "text/html")
+    markdown_uri = store.write_report_file("report.md", markdown, "text/markdown")
     summary = {
         **summary,
         "report_uri": html_uri,
@@ -124,14 +123,14 @@ def build_report(
         tracker.attempt("close the parent run", tracking.finish, parent)
     if tracker.failures:  # the report's own MLflow calls above, added without listing the bucket again
         summary["tracking_failures"] = {**summary["tracking_failures"], "report": list(tracker.failures.values())}
-    storage.write_json(summary, storage.join(run_uri, "summary.json"))
+    store.write_summary(summary)
     return Report(html_uri, markdown_uri, summary, page, markdown)
 
 
-def training_histories(run_uri: str, results: dict[str, dict]) -> dict[str, dict]:
+def training_histories(store: RunStore, results: dict[str, dict]) -> dict[str, dict]:
     """The training history of each trained model (the combined model has none: it is not trained)."""
-    uris = {name: storage.join(run_uri, "models", name, "history.json") for name in results}
-    return {name: storage.read_json(uri) for name, uri in uris.items() if storage.exists(uri)}
+    histories = {name: store.history(name) for name in results}
+    return {name: history for name, history in histories.items() if history is not None}
 
 
 def summary_row(result: dict) -> dict[str, Any]:

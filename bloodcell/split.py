@@ -24,7 +24,7 @@ from typing import Any
 
 import splitfolders
 
-from bloodcell import arrays, storage
+from bloodcell import arrays, ingest, storage
 from bloodcell.config import SUBSETS, Profile
 from bloodcell.errors import DataError
 
@@ -38,7 +38,7 @@ class SplitResult:
 
 def split(dataset_uri: str, bucket: str, profile: Profile, sizes: list[int] | None = None) -> SplitResult:
     """Split the dataset at ``dataset_uri`` and build its arrays for ``sizes`` (default: the profile's)."""
-    manifest = storage.read_json(storage.join(dataset_uri, "manifest.json"))
+    manifest = ingest.read_manifest(dataset_uri)
     key = split_key(manifest["dataset_hash"], profile)
     split_uri = f"gs://{bucket}/splits/{key}"
     split_json = storage.join(split_uri, "split.json")
@@ -63,6 +63,16 @@ def arrays_uri(split_uri: str, size: int) -> str:
     """Where :func:`split` stores the arrays of ``split_uri`` at ``size`` pixels."""
     bucket, name = storage.split_uri(split_uri)
     return f"gs://{bucket}/arrays/{name.rstrip('/').rsplit('/', 1)[-1]}/{size}"
+
+
+def dataset_of(split_uri: str) -> str:
+    """The dataset a split was made of."""
+    return storage.read_json(storage.join(split_uri, "split.json"))["dataset_uri"]
+
+
+def read_counts(split_uri: str) -> dict[str, dict[str, int]]:
+    """Images per subset and class."""
+    return storage.read_json(storage.join(split_uri, "counts.json"))
 
 
 def key_of(split_uri: str) -> str:

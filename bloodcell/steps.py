@@ -1,7 +1,7 @@
 """The seven pipeline steps as plain functions of strings, shared by the CLI and the kfp components.
 
-Each returns a JSON-serialisable dict. Results live in the bucket under
-``gs://<bucket>/runs/<run_id>/`` (per run) or content-addressed prefixes (datasets, splits, arrays).
+Each returns a JSON-serialisable dict. A run's results live in its run store (:mod:`bloodcell.runstore`);
+datasets, splits and arrays under content-addressed prefixes shared by runs.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from dataclasses import asdict
 from typing import Any, TypeVar
 
 from bloodcell import config, errors, storage
+from bloodcell.runstore import ModelRecord, RunStore
 
 F = TypeVar("F", bound=Callable)
 
@@ -86,10 +87,6 @@ def user_errors(step: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
-def run_uri(bucket: str, run_id: str) -> str:
-    return f"gs://{bucket}/runs/{run_id}"
-
-
 @user_errors
 def ingest(
     *, source: str, bucket: str, vgg16_weights: str = config.DEFAULT_VGG16_WEIGHTS, data_sha256: str = ""
@@ -97,9 +94,9 @@ def ingest(
     """Check the VGG16 weights can be had (fail in seconds, before training), then ingest ``source``
     (pinned to ``data_sha256`` when given)."""
     from bloodcell import ingest as ingest_lib
-    from bloodcell import models
+    from bloodcell.weights import Weights
 
-    models.check_vgg16_weights(vgg16_weights)
+    Weights.parse(vgg16_weights).check()
     storage.ensure_bucket(bucket)
     return asdict(ingest_lib.ingest(source, bucket, expected_sha256=data_sha256))
 
@@ -129,74 +126,82 @@ def train(
     mlflow_parent_run_id: str = "",
     vgg16_weights: str = config.DEFAULT_VGG16_WEIGHTS,
 ) -> dict:
-    """Train ``model`` for pipeline run ``run_id``; its training record (``train.json``)."""
+    """Train ``model`` (a model of the profile) for pipeline run ``run_id``; its record (``train.json``)."""
+    from bloodcell import recipes, tracking
     from bloodcell import split as split_lib
-    from bloodcell import tracking
     from bloodcell import train as train_lib
+    from bloodcell.weights import Weights
 
     settings = config.resolve(profile, overrides)
-    tracker = tracking.Tracker(run_uri(bucket, run_id), f"train-{model}")
-    parent_run = mlflow_parent_run_id or open_parent_run(
-        split_uri, bucket, run_id, settings, overrides, experiment, tracker
-    )
-    arrays_uri = split_lib.arrays_uri(split_uri, settings.model(model).image_size)
-    result = train_lib.train(
+    weights = Weights.parse(vgg16_weights)
+    recipe = recipes.choose(settings.model(model), weights)
+    store = RunStore(bucket, run_id)
+    tracker = tracking.Tracker(store, f"train-{model}")
+    parent_run = mlflow_parent_run_id or open_parent_run(split_uri, store, settings, overrides, experiment, tracker)
+    record = train_lib.train(
         model,
-        arrays_uri=arrays_uri,
-        run_base=run_uri(bucket, run_id),
+        recipe=recipe,
+        arrays_uri=split_lib.arrays_uri(split_uri, recipe.image_size),
+        store=store,
         profile=settings,
         experiment=experiment,
-        pipeline_run_id=run_id,
         mlflow_parent_run_id=parent_run,
-        vgg16_weights=vgg16_weights,
+        weights=weights,
         tracker=tracker,
     )
-    return asdict(result)
+    return record.to_json()
 
 
 def fill_model_artifact(artifact: Any, result: dict) -> None:
-    """A kfp ``Model`` output: the trained model.keras itself, its training record as metadata."""
+    """A kfp ``Model`` output: the trained model.keras itself, its record as metadata."""
     with errors.exits_on_user_error("error in step train"):  # e.g. a full disk, reported like the step's own
         storage.download_file(result["model_uri"], artifact.path)
     artifact.metadata.update(result, format="keras", runtime=runtime())
 
 
+def fill_evaluation_artifacts(results: dict[str, dict], *, metrics: Any, confusion: dict[str, Any]) -> None:
+    """evaluate's kfp outputs: each model's headline metrics, its confusion matrix, the metrics' locations."""
+    for name, result in results.items():
+        for key in ("accuracy", "macro_f1", "weighted_f1", "roc_auc_ovr"):
+            metrics.log_metric(f"{name}.{key}", result[key])
+        confusion[name].log_confusion_matrix(result["classes"], result["confusion_matrix"])
+    metrics.metadata.update(
+        metrics_uris={name: result["metrics_uri"] for name, result in results.items()}, runtime=runtime()
+    )
+
+
 def open_parent_run(
-    split_uri: str, bucket: str, run_id: str, settings: config.Profile, overrides: str, experiment: str, tracker
+    split_uri: str, store: RunStore, settings: config.Profile, overrides: str, experiment: str, tracker
 ) -> str | None:
-    """The MLflow parent run of ``run_id`` (created on first call), tagged and with the profile's params.
+    """The MLflow parent run of the pipeline run (created on first call), tagged and with the profile's params.
 
     None when MLflow cannot be reached (``tracker`` records it).
     """
+    from bloodcell import ingest as ingest_lib
+    from bloodcell import split as split_lib
     from bloodcell import tracking
 
-    dataset_uri = storage.read_json(storage.join(split_uri, "split.json"))["dataset_uri"]
-    manifest = storage.read_json(storage.join(dataset_uri, "manifest.json"))
+    dataset_uri = split_lib.dataset_of(split_uri)
+    manifest = ingest_lib.read_manifest(dataset_uri)
+    dataset_hash = ingest_lib.hash_of(dataset_uri)
     parent = tracker.call(
         "open the parent run",
         tracking.parent_run,
         experiment,
-        run_id,
-        run_uri(bucket, run_id),
+        store,
         tags={
             "profile": settings.name,
-            "dataset_hash": dataset_uri.rstrip("/").rsplit("/", 1)[-1],
+            "dataset_hash": dataset_hash,
             "dataset_uri": dataset_uri,
             # What to pass as --data-sha256 to get exactly this data again (the source that first gave it).
             "source_sha256": manifest.get("source_sha256", ""),
             "source_sha256_of": manifest.get("source_sha256_of", ""),
-            "bucket": bucket,
+            "bucket": store.bucket,
         },
     )
     if parent:
-        tracker.attempt(
-            "log the dataset",
-            tracking.log_dataset,
-            parent,
-            manifest.get("source", dataset_uri).rstrip("/").rsplit("/", 1)[-1],
-            dataset_uri.rstrip("/").rsplit("/", 1)[-1],  # the content hash the bucket keys it by
-            dataset_uri,
-        )
+        source_name = manifest.get("source", dataset_uri).rstrip("/").rsplit("/", 1)[-1]
+        tracker.attempt("log the dataset", tracking.log_dataset, parent, source_name, dataset_hash, dataset_uri)
         tracker.attempt(
             "log the profile params",
             _log_parent_params,
@@ -223,18 +228,17 @@ def _log_parent_params(parent: str, params: dict) -> None:
 def evaluate(
     *, bucket: str, run_id: str, model_names: list[str] | None = None, trained: list[dict] | None = None
 ) -> dict:
-    """Evaluate the ``trained`` models (training records), or those of ``model_names`` stored in run ``run_id``,
-    and their combined model (built now from two models on, chosen on the validation split)."""
+    """Evaluate the ``trained`` models (their records), or those of ``model_names`` (default: every model the run
+    trained), and their combined model (built now from two models on, chosen on the validation split)."""
     from bloodcell import evaluate as evaluate_lib
     from bloodcell import tracking
 
-    base = run_uri(bucket, run_id)
+    store = RunStore(bucket, run_id)
     if trained is None:
-        trained = [
-            storage.read_json(storage.join(base, "models", name, "train.json"))
-            for name in model_names or config.MODEL_NAMES
-        ]
-    return evaluate_lib.evaluate(trained, base, tracking.Tracker(base, "evaluate"))
+        records = [store.require_record(name) for name in model_names or store.trained_names()]
+    else:
+        records = [ModelRecord.from_json(values) for values in trained]
+    return evaluate_lib.evaluate(records, store, tracking.Tracker(store, "evaluate"))
 
 
 @user_errors
@@ -250,26 +254,24 @@ def report(
     model_names: list[str] | None = None,
     metrics_uris: dict[str, str] | None = None,
 ) -> dict:
-    """Register the best of the evaluated models (``metrics_uris``, or those of ``model_names`` in run ``run_id``)
-    and build the report; the run summary."""
+    """Register the best of the evaluated models (``metrics_uris``, or those of ``model_names`` in run ``run_id``:
+    default, every model it trained) and build the report; the run summary."""
     from bloodcell import registry, tracking
     from bloodcell import report as report_lib
     from bloodcell import split as split_lib
 
     settings = config.resolve(profile, overrides)
-    base = run_uri(bucket, run_id)
-    tracker = tracking.Tracker(base, "report")
-    parent_run = mlflow_parent_run_id or open_parent_run(
-        split_uri, bucket, run_id, settings, overrides, experiment, tracker
-    )
-    metrics_uris = metrics_uris or evaluated(base, model_names or config.MODEL_NAMES)
+    store = RunStore(bucket, run_id)
+    tracker = tracking.Tracker(store, "report")
+    parent_run = mlflow_parent_run_id or open_parent_run(split_uri, store, settings, overrides, experiment, tracker)
+    metrics_uris = metrics_uris or store.evaluated(model_names or store.trained_names())
     results = {name: storage.read_json(uri) for name, uri in metrics_uris.items()}
     best = results[report_lib.best_model(results)]
     summary = {
         "run_id": run_id,
         "profile": profile,
         "bucket": bucket,
-        "run_uri": base,
+        "run_uri": store.uri,
         "mlflow_tracking_uri": os.environ.get("MLFLOW_TRACKING_URI", ""),
         "mlflow_experiment": experiment,
         "mlflow_parent_run_id": parent_run,
@@ -280,11 +282,4 @@ def report(
             best, run_id, tracker, split=split_lib.key_of(split_uri), profile=settings
         ),
     }
-    return report_lib.build_report(base, split_uri, results, summary, tracker).summary
-
-
-def evaluated(base: str, model_names: list[str] | tuple[str, ...]) -> dict[str, str]:
-    """The metrics of ``model_names`` in run ``base``, and of their combined model if evaluate built one."""
-    uris = {name: storage.join(base, "metrics", f"{name}.json") for name in model_names}
-    combined = storage.join(base, "metrics", f"{config.ENSEMBLE_NAME}.json")
-    return {**uris, config.ENSEMBLE_NAME: combined} if storage.exists(combined) else uris
+    return report_lib.build_report(store, split_uri, results, summary, tracker).summary

@@ -114,6 +114,17 @@ def exists(uri: str) -> bool:
     return _call(uri, lambda: blob(uri).exists(retry=RETRY))
 
 
+def size(uri: str) -> int:
+    """The object's size in bytes."""
+
+    def fetch() -> int:
+        target = blob(uri)
+        target.reload(retry=RETRY)
+        return int(target.size or 0)
+
+    return _call(uri, fetch)
+
+
 def upload_file(path: str | Path, uri: str, content_type: str | None = None) -> str:
     _call(uri, lambda: blob(uri).upload_from_filename(str(path), content_type=content_type, retry=RETRY))
     return uri

@@ -22,7 +22,8 @@ from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from bloodcell import config, storage
+from bloodcell import config, fitting, storage
+from bloodcell.runstore import RunStore
 
 # A down tracking server must cost seconds per call, not MLflow's default of minutes of retries
 # (7 retries, backoff factor 2, 120 s timeout).
@@ -66,22 +67,22 @@ def log_dataset(run_id: str, name: str, digest: str, source: str) -> None:
     MlflowClient().log_inputs(run_id, datasets=[DatasetInput(dataset, tags=[training])])
 
 
-def parent_run(experiment: str, pipeline_run_id: str, run_uri: str, tags: dict[str, str] | None = None) -> str:
-    """The id of the parent run of ``pipeline_run_id``, created by whichever step asks first.
+def parent_run(experiment: str, store: RunStore, tags: dict[str, str] | None = None) -> str:
+    """The id of the parent run of pipeline run ``store``, created by whichever step asks first.
 
-    Steps running in parallel each create a candidate run; an atomic create-if-absent of
-    ``<run_uri>/mlflow_parent_run_id`` in the bucket picks one, and the others delete theirs.
+    Steps running in parallel each create a candidate run; the run store's atomic claim picks one, and the
+    others delete theirs.
     """
-    claim = storage.join(run_uri, "mlflow_parent_run_id")
-    if storage.exists(claim):
-        return storage.read_bytes(claim).decode()
+    claimed = store.parent_run_id()
+    if claimed:
+        return claimed
     run_id = (
         MlflowClient()
         .create_run(
             experiment_id(experiment),
-            run_name=f"pipeline-{pipeline_run_id}",
+            run_name=f"pipeline-{store.run_id}",
             tags={
-                PIPELINE_RUN_TAG: pipeline_run_id,
+                PIPELINE_RUN_TAG: store.run_id,
                 ROLE_TAG: "pipeline",
                 "code_version": code_version(),
                 **(tags or {}),
@@ -89,12 +90,22 @@ def parent_run(experiment: str, pipeline_run_id: str, run_uri: str, tags: dict[s
         )
         .info.run_id
     )
-    if storage.create_if_absent(run_id, claim):
-        return run_id
-    winner = storage.read_bytes(claim).decode()
+    winner = store.claim_parent_run(run_id)
     if winner != run_id:
         MlflowClient().delete_run(run_id)
     return winner
+
+
+def nested_run(parent_run_id: str, store: RunStore, model: str) -> str:
+    """The nested run of ``model`` under ``parent_run_id``, in the parent's experiment (e.g. the combined model's)."""
+    client = MlflowClient()
+    experiment = client.get_experiment(client.get_run(parent_run_id).info.experiment_id).name
+    return model_run(experiment, store.run_id, parent_run_id, model)
+
+
+def log_json(run_id: str, value: Any, artifact_file: str) -> None:
+    """``value`` as a JSON artifact of run ``run_id``."""
+    MlflowClient().log_dict(run_id, value, artifact_file)
 
 
 def experiment_url(tracking_uri: str, experiment_id: str | None = None) -> str:
@@ -239,23 +250,20 @@ def wait_for_server(timeout_s: float) -> bool:
     return True
 
 
-FAILURES = "tracking_failures"
-
-
 class Tracker:
     """MLflow calls that cannot sink a step: bounded retries, and every failure recorded in the bucket.
 
     A step waits up to :func:`wait_timeout` seconds for the server (at its start, and again before
     its final logging through :meth:`await_server`), then goes on without it. After a
     failed call, later calls first probe the server (2 s) and are skipped while it stays down. What
-    failed is written to ``<run_uri>/tracking_failures/<step>.json``, which the report shows; an
+    failed is written to the run store (``tracking_failures/<step>.json``), which the report shows; an
     entry is marked ``recovered`` when a later call of the same kind succeeds (e.g. epoch metrics
     backfilled after an outage).
     """
 
-    def __init__(self, run_uri: str, step: str, wait_s: float | None = None):
+    def __init__(self, store: RunStore, step: str, wait_s: float | None = None):
         configure_client()
-        self.run_uri, self.step = run_uri, step
+        self.store, self.step = store, step
         self.failures: dict[str, dict[str, Any]] = {}
         self.wait_s = wait_timeout() if wait_s is None else wait_s
         self.down = not wait_for_server(self.wait_s)
@@ -306,7 +314,7 @@ class Tracker:
         try:
             storage.write_json(
                 {"step": self.step, "failures": list(self.failures.values())},
-                storage.join(self.run_uri, FAILURES, f"{self.step}.json"),
+                self.store.failures_uri(self.step),
             )
         except Exception as exc:
             print(f"warning: could not record the MLflow failure in the bucket: {exc}", flush=True)
@@ -317,10 +325,10 @@ def _one_line(exc: Exception) -> str:
     return f"{type(exc).__name__}: {lines[0][:300] if lines else ''}"
 
 
-def recorded_failures(run_uri: str) -> dict[str, list[dict[str, Any]]]:
+def recorded_failures(store: RunStore) -> dict[str, list[dict[str, Any]]]:
     """Every step's recorded MLflow failures for a run: ``{step: [entry, ...]}``."""
     found = {}
-    for uri in storage.list_uris(storage.join(run_uri, FAILURES)):
+    for uri in store.failure_uris():
         record = storage.read_json(uri)
         if record["failures"]:
             found[record["step"]] = record["failures"]
@@ -338,7 +346,7 @@ def describe_failures(failures: dict[str, list[dict[str, Any]]]) -> list[str]:
     return lines
 
 
-class EpochMetricsLogger(keras.callbacks.Callback):
+class EpochMetricsLogger(fitting.PhaseCallback):
     """Log each epoch's metrics (and learning rate) to an MLflow run.
 
     Epochs that cannot be logged (server down) are kept and sent with the next epoch that can,
@@ -356,6 +364,9 @@ class EpochMetricsLogger(keras.callbacks.Callback):
         metrics = {k: float(v) for k, v in (logs or {}).items()}
         metrics["learning_rate"] = float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate))
         self.pending.append((metrics, self.step_offset + epoch))
+        self.flush()
+
+    def on_train_end(self, logs: dict[str, Any] | None = None) -> None:
         self.flush()
 
     def flush(self) -> None:

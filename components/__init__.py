@@ -4,10 +4,10 @@ Lightweight Python components, so they also run under ``kfp.local``'s runners; t
 import what they use (kfp ships only the function's source into the container).
 """
 
-from components.evaluate import evaluate
+from components.evaluate import evaluator
 from components.ingest import ingest
 from components.report import report
 from components.split import split
 from components.train import train, trainer
 
-__all__ = ["evaluate", "ingest", "report", "split", "train", "trainer"]
+__all__ = ["evaluator", "ingest", "report", "split", "train", "trainer"]

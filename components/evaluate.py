@@ -1,41 +1,41 @@
-"""The evaluate step as a kfp component."""
+"""The evaluate step as a kfp component, made for the pipeline's list of models.
+
+kfp passes artifacts only as named, typed parameters, so the component's signature is generated from the
+model names: one ``Input[Model]`` per trained model, one ``Output[ClassificationMetrics]`` per model and for
+their combined model (the confusion matrices the KFP UI shows), and the ``Metrics`` the report reads.
+"""
 
 from kfp import dsl
 from kfp.dsl import ClassificationMetrics, Input, Metrics, Model, Output
 
-from bloodcell.config import DEFAULT_IMAGE
+from bloodcell import compat
+from bloodcell.config import DEFAULT_IMAGE, ENSEMBLE_NAME
 
-
-@dsl.component(base_image=DEFAULT_IMAGE, install_kfp_package=False)
-def evaluate(
-    bucket: str,
-    run_id: str,
-    cnn1: Input[Model],
-    cnn2: Input[Model],
-    vgg16: Input[Model],
-    metrics: Output[Metrics],
-    cnn1_confusion: Output[ClassificationMetrics],
-    cnn2_confusion: Output[ClassificationMetrics],
-    vgg16_confusion: Output[ClassificationMetrics],
-    ensemble_confusion: Output[ClassificationMetrics],
-):
+TEMPLATE = '''
+def evaluate(bucket: str, run_id: str, {inputs}, metrics: Output[Metrics], {outputs}):
     """Test-split metrics of the trained models (their Model artifacts) and of their combined model (built
-    here, chosen on the validation split): kfp Metrics, confusion matrices, the metrics JSON in the bucket
+    here, chosen on the validation split): kfp Metrics, confusion matrices, the metrics in the bucket
     (``metrics_uris`` in the metadata) and MLflow."""
-    from bloodcell import config, steps
+    from bloodcell import steps
 
-    trained = {"cnn1": cnn1, "cnn2": cnn2, "vgg16": vgg16}
-    confusion = {
-        "cnn1": cnn1_confusion,
-        "cnn2": cnn2_confusion,
-        "vgg16": vgg16_confusion,
-        config.ENSEMBLE_NAME: ensemble_confusion,
-    }
-    results = steps.evaluate(bucket=bucket, run_id=run_id, trained=[dict(model.metadata) for model in trained.values()])
-    for name, result in results.items():
-        for key in ("accuracy", "macro_f1", "weighted_f1", "roc_auc_ovr"):
-            metrics.log_metric(f"{name}.{key}", result[key])
-        confusion[name].log_confusion_matrix(result["classes"], result["confusion_matrix"])
-    metrics.metadata.update(
-        metrics_uris={name: result["metrics_uri"] for name, result in results.items()}, runtime=steps.runtime()
+    trained = {{{trained}}}
+    confusion = {{{confusion}}}
+    results = steps.evaluate(bucket=bucket, run_id=run_id, trained=[dict(m.metadata) for m in trained.values()])
+    steps.fill_evaluation_artifacts(results, metrics=metrics, confusion=confusion)
+'''
+
+
+def evaluator(model_names: list[str]) -> dsl.base_component.BaseComponent:
+    """The evaluate component for ``model_names`` (identifiers: config.Profile checks them)."""
+    confusion_of = [*model_names, ENSEMBLE_NAME] if len(model_names) > 1 else list(model_names)
+    source = TEMPLATE.format(
+        inputs=", ".join(f"{name}: Input[Model]" for name in model_names),
+        outputs=", ".join(f"{name}_confusion: Output[ClassificationMetrics]" for name in confusion_of),
+        trained=", ".join(f"{name!r}: {name}" for name in model_names),
+        confusion=", ".join(f"{name!r}: {name}_confusion" for name in confusion_of),
     )
+    namespace = {"Input": Input, "Output": Output, "Model": Model, "Metrics": Metrics}
+    function = compat.function_from_source(
+        source, "evaluate", {**namespace, "ClassificationMetrics": ClassificationMetrics}
+    )
+    return dsl.component(function, base_image=DEFAULT_IMAGE, install_kfp_package=False)

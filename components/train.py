@@ -19,7 +19,7 @@ def train(
     vgg16_weights: str,
     model: Output[Model],
 ):
-    """Train one model (cnn1, cnn2 or vgg16); the Model artifact is its model.keras, the metadata its record."""
+    """Train one model of the profile; the Model artifact is its model.keras, the metadata its record."""
     from bloodcell import steps
 
     result = steps.train(

@@ -6,7 +6,7 @@ import keras
 import numpy as np
 import pytest
 
-from bloodcell import calibration, explain, predict, selective
+from bloodcell import calibration, explain, modelfile, selective
 from conftest import sampled_labels
 
 
@@ -69,7 +69,7 @@ def test_a_calibrated_model_saved_and_reloaded_predicts_identical_calibrated_pro
     expected = keras.ops.convert_to_numpy(calibrated.predict_on_batch(images))
     np.testing.assert_allclose(expected, calibration.apply_temperature(raw, 2.0), rtol=1e-4, atol=1e-6)
     calibrated.save(tmp_path / "model.keras")
-    reloaded = predict.load_keras(tmp_path / "model.keras", "test")  # Keras safe mode
+    reloaded = modelfile.load(tmp_path / "model.keras", "test")  # Keras safe mode
     np.testing.assert_array_equal(keras.ops.convert_to_numpy(reloaded.predict_on_batch(images)), expected)
     layer = calibration.calibration_layer(reloaded)
     assert layer is not None

@@ -47,7 +47,7 @@ def test_compare_finds_the_local_services_with_no_variables_set(local_services):
 def test_a_model_that_is_not_there_is_one_line(local_services):
     image = next((SHARED_DATA / "basophil").glob("*.jpg"))
     code, _, errors = bloodcell(
-        "predict", "--model", "gs://bloodcell/runs/x/model.keras", str(image), state=local_services
+        "predict", "--model", "gs://bloodcell/runs/x/models/cnn1/model.keras", str(image), state=local_services
     )
     assert code == 2 and errors.count("\n") == 0 and "not found in object storage: gs://bloodcell/runs/x/" in errors
 

@@ -29,6 +29,8 @@ from bloodcell import config, storage
 from bloodcell.local import containers
 from conftest import ROOT, UNDECODABLE, PipelineRun, mlflow_login, plain, smoke_args, store_login
 
+SMOKE_MODELS = config.PROFILES["smoke"].model_names
+
 pytestmark = pytest.mark.containers
 IMAGE = os.environ.get("BLOODCELL_TEST_IMAGE") or config.DEFAULT_IMAGE
 TASKS = ["ingest", "split", "train-cnn1", "train-cnn2", "train-vgg16", "evaluate", "report"]
@@ -276,7 +278,7 @@ def test_containers_give_the_results_of_local_processes(runs, monkeypatch):
     docker, local = runs["summaries"]["docker"], runs["summaries"]["local"]
     assert local["runner"] == "subprocess" and "image_id" not in local
     assert set(docker) == set(local) | {"image", "image_id"}
-    assert set(docker["models"]) == set(local["models"]) == {*config.MODEL_NAMES, config.ENSEMBLE_NAME}
+    assert set(docker["models"]) == set(local["models"]) == {*SMOKE_MODELS, config.ENSEMBLE_NAME}
 
     state = runs["state"]  # others get nothing; the containers' group enters the state and writes its shared folders
     assert stat.S_IMODE(state.stat().st_mode) == 0o750 and state.stat().st_gid == containers.container_gid()
@@ -296,7 +298,7 @@ def test_containers_give_the_results_of_local_processes(runs, monkeypatch):
         }
 
     assert run_objects(docker["run_id"]) == run_objects(local["run_id"])
-    for model in config.MODEL_NAMES:  # the same data, split and training settings reached both
+    for model in SMOKE_MODELS:  # the same data, split and training settings reached both
         trained = [
             json.loads(bucket.blob(f"runs/{s['run_id']}/models/{model}/train.json").download_as_text())
             for s in (docker, local)
@@ -314,7 +316,7 @@ def test_containers_give_the_results_of_local_processes(runs, monkeypatch):
         assert parent.info.status == "FINISHED"
         nested = client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
         children[summary["runner"]] = {r.data.tags["bloodcell.model"]: r for r in nested}
-    for model in config.MODEL_NAMES:
+    for model in SMOKE_MODELS:
         in_container, in_process = children["docker"][model], children["subprocess"][model]
         assert set(in_container.data.metrics) == set(in_process.data.metrics)
         ignore = {"input_pipeline"}

@@ -5,9 +5,7 @@ from __future__ import annotations
 
 import io
 import json
-import tempfile
 import uuid
-from pathlib import Path
 
 import keras
 import mlflow
@@ -15,8 +13,9 @@ import numpy as np
 import pytest
 from mlflow.tracking import MlflowClient
 
-from bloodcell import arrays, calibration, ensemble, evaluate, predict, registry, storage, tracking
+from bloodcell import arrays, calibration, ensemble, evaluate, layers, predict, registry, selection, storage, tracking
 from bloodcell.arrays import decode_resized
+from bloodcell.runstore import ModelRecord, RunStore
 from conftest import SHARED_DATA
 
 CLASSES = ["dark", "light"]
@@ -43,7 +42,7 @@ def numpy_symmetries(images: np.ndarray) -> list[np.ndarray]:
 
 def test_dihedral_images_are_the_eight_symmetries():
     images = fixed_batch(n=2)
-    stacked = keras.ops.convert_to_numpy(ensemble.DihedralImages()(images)).reshape(8, 2, 24, 24, 3)
+    stacked = keras.ops.convert_to_numpy(layers.DihedralImages()(images)).reshape(8, 2, 24, 24, 3)
     expected = numpy_symmetries(images)
     assert len({s.tobytes() for s in expected}) == 8
     assert sorted(s.tobytes() for s in stacked) == sorted(s.tobytes() for s in expected)
@@ -58,7 +57,7 @@ def test_shrinking_matches_tensorflow(method, tf_method, antialias):
 
     images = np.asarray(decode_resized(str(next((SHARED_DATA / "monocyte").iterdir())), [96])[0])[None]
     for size in (64, 48, 32):
-        ours = keras.ops.convert_to_numpy(ensemble.ResizeImages(size, method)(images)).astype(int)
+        ours = keras.ops.convert_to_numpy(layers.ResizeImages(size, method)(images)).astype(int)
         resized = tf.image.resize(images.astype("float32"), (size, size), method=tf_method, antialias=antialias)
         theirs = np.clip(np.round(resized.numpy()), 0, 255).astype(int)
         assert ours.shape == (1, size, size, 3) and np.abs(ours - theirs).max() <= 1  # float rounding at .5
@@ -74,7 +73,7 @@ def test_combined_probabilities_are_the_mean_of_the_members_with_tta():
 
     def member_probabilities(name: str) -> np.ndarray:
         member, method = members[name], resize[name]
-        shrink = ensemble.ResizeImages(member.input_shape[1], method) if method else None
+        shrink = layers.ResizeImages(member.input_shape[1], method) if method else None
         x = keras.ops.convert_to_numpy(shrink(images)) if shrink else images
         variants = numpy_symmetries(x) if tta[name] else [x]
         return np.mean([member.predict_on_batch(v) for v in variants], axis=0)
@@ -90,7 +89,7 @@ def test_tta_is_kept_only_where_it_raises_validation_accuracy():
     right, wrong = np.array([[0.9, 0.1], [0.2, 0.8], [0.3, 0.7], [0.6, 0.4]]), np.array([[0.4, 0.6]] * 4)
     helped = np.stack([wrong] + [right] * 7)  # wrong as given, right in the other 7 symmetries
     unchanged = np.stack([right] * 8)
-    decisions = ensemble.choose_tta({"helped": helped, "unchanged": unchanged}, y_val)
+    decisions = selection.choose_tta({"helped": helped, "unchanged": unchanged}, y_val)
     assert decisions["helped"]["use"] and decisions["helped"]["plain"]["accuracy"] == 0.5
     assert decisions["helped"]["tta"]["accuracy"] == 1.0
     assert not decisions["unchanged"]["use"]  # no gain: 8x the inference for nothing
@@ -101,16 +100,16 @@ def test_members_are_chosen_by_validation_accuracy_ties_to_the_smaller_set():
     good = np.array([[0.9, 0.1], [0.8, 0.2], [0.3, 0.7], [0.6, 0.4]])  # 3 of 4
     also_good = np.array([[0.7, 0.3], [0.4, 0.6], [0.1, 0.9], [0.2, 0.8]])  # 3 of 4, other mistakes
     bad = np.full((4, 2), 0.5) + np.array([-0.1, 0.1])  # always class 1
-    candidates = ensemble.choose_members({"good": good, "also_good": also_good, "bad": bad}, y_val)
+    candidates = selection.choose_members({"good": good, "also_good": also_good, "bad": bad}, y_val)
     assert candidates[0]["members"] == ["good", "also_good"] and candidates[0]["accuracy"] == 1.0
     assert len(candidates) == 7
-    tied = ensemble.choose_members({"good": good, "copy": good.copy()}, y_val)
+    tied = selection.choose_members({"good": good, "copy": good.copy()}, y_val)
     assert tied[0]["members"] == ["good"]  # the pair is no better: the single model
 
 
 def test_description_names_each_members_branch():
     tta, resize = {"cnn1": True, "cnn2": False, "vgg16": True}, {"cnn1": "area", "cnn2": None, "vgg16": None}
-    assert ensemble.describe(["cnn1", "cnn2", "vgg16"], tta, resize) == (
+    assert selection.describe(["cnn1", "cnn2", "vgg16"], tta, resize) == (
         "the average of cnn1 (shrunk by area, averaged over the 8 symmetries), cnn2 and "
         "vgg16 (averaged over the 8 symmetries)"
     )
@@ -155,7 +154,7 @@ def stored_run(services):
     """A run with two stored members: 'red' right on validation, 'green' right on test (its labels follow
     the green channel there)."""
     run_id = f"ensemble-{uuid.uuid4().hex[:8]}"
-    run_uri = f"gs://{services['bucket']}/runs/{run_id}"
+    store = RunStore(services["bucket"], run_id)
     storage.ensure_bucket(services["bucket"])
     rng = np.random.default_rng(3)
     y_val, y_test = np.tile([0, 1], 20), np.tile([0, 1], 20)
@@ -171,25 +170,21 @@ def stored_run(services):
                 "test": (uniform_images(test, size), y_test),
             },
         )
-        model_uri = storage.join(run_uri, "models", name, "model.keras")
-        with tempfile.TemporaryDirectory() as tmp:
-            channel_member(channel, size, f"built_as_{name}").save(Path(tmp, "model.keras"))
-            storage.upload_file(Path(tmp, "model.keras"), model_uri)
         trained.append(
-            {
-                "model": name,
-                "model_uri": model_uri,
-                "classes": CLASSES,
-                "image_size": size,
-                "epochs": 1,
-                "train_seconds": 1.0,
-                "params": 8,
-                "arrays_uri": arrays_uri,
-                "mlflow_run_id": None,
-                "mlflow_model_uri": None,
-            }
+            ModelRecord(
+                model=name,
+                model_uri=store.save_model(channel_member(channel, size, f"built_as_{name}"), name),
+                classes=CLASSES,
+                image_size=size,
+                epochs=1,
+                train_seconds=1.0,
+                params=8,
+                arrays_uri=arrays_uri,
+                mlflow_run_id=None,
+                mlflow_model_uri=None,
+            )
         )
-    return {"trained": trained, "run_uri": run_uri, "run_id": run_id}
+    return {"trained": trained, "store": store, "run_id": run_id}
 
 
 def test_members_are_chosen_on_validation_only_and_evaluated_like_trained_models(stored_run, monkeypatch):
@@ -201,37 +196,47 @@ def test_members_are_chosen_on_validation_only_and_evaluated_like_trained_models
         return load(uri, subset)
 
     monkeypatch.setattr(arrays, "load", recording_load)
-    tracker = tracking.Tracker(stored_run["run_uri"], "evaluate")
-    record = ensemble.build(stored_run["trained"], stored_run["run_uri"], tracker)
+    store = stored_run["store"]
+    tracker = tracking.Tracker(store, "evaluate")
+    record = ensemble.build(stored_run["trained"], store, tracker)
+    combined = record.combination
+    assert combined is not None
     assert read == ["val", "calibration"]  # choices on val, the rules on calibration: never the test split
-    assert record.members == ["red"] and record.tta == {"red": False}  # colour means: symmetries change nothing
-    assert record.resize == {"red": "bilinear"}  # shrunk from 24 to 16 px; the methods tie on uniform images
-    assert record.description == "red (shrunk by bilinear) alone"
-    assert set(record.selection["resize"]["red"]) == {"bilinear", "area"}
-    assert record.image_size == 24 and record.val_accuracy == 1.0
-    assert {c["members"][0] for c in record.selection["candidates"] if len(c["members"]) == 1} == {"red", "green"}
+    assert combined.members == ["red"] and combined.tta == {"red": False}  # colour means: symmetries change nothing
+    assert combined.resize == {"red": "bilinear"}  # shrunk from 24 to 16 px; the methods tie on uniform images
+    assert combined.description == "red (shrunk by bilinear) alone"
+    assert set(combined.selection["resize"]["red"]) == {"bilinear", "area"}
+    assert record.image_size == 24 and combined.val_accuracy == 1.0
+    assert {c["members"][0] for c in combined.selection["candidates"] if len(c["members"]) == 1} == {"red", "green"}
 
-    results = evaluate.evaluate(stored_run["trained"], stored_run["run_uri"], tracker)
+    results = evaluate.evaluate(stored_run["trained"], store, tracker)
     assert list(results) == ["red", "green", "ensemble"]
     assert results["ensemble"]["accuracy"] == results["red"]["accuracy"] < 0.8  # chosen on val, so wrong on test
     assert results["green"]["accuracy"] == 1.0
     assert results["ensemble"]["members"] == ["red"] and results["ensemble"]["inference_images_per_second"] > 0
-    assert storage.exists(storage.join(stored_run["run_uri"], "metrics", "ensemble.json"))
-    assert ensemble.build(stored_run["trained"], stored_run["run_uri"], tracker) == record  # stored: reused
+    assert storage.exists(store.metrics_uri("ensemble"))
+    assert ensemble.build(stored_run["trained"], store, tracker) == record  # stored: reused
 
 
 def test_saved_registered_and_reloaded_it_predicts_the_same(stored_run, services, capsys):
     mlflow.set_tracking_uri(services["env"]["MLFLOW_TRACKING_URI"])
-    parent = tracking.parent_run(f"test-{uuid.uuid4().hex[:8]}", stored_run["run_id"], stored_run["run_uri"])
-    tracker = tracking.Tracker(stored_run["run_uri"], "evaluate")
-    record = ensemble.build(stored_run["trained"], stored_run["run_uri"], tracker)
-    assert record.mlflow_run_id and record.mlflow_model_uri and record.mlflow_model_uri.startswith("models:/m-")
+    store = stored_run["store"]
+    parent = tracking.parent_run(f"test-{uuid.uuid4().hex[:8]}", store)
+    tracker = tracking.Tracker(store, "evaluate")
+    record = ensemble.build(stored_run["trained"], store, tracker)
+    combined = record.combination
+    assert (
+        combined is not None
+        and record.mlflow_run_id
+        and record.mlflow_model_uri
+        and record.mlflow_model_uri.startswith("models:/m-")
+    )
     run = MlflowClient().get_run(record.mlflow_run_id)
     assert run.data.tags["mlflow.parentRunId"] == parent and run.data.tags["bloodcell.model"] == "ensemble"
     assert run.data.params["members"] == "red" and run.data.metrics["val_accuracy"] == 1.0
-    members = {info["model"]: ensemble.load_member(info) for info in stored_run["trained"]}
+    members = {info.model: ensemble.load_member(store, info) for info in stored_run["trained"]}
     built_here = ensemble.combined_model(
-        {"red": members["red"]}, record.tta, 24, record.resize, calibration.Calibrated(**record.calibration)
+        {"red": members["red"]}, combined.tta, 24, combined.resize, calibration.Calibrated(**record.calibration)
     )
     candidate = registry.Candidate(record.mlflow_model_uri, "ensemble", 0.5, stored_run["run_id"])
     version = registry.register_best(candidate)["version"]

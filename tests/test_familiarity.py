@@ -6,7 +6,7 @@ import keras
 import numpy as np
 import pytest
 
-from bloodcell import decisions, familiarity, predict, shifts
+from bloodcell import decisions, familiarity, layers, modelfile, shifts
 from bloodcell.arrays import decode_resized
 from conftest import SHARED_DATA, checked_model, tiny_model
 
@@ -52,7 +52,7 @@ def test_the_check_lives_in_the_model_file_and_reloads_with_identical_scores_set
     model.save(tmp_path / "model.keras")
     config = (tmp_path / "model.keras").read_bytes()
     assert len(config) > 8 * 8 * 4  # the statistics travel as weights
-    reloaded = predict.load_keras(tmp_path / "model.keras", "test")  # Keras safe mode
+    reloaded = modelfile.load(tmp_path / "model.keras", "test")  # Keras safe mode
     after = decisions.outputs_of(decisions.scoring_model(reloaded), images, 16)
     np.testing.assert_array_equal(after.familiarity, before.familiarity)
     np.testing.assert_array_equal(after.probabilities, before.probabilities)
@@ -64,7 +64,7 @@ def test_the_check_lives_in_the_model_file_and_reloads_with_identical_scores_set
     assert first.familiar is not None and first.sets is not None
     # the layer's score is the numpy one: the largest standardised log-distance over the blocks
     check = model.get_layer(familiarity.LAYER_NAME)
-    assert isinstance(check, familiarity.Familiarity)
+    assert isinstance(check, layers.Familiarity)
     raw = decisions.outputs_of(decisions.scoring_model(model), images[:4], 4).familiarity
     assert raw is not None and raw.shape == (4,) and np.isfinite(raw).all()
     assert features[0].shape == (64, 12) and features[1].shape == (64, 8)  # the image statistics, then each block
@@ -74,13 +74,13 @@ def test_image_statistics_are_each_channels_mean_spread_and_fine_detail():
     from scipy import ndimage
 
     images = np.random.default_rng(3).integers(0, 256, (2, 20, 24, 3), dtype=np.uint8)
-    got = keras.ops.convert_to_numpy(familiarity.ImageStatistics()(images))
+    got = keras.ops.convert_to_numpy(layers.ImageStatistics()(images))
     x = images.astype(np.float64) / 255
     kernel = np.array([[0, 1, 0], [1, -4, 1], [0, 1, 0]])
     laplacian = np.stack(
         [np.stack([ndimage.convolve(i[..., c], kernel, mode="reflect") for c in range(3)], -1) for i in x]
     )
-    floor = familiarity.LAPLACIAN_FLOOR
+    floor = layers.LAPLACIAN_FLOOR
     expected = np.concatenate(
         [
             x.mean(axis=(1, 2)),
@@ -100,14 +100,14 @@ def test_a_model_checked_before_the_image_statistics_still_loads_and_scores_its_
     model = tiny_model()
     maps = [layer.output for layer in familiarity.feature_layers(model)]
     features = [
-        np.asarray(f) for f in keras.Model(model.inputs, [familiarity.pooled(m) for m in maps]).predict_on_batch(images)
+        np.asarray(f) for f in keras.Model(model.inputs, [layers.pooled(m) for m in maps]).predict_on_batch(images)
     ]
     blocks = familiarity.standardise([familiarity.fit_block(f, rng.integers(0, 3, 64), 3) for f in features], features)
-    layer = familiarity.Familiarity([8, 8], 3, name=familiarity.LAYER_NAME, dtype="float32", threshold=1.0)
+    layer = layers.Familiarity([8, 8], 3, name=familiarity.LAYER_NAME, dtype="float32", threshold=1.0)
     old = keras.Model(model.inputs, [model.outputs[0], layer(maps)])
     layer.set_statistics(blocks)
     old.save(tmp_path / "old.keras")
-    reloaded = predict.load_keras(tmp_path / "old.keras", "test")
+    reloaded = modelfile.load(tmp_path / "old.keras", "test")
     scores = decisions.outputs_of(decisions.scoring_model(reloaded), images, 16).familiarity
     assert scores is not None
     np.testing.assert_allclose(scores, familiarity.block_scores(blocks, features), rtol=1e-4, atol=1e-4)
@@ -117,7 +117,7 @@ def test_a_model_checked_before_the_image_statistics_still_loads_and_scores_its_
 def test_a_model_saved_before_the_checks_still_predicts_and_says_so(tmp_path):
     model = tiny_model()
     model.save(tmp_path / "old.keras")
-    reloaded = predict.load_keras(tmp_path / "old.keras", "test")
+    reloaded = modelfile.load(tmp_path / "old.keras", "test")
     rules = decisions.Rules.of(reloaded)
     assert rules.familiarity_threshold is None and rules.set_min_probability is None and not rules.calibrated
     images = np.random.default_rng(2).integers(0, 256, (3, 32, 32, 3), dtype=np.uint8)

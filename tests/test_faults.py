@@ -27,6 +27,8 @@ from bloodcell import config, ingest, split, storage
 from bloodcell.local.services import LocalServices, free_port
 from conftest import ROOT, PipelineRun, found, mlflow_login, smoke_args, store_login, train_command
 
+SMOKE_MODELS = config.PROFILES["smoke"].model_names
+
 pytestmark = pytest.mark.faults
 IMMUTABLE = ("datasets/", "sources/", "splits/", "arrays/")  # content-addressed: written once, never changed
 
@@ -314,7 +316,7 @@ def test_two_runs_at_once_both_complete(local_pipeline):
     names = snapshot("faults")
     for run_id in run_ids:
         assert storage.read_json(f"gs://faults/runs/{run_id}/summary.json")["run_id"] == run_id
-        for model in config.MODEL_NAMES:
+        for model in SMOKE_MODELS:
             info = storage.read_json(f"gs://faults/runs/{run_id}/models/{model}/train.json")
             assert info["mlflow_run_id"] and info["model_uri"].startswith(f"gs://faults/runs/{run_id}/")
     per_run = [n for n in names if n.startswith("runs/")]
@@ -329,7 +331,7 @@ def test_two_runs_at_once_both_complete(local_pipeline):
             [experiment.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'"
         )
         models = sorted(c.data.tags["bloodcell.model"] for c in children)  # the trained ones and their combination
-        assert models == sorted([*config.MODEL_NAMES, config.ENSEMBLE_NAME]) and parent.info.status == "FINISHED"
+        assert models == sorted([*SMOKE_MODELS, config.ENSEMBLE_NAME]) and parent.info.status == "FINISHED"
     print(f"two runs at once: {run_ids} both exit 0, two parent runs with four model runs each")
 
 

@@ -6,12 +6,13 @@ import keras
 import numpy as np
 import pytest
 
-from bloodcell import models
+from bloodcell import layers, models
 from bloodcell.errors import BloodcellError
+from bloodcell.weights import Weights
 
 
 @pytest.mark.parametrize(
-    "name, size", [("cnn1", 46), ("cnn1", 64), ("cnn2", 94), ("cnn2", 128), ("vgg16", 32), ("vgg16", 48)]
+    "name, size", [("cnn1", 46), ("cnn1", 64), ("cnn2", 94), ("cnn2", 128), ("vgg16_from_scratch", 32), ("vgg16_transfer", 48)]
 )
 @pytest.mark.parametrize("n_classes", [2, 8])
 def test_builds_for_any_class_count_and_size(name, size, n_classes):
@@ -24,7 +25,7 @@ def test_cnn1_keeps_the_original_parameter_count():
     assert models.build_model("cnn1", 8, 128).count_params() == 205_656
 
 
-@pytest.mark.parametrize("name, too_small", [("cnn1", 45), ("cnn2", 93), ("vgg16", 31)])
+@pytest.mark.parametrize("name, too_small", [("cnn1", 45), ("cnn2", 93), ("vgg16_from_scratch", 31)])
 def test_below_minimum_size_is_a_clear_error(name, too_small):
     minimum = models.REGISTRY[name].min_size
     with pytest.raises(BloodcellError, match=rf"{name} needs images of at least {minimum}x{minimum} pixels"):
@@ -32,11 +33,11 @@ def test_below_minimum_size_is_a_clear_error(name, too_small):
 
 
 def test_unknown_model():
-    with pytest.raises(BloodcellError, match="unknown model 'resnet'; registered models: cnn1, cnn2, vgg16"):
+    with pytest.raises(BloodcellError, match="unknown model architecture .resnet.; registered: cnn1, cnn2, vgg16_from_scratch, vgg16_transfer"):
         models.build_model("resnet", 8, 64)
 
 
-@pytest.mark.parametrize("name, size", [("cnn1", 48), ("cnn2", 96), ("vgg16", 32)])
+@pytest.mark.parametrize("name, size", [("cnn1", 48), ("cnn2", 96), ("vgg16_from_scratch", 32)])
 def test_trains_one_step_and_round_trips(name, size, tmp_path: Path):
     rng = np.random.default_rng(0)
     x = rng.integers(0, 256, (8, size, size, 3), dtype=np.uint8)
@@ -83,7 +84,7 @@ def test_blur_augmentation_blurs_some_training_images_and_leaves_predictions_alo
 
 def test_vgg16_from_scratch_keeps_the_vgg16_layout_at_a_width():
     """13 3x3 convolutions in 5 pooled blocks, named and shaped as Keras' VGG16, batch-normalised; all trainable."""
-    model = models.build_model("vgg16", 8, 48, weights=None, width=0.25)
+    model = models.build_model("vgg16_from_scratch", 8, 48, width=0.25)
     reference = keras.applications.VGG16(include_top=False, weights=None, input_shape=(48, 48, 3))
     convs, reference_convs = (
         [layer for layer in m.layers if isinstance(layer, keras.layers.Conv2D)] for m in (model, reference)
@@ -91,7 +92,7 @@ def test_vgg16_from_scratch_keeps_the_vgg16_layout_at_a_width():
     assert [c.name for c in convs] == [c.name for c in reference_convs]
     assert [c.filters for c in convs] == [c.filters // 4 for c in reference_convs]
     assert all(c.kernel_size == (3, 3) for c in convs)
-    assert sum(isinstance(layer, models.BatchNorm) for layer in model.layers) == 13
+    assert sum(isinstance(layer, layers.BatchNorm) for layer in model.layers) == 13
     assert [layer.name for layer in model.layers if "pool" in layer.name] == [f"block{i}_pool" for i in range(1, 6)]
     assert all(layer.trainable for layer in model.layers)
 
@@ -99,16 +100,33 @@ def test_vgg16_from_scratch_keeps_the_vgg16_layout_at_a_width():
 def test_vgg16_with_a_weights_file_is_the_frozen_transfer_model(tmp_path: Path):
     weights = tmp_path / "vgg16_notop.weights.h5"
     keras.applications.VGG16(include_top=False, weights=None, input_shape=(32, 32, 3)).save_weights(weights)
-    model = models.build_model("vgg16", 8, 32, augment=False, weights=str(weights))
+    model = models.build_model("vgg16_transfer", 8, 32, augment=False, weights=str(weights))
     assert not model.get_layer("vgg16_stem").trainable and not model.get_layer("vgg16_block5").trainable
     assert model.get_layer("head").trainable
 
 
 def test_vgg16_weights_check_is_fast_and_names_the_options(tmp_path, monkeypatch):
     monkeypatch.setenv("KERAS_HOME", str(tmp_path))
-    models.check_vgg16_weights("none")
+    Weights.parse("none").check()
     with pytest.raises(BloodcellError, match=r"does not exist. Offline options: --vgg16-weights none"):
-        models.check_vgg16_weights(str(tmp_path / "missing.h5"))
+        Weights.parse(str(tmp_path / "missing.h5")).check()
+
+
+@pytest.mark.parametrize(
+    "text, kind, pretrained",
+    [("", "none", False), ("none", "none", False), ("imagenet", "imagenet", True), ("/w.h5", "file", True)],
+)
+def test_the_weights_setting_is_parsed_once_into_its_kind(text, kind, pretrained):
+    weights = Weights.parse(text)
+    assert (weights.kind, weights.pretrained) == (kind, pretrained)
+    assert Weights.parse("gs://b/w.h5").kind == "bucket" and Weights.parse("gs://b/w.h5").local_file is None
+    with pytest.raises(BloodcellError, match="give imagenet, none, a local file or a gs:// file"):
+        Weights.parse("https://example.com/w.h5")
+
+
+def test_a_builder_refuses_a_setting_it_does_not_take():
+    with pytest.raises(BloodcellError, match="architecture cnn1 has no setting width"):
+        models.build_model("cnn1", 8, 64, width=0.5)
 
 
 @pytest.mark.parametrize("policy", ["float32", "mixed_bfloat16"])
@@ -119,7 +137,7 @@ def test_fused_batch_norm_matches_keras_batch_normalization(policy):
     keras.mixed_precision.set_global_policy(policy)
     try:
         x = tf.constant(np.random.default_rng(0).normal(2.0, 3.0, (6, 5, 5, 4)), "float32")
-        ours, reference = models.BatchNorm(momentum=0.9), keras.layers.BatchNormalization(momentum=0.9)
+        ours, reference = layers.BatchNorm(momentum=0.9), keras.layers.BatchNormalization(momentum=0.9)
         for layer in (ours, reference):
             layer.build(x.shape)
             layer.gamma.assign([0.5, 1.0, 1.5, 2.0])
@@ -142,6 +160,6 @@ def test_fused_batch_norm_matches_keras_batch_normalization(policy):
         tolerance = 1e-4 if policy == "float32" else 5e-2
         for mine, theirs in zip(*results, strict=True):
             np.testing.assert_allclose(np.asarray(mine), np.asarray(theirs), rtol=tolerance, atol=tolerance)
-        assert type(keras.layers.deserialize(keras.layers.serialize(ours))) is models.BatchNorm
+        assert type(keras.layers.deserialize(keras.layers.serialize(ours))) is layers.BatchNorm
     finally:
         keras.mixed_precision.set_global_policy("float32")

@@ -20,7 +20,7 @@ import pytest
 import requests
 import yaml
 
-from bloodcell import cli, ingest, predict, registry, sources, storage, tracking
+from bloodcell import cli, ingest, layers, modelfile, predict, registry, sources, storage, tracking
 from bloodcell.errors import BloodcellError, DataError, StorageError
 from bloodcell.local import runs
 from bloodcell.local.services import command_line, free_port, process_start_time
@@ -155,7 +155,7 @@ def test_a_savedmodel_folder_or_hdf5_file_is_refused(tmp_path):
 
 
 def test_a_gs_uri_that_is_not_a_keras_file_is_refused():
-    with pytest.raises(BloodcellError, match=r"is not a \.keras file: pass gs://\.\.\./model\.keras"):
+    with pytest.raises(BloodcellError, match=r"is not a model of a run: expected gs://<bucket>/runs/<run id>/models/"):
         predict.load("gs://b/runs/r/models/cnn1/saved_model")
 
 
@@ -187,7 +187,7 @@ def test_an_mlflow_keras_model_saved_as_we_log_it_is_accepted(tmp_path):
     mlflow.keras.save_model(small_model(), str(tmp_path / "model"), pip_requirements=["keras"])
     path = registry.keras_file_of(tmp_path / "model", "models:/m-1")
     assert path == (tmp_path / "model" / "data" / "model.keras").resolve()
-    assert predict.load_keras(path, "models:/m-1").output_shape == (None, 2)
+    assert modelfile.load(path, "models:/m-1").output_shape == (None, 2)
 
 
 @pytest.fixture
@@ -391,10 +391,10 @@ def _layers(config: dict) -> Iterator[dict]:
 )
 def test_a_model_whose_config_asks_for_absurd_shapes_is_refused(tmp_path, layer_class, key, value):
     """Layer configs are data: shapes are bounded before any memory is allocated for them."""
-    from bloodcell import ensemble, familiarity
+    from bloodcell import familiarity
 
     images = keras.Input((32, 32, 3), dtype="uint8")
-    small = ensemble.ResizeImages(16)(images)
+    small = layers.ResizeImages(16)(images)
     x = keras.layers.Conv2D(4, 3)(keras.layers.Rescaling(1 / 255)(small))
     x = keras.layers.MaxPooling2D(2)(x)
     probabilities = keras.layers.Dense(2, activation="softmax")(keras.layers.GlobalAveragePooling2D()(x))
@@ -404,7 +404,7 @@ def test_a_model_whose_config_asks_for_absurd_shapes_is_refused(tmp_path, layer_
     )  # any statistics will do
     checked = familiarity.with_familiarity(model, probabilities, [block, block], 2)
     checked.save(tmp_path / "model.keras")
-    assert predict.load_keras(tmp_path / "model.keras", "test") is not None
+    assert modelfile.load(tmp_path / "model.keras", "test") is not None
 
     def absurd(config: dict) -> dict:
         for layer in _layers(config):
@@ -414,7 +414,7 @@ def test_a_model_whose_config_asks_for_absurd_shapes_is_refused(tmp_path, layer_
 
     hostile = _with_config(tmp_path / "model.keras", tmp_path / "hostile.keras", absurd)
     with pytest.raises(BloodcellError, match="out of bounds|not between"):
-        predict.load_keras(hostile, "test")
+        modelfile.load(hostile, "test")
 
 
 def test_a_zip_with_too_many_files_is_refused_before_extracting(tmp_path, monkeypatch):

@@ -9,6 +9,7 @@ import mlflow
 import pytest
 
 from bloodcell import tracking
+from bloodcell.runstore import RunStore
 
 
 @pytest.fixture
@@ -34,8 +35,8 @@ def health_server():
 
 
 def test_await_server_waits_for_a_returning_server_and_gives_up_after_its_bound(services, health_server):
-    run_uri = f"gs://{services['bucket']}/runs/tracker-{time.time_ns()}"
-    tracker = tracking.Tracker(run_uri, "train-cnn1", wait_s=0)
+    store = RunStore(services["bucket"], f"tracker-{time.time_ns()}")
+    tracker = tracking.Tracker(store, "train-cnn1", wait_s=0)
     assert tracker.down
     assert tracker.call("log the model", lambda: "logged") is None  # skipped while down
 
@@ -44,7 +45,7 @@ def test_await_server_waits_for_a_returning_server_and_gives_up_after_its_bound(
     assert tracker.await_server(wait_s=60)
     assert 1 < time.monotonic() - started < 30
     assert tracker.call("log the model", lambda: "logged") == "logged"
-    failures = {f["what"]: f for f in tracking.recorded_failures(run_uri)["train-cnn1"]}
+    failures = {f["what"]: f for f in tracking.recorded_failures(store)["train-cnn1"]}
     assert failures["connect"]["recovered"] is False and failures["log the model"]["recovered"] is True
 
     health_server.clear()

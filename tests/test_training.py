@@ -7,10 +7,11 @@ import os
 import signal
 import subprocess
 import time
+from unittest.mock import ANY
 
 import pytest
 
-from bloodcell import config, ingest, split, storage
+from bloodcell import config, ingest, layers, split, storage
 from conftest import ROOT, train_command
 
 EPOCHS = 30
@@ -70,12 +71,12 @@ def assert_stored_model_is_calibrated(result: dict) -> None:
     import tempfile
     from pathlib import Path
 
-    from bloodcell import calibration, familiarity, predict
+    from bloodcell import calibration, familiarity, modelfile
 
     fitted = result["calibration"]
     assert 0.05 <= fitted["temperature"] <= 20 and fitted["target_accuracy"] == 0.99
     with tempfile.TemporaryDirectory() as tmp:
-        model = predict.load_keras(storage.download_file(result["model_uri"], Path(tmp, "m.keras")), "test")
+        model = modelfile.load(storage.download_file(result["model_uri"], Path(tmp, "m.keras")), "test")
     layer = calibration.calibration_layer(model)
     assert layer is not None and (layer.temperature, layer.refer_below) == (
         fitted["temperature"],
@@ -97,27 +98,31 @@ def small_training_data():
     return train.TrainingData(["a", "b", "c"], (x[:16], y[:16]), (x[16:], y[16:]), (x[16:], y[16:]))
 
 
-def test_vgg16_trains_the_model_its_builder_makes_in_two_phases(services, tmp_path):
-    """With a weights file, fit_vgg16 trains the parts of models.vgg16's model in place: the head, then block 5;
-    blocks 1-4 stay."""
+def test_vgg16_transfer_trains_the_model_its_builder_makes_in_two_phases(tmp_path):
+    """With a weights file, fit_transfer trains the parts of models.vgg16_transfer's model in place: the head,
+    then block 5; blocks 1-4 stay. Checkpoints in a local folder, one per phase."""
     import keras
     import numpy as np
 
-    from bloodcell import models, recipes, train
+    from bloodcell import fitting, models
 
     data = small_training_data()
     x = data.train[0]
     weights = tmp_path / "vgg16_notop.weights.h5"
     keras.applications.VGG16(include_top=False, weights=None, input_shape=(32, 32, 3)).save_weights(weights)
-    assert recipes.vgg16_path(str(weights)) == "frozen_then_fine_tune"
-    cfg = config.ModelConfig(image_size=32, epochs=2, batch_size=8, fine_tune_epochs=1, early_stopping_patience=100)
+    cfg = config.TransferConfig(
+        "vgg16_transfer", image_size=32, epochs=2, batch_size=8, fine_tune_epochs=1, early_stopping_patience=100
+    )
     keras.utils.set_random_seed(1)
-    model = models.build_model("vgg16", 3, 32, augment=False, weights=str(weights))
+    model = models.build_model("vgg16_transfer", 3, 32, augment=False, weights=str(weights))
     before = {
         name: [w.copy() for w in model.get_layer(name).get_weights()] for name in ("vgg16_stem", "vgg16_block5", "head")
     }
-    history = train.fit_vgg16(model, cfg, data, f"gs://{services['bucket']}/vgg16-phases-{time.time_ns()}")
+    checkpoints = fitting.FolderCheckpoints(tmp_path / "checkpoints")
+    history = fitting.fit_transfer(model, cfg, data.for_fitting, checkpoints)
     assert len(history["loss"]) == cfg.epochs + cfg.fine_tune_epochs
+    assert (checkpoints.phase("frozen").read_state() or {}).get("epoch") == 2
+    assert checkpoints.phase("fine_tune").read_state() == {"epoch": 1, "history": ANY, "done": True}
 
     def changed(name: str) -> bool:
         return any(
@@ -128,27 +133,22 @@ def test_vgg16_trains_the_model_its_builder_makes_in_two_phases(services, tmp_pa
     assert model.predict(x[:4], verbose=0).shape == (4, 3)
 
 
-def test_vgg16_with_none_updates_every_layers_weights_in_training(services):
-    """--vgg16-weights none trains the whole network from scratch in one phase: every layer's weights change."""
+def test_vgg16_from_scratch_updates_every_layers_weights_in_training():
+    """The from-scratch recipe trains the whole network in one phase: every layer's weights change."""
     import keras
     import numpy as np
 
-    from bloodcell import models, recipes, train
+    from bloodcell import fitting, recipes
 
     data = small_training_data()
-    assert recipes.vgg16_path("none") == "from_scratch"
-    cfg = recipes.scratch_config(
-        config.ModelConfig(
-            image_size=32, epochs=1, batch_size=8, early_stopping_patience=100, scratch_width=0.125, scratch_epochs=2
-        )
+    cfg = config.ModelConfig(
+        "vgg16_from_scratch", image_size=32, epochs=2, batch_size=8, early_stopping_patience=100, width=0.125
     )
     keras.utils.set_random_seed(1)
-    model = models.build_model("vgg16", 3, 32, weights=None, width=cfg.scratch_width)
+    model = recipes.build(cfg, 3)
     before = {layer.name: [w.copy() for w in layer.get_weights()] for layer in model.layers}
-    history = train.fit_vgg16_from_scratch(
-        model, cfg, data, f"gs://{services['bucket']}/vgg16-scratch-{time.time_ns()}"
-    )
-    assert len(history["loss"]) == cfg.scratch_epochs
+    history = fitting.fit_end_to_end(model, cfg, data.for_fitting, fitting.NoCheckpoints())
+    assert len(history["loss"]) == cfg.epochs
 
     with_weights = [layer for layer in model.layers if before[layer.name]]
     assert len([layer for layer in with_weights if layer.name.endswith(("_conv1", "_conv2", "_conv3"))]) == 13
@@ -159,24 +159,25 @@ def test_vgg16_with_none_updates_every_layers_weights_in_training(services):
     assert model.predict(data.val[0][:4], verbose=0).shape == (4, 3)
 
 
-def test_vgg16_path_is_chosen_by_the_weights_and_logged(services):
-    """fit_model picks the path from --vgg16-weights; the MLflow params name it and the true choices."""
-    from bloodcell import models, train
+def test_the_weights_choose_vgg16s_recipe_and_its_params_are_the_recipes_own():
+    """--vgg16-weights picks the transfer or the from-scratch recipe; the MLflow params are that recipe's fields."""
+    from bloodcell import fitting, recipes, train
+    from bloodcell.weights import Weights
 
     data = small_training_data()
-    cfg = config.ModelConfig(
-        image_size=32, epochs=1, batch_size=8, scratch_width=0.125, scratch_epochs=1, scratch_learning_rate=3e-3
-    )
-    model, history = train.fit_model(
-        "vgg16", cfg, data, f"gs://{services['bucket']}/vgg16-path-{time.time_ns()}", "none"
-    )
+    entry = config.resolve("smoke", {"vgg16.scratch.width": 0.125, "vgg16.scratch.learning_rate": 3e-3}).model("vgg16")
+    assert isinstance(entry, config.TransferOrScratch)
+    scratch = recipes.choose(entry, Weights.parse("none"))
+    assert scratch == entry.scratch and recipes.choose(entry, Weights.parse("imagenet")) == entry.transfer
+    model, history = fitting.train_recipe(scratch, 3, data.for_fitting, fitting.NoCheckpoints())
     assert len(history["loss"]) == 1
     assert {"vgg16_stem", "vgg16_block5"}.isdisjoint(layer.name for layer in model.layers)
-    assert isinstance(model.get_layer("augment"), models.RandomSymmetry)
+    assert isinstance(model.get_layer("augment"), layers.RandomSymmetry)
     profile = config.resolve("smoke")
-    params = train.training_params("vgg16", cfg, profile, "float32", "gs://b/a", data, "none")
-    assert params["vgg16_path"] == "from_scratch" and params["batch_norm"] is True
-    assert params["epochs"] == 1 and params["learning_rate"] == 3e-3 and params["scratch_width"] == 0.125
-    assert "RandomSymmetry" in params["augmentation"]
-    frozen = train.training_params("vgg16", cfg, profile, "float32", "gs://b/a", data, "imagenet")
-    assert frozen["vgg16_path"] == "frozen_then_fine_tune" and frozen["augmentation"].startswith("none")
+    params = train.training_params(scratch, profile, "float32", "gs://b/a", data, Weights.parse("none"))
+    assert params["recipe"] == "end_to_end" and params["architecture"] == "vgg16_from_scratch"
+    assert params["epochs"] == 1 and params["learning_rate"] == 3e-3 and params["width"] == 0.125
+    assert "RandomSymmetry" in params["augmentation"] and "fine_tune_epochs" not in params
+    frozen = train.training_params(entry.transfer, profile, "float32", "gs://b/a", data, Weights.parse("imagenet"))
+    assert frozen["recipe"] == "transfer" and frozen["weights"] == "imagenet"
+    assert frozen["augmentation"].startswith("none") and "width" not in frozen and frozen["fine_tune_epochs"] == 1

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bloodcell import compat, config
+from bloodcell import compat, config, weights
 from bloodcell.errors import BloodcellError
 from bloodcell.local import services
 
@@ -199,29 +199,30 @@ def plan(
     return ContainerPlan(checked.image, checked.image_id, run_args)
 
 
+def local_inputs(arguments: dict[str, str]) -> dict[str, Path]:
+    """The local files and folders the steps read, by argument: the data source and a VGG16 weights file."""
+    source = arguments.get("source", "")
+    found = {"source": Path(source)} if source and "://" not in source else {}
+    weights_file = weights.Weights.parse(arguments.get("vgg16_weights")).local_file
+    return {**found, "vgg16_weights": weights_file} if weights_file else found
+
+
 def input_paths(arguments: dict[str, str], gid: int) -> list[Path]:
-    """Local files and folders the steps read: the data source and a VGG16 weights file."""
+    """The local inputs (:func:`local_inputs`) that exist, checked readable by the containers' user."""
     paths = []
-    for key in ("source", "vgg16_weights"):
-        value = arguments.get(key, "")
-        if value and "://" not in value and value not in ("imagenet", "none"):
-            path = Path(value)
-            if not path.is_absolute():
-                raise BloodcellError(f"{key} {value!r} must be an absolute path for containers")
-            if path.exists():
-                readable_by_containers(path, gid)
-                paths.append(path)
+    for key, path in local_inputs(arguments).items():
+        if not path.is_absolute():
+            raise BloodcellError(f"{key} {str(path)!r} must be an absolute path for containers")
+        if path.exists():
+            readable_by_containers(path, gid)
+            paths.append(path)
     return paths
 
 
 def absolute_paths(arguments: dict[str, str]) -> dict[str, str]:
     """``arguments`` with local paths made absolute (a container resolves relative paths elsewhere)."""
-    result = dict(arguments)
-    for key in ("source", "vgg16_weights"):
-        value = result.get(key, "")
-        if value and "://" not in value and value not in ("imagenet", "none"):
-            result[key] = str(Path(value).expanduser().resolve())
-    return result
+    local = {key: str(path.expanduser().resolve()) for key, path in local_inputs(arguments).items()}
+    return {**arguments, **local}
 
 
 def readable_by_containers(path: Path, gid: int) -> None:
@@ -248,10 +249,8 @@ def shared_folder(path: Path, gid: int) -> None:
 
 def copy_cached_weights(keras_home: Path) -> None:
     """Give the containers this machine's cached ImageNet weights (if any) instead of downloading them again."""
-    from bloodcell import models
-
-    cached = models.vgg16_weights_cached()
-    target = keras_home / "models" / models.VGG16_NOTOP_FILE
+    cached = weights.cached_imagenet()
+    target = keras_home / "models" / weights.VGG16_NOTOP_FILE
     if cached and not target.exists():
         target.parent.mkdir(parents=True, exist_ok=True)
         partial = target.with_suffix(".partial")

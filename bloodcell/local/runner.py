@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 from bloodcell import compat, config
 from bloodcell.errors import BloodcellError
 from bloodcell.local import runs
+from bloodcell.weights import Weights
 
 if TYPE_CHECKING:
     from bloodcell.local.containers import ContainerPlan
@@ -41,7 +42,7 @@ class RunOptions:
     verbose: bool = False  # everything kfp and the steps print, as before; else a line per task and epoch
 
 
-PipelineFactory = Callable[[str], Callable[..., Any]]  # image -> the kfp pipeline function
+PipelineFactory = Callable[[str, list[str]], Callable[..., Any]]  # image, model names -> the kfp pipeline
 
 
 def run(
@@ -53,14 +54,13 @@ def run(
     """Run the pipeline (``arguments``, or a run's own with ``options.resume``); the exit status."""
     import kfp.local
 
-    from bloodcell import models
     from bloodcell.local.services import LocalServices
 
     state = options.state_dir.resolve()
     run_id, arguments, runner, image = _what_to_run(state, options, arguments, run_id)
-    weights = arguments["vgg16_weights"]
-    if not weights.startswith("gs://"):
-        models.check_vgg16_weights(weights)
+    weights = Weights.parse(arguments["vgg16_weights"])
+    if weights.kind != "bucket":  # a bucket file is checked once the store runs
+        weights.check()
     checked = None
     if runner == "docker":
         from bloodcell.local import containers
@@ -71,8 +71,8 @@ def run(
     services = LocalServices(state, arguments["bucket"], options.gcs_port, options.mlflow_port)
     env = services.start()
     os.environ.update(env)
-    if weights.startswith("gs://"):
-        models.check_vgg16_weights(weights)
+    if weights.kind == "bucket":
+        weights.check()
     runs.save_arguments(state, run_id, arguments)
     kfp_runner, runner_record = _kfp_runner(runner, checked, state, run_id, arguments, env)
     runs.save_runner(state, run_id, runner_record)
@@ -93,7 +93,7 @@ def run(
         _sigterm_exits(),
     ):
         try:
-            make_pipeline(image)(**arguments)
+            make_pipeline(image, config.resolve(arguments["profile"], arguments["overrides"]).model_names)(**arguments)
         except RuntimeError as exc:
             if not compat.is_pipeline_failure(exc):
                 raise
