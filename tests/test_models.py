@@ -12,7 +12,8 @@ from bloodcell.weights import Weights
 
 
 @pytest.mark.parametrize(
-    "name, size", [("cnn1", 46), ("cnn1", 64), ("cnn2", 94), ("cnn2", 128), ("vgg16_from_scratch", 32), ("vgg16_transfer", 48)]
+    "name, size",
+    [("cnn1", 46), ("cnn1", 64), ("cnn2", 94), ("cnn2", 128), ("vgg16_from_scratch", 32), ("vgg16_transfer", 48)],
 )
 @pytest.mark.parametrize("n_classes", [2, 8])
 def test_builds_for_any_class_count_and_size(name, size, n_classes):
@@ -33,7 +34,10 @@ def test_below_minimum_size_is_a_clear_error(name, too_small):
 
 
 def test_unknown_model():
-    with pytest.raises(BloodcellError, match="unknown model architecture .resnet.; registered: cnn1, cnn2, vgg16_from_scratch, vgg16_transfer"):
+    with pytest.raises(
+        BloodcellError,
+        match="unknown model architecture .resnet.; registered: cnn1, cnn2, vgg16_from_scratch, vgg16_transfer",
+    ):
         models.build_model("resnet", 8, 64)
 
 
