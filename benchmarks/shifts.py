@@ -32,6 +32,7 @@ sys.path.insert(0, str(ROOT))
 from bloodcell import decisions, ensemble, predict, shifts, storage  # noqa: E402
 from bloodcell.arrays import decode_resized  # noqa: E402
 from bloodcell.local import services  # noqa: E402
+from bloodcell.runstore import RunStore  # noqa: E402
 
 # The bar: these shifts should be flagged or referred (at least this share) ...
 MUST_REFER = ("hue", "stain", "zoom", "grayscale", *shifts.NON_CELLS)
@@ -137,10 +138,9 @@ def run_images(args: argparse.Namespace) -> RunImages:
     if not os.environ.get("STORAGE_EMULATOR_HOST"):
         os.environ.update(services.client_env(Path(args.state_dir)) or {})
     summary = json.loads(Path(args.summary).read_text())
-    metrics = {
-        n: storage.read_json(storage.join(summary["run_uri"], "metrics", f"{n}.json")) for n in summary["models"]
-    }
-    arrays_uri = storage.read_json(storage.join(summary["run_uri"], "models", "cnn1", "train.json"))["arrays_uri"]
+    store = RunStore.at(summary["run_uri"])
+    metrics = {n: storage.read_json(store.metrics_uri(n)) for n in summary["models"]}
+    arrays_uri = store.require_record("cnn1").arrays_uri
     bucket, name = storage.split_uri(arrays_uri)
     split = storage.read_json(f"gs://{bucket}/splits/{name.split('/')[1]}/split.json")
     classes = split["classes"]

@@ -202,6 +202,9 @@ class RunStore:
     def write_summary(self, summary: dict) -> str:
         return storage.write_json(summary, self._at("summary.json"))
 
+    def summary(self) -> dict:
+        return storage.read_json(self._at("summary.json"))
+
     # MLflow.
     def parent_run_id(self) -> str | None:
         """The MLflow parent run a step of this run claimed, if any."""

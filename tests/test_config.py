@@ -8,7 +8,7 @@ from bloodcell import config
 def test_profiles_cover_the_original_settings_on_gpu():
     gpu = config.resolve("gpu")
     assert gpu.model_names == ["cnn1", "cnn2", "vgg16"]
-    assert (gpu.model("cnn1").image_size, gpu.model("cnn2").image_size) == (128, 128)
+    assert gpu.model("cnn1").image_sizes() == gpu.model("cnn2").image_sizes() == {128}
     assert gpu.model("vgg16").image_sizes() == {224}
     assert gpu.split_ratio == (0.65, 0.05, 0.15, 0.15) and gpu.seed == 777
     assert config.resolve("smoke").max_images_per_class > 0

@@ -200,9 +200,9 @@ def finish(
 ) -> int:
     """Write the run summary (the report step's, plus wall time and runner), print where things are."""
     from bloodcell import storage, tracking
+    from bloodcell.runstore import RunStore
 
-    bucket = arguments["bucket"]
-    summary = storage.read_json(f"gs://{bucket}/runs/{run_id}/summary.json")
+    summary = RunStore(arguments["bucket"], run_id).summary()
     summary["wall_seconds"] = round(seconds, 1)
     summary.update(runner_record)
     local_dir = state / "runs" / run_id
