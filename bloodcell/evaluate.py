@@ -52,7 +52,7 @@ def evaluate_one(record: ModelRecord, store: RunStore) -> dict:
     """Test-split metrics of one model, its inference speed and size; predictions stored beside it."""
     x_test, y_test = arrays.load(record.arrays_uri, "test")
     model = store.load_model(record.model)
-    batch = ensemble.inference_batch(model, INFERENCE_BATCH)  # the combined model: 8 symmetries per image
+    batch = decisions.inference_batch(model, INFERENCE_BATCH)  # the combined model: 8 symmetries per image
     scoring = decisions.scoring_model(model)  # one pass: before and after calibration, familiarity
     feeding.predict_outputs(scoring, x_test[:batch], batch)  # warm-up
     started = time.perf_counter()

@@ -14,6 +14,8 @@ from bloodcell import layers
 from bloodcell.errors import BloodcellError
 
 REGISTERED_LAYERS = layers.REGISTERED
+# The .keras file's artifact name in a logged pyfunc model (bloodcell.serving), which predict reads directly.
+KERAS_ARTIFACT = "keras_model"
 
 
 def save(model: keras.Model, path: str | Path) -> Path:

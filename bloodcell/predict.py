@@ -6,7 +6,7 @@ import json
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +16,7 @@ from sklearn import metrics as skm
 from tabulate import tabulate
 from tqdm import tqdm
 
-from bloodcell import decisions, ensemble, explain, modelfile
+from bloodcell import decisions, explain, modelfile
 from bloodcell.arrays import decode_resized
 from bloodcell.errors import BloodcellError
 from bloodcell.ingest import IMAGE_SUFFIXES
@@ -59,31 +59,10 @@ def image_files(paths: list[str]) -> list[Path]:
 
 
 @dataclass
-class Prediction:
-    """One image's answer: class, calibrated probabilities, whether a person should look at it and why."""
-
-    path: str
-    label: str  # the predicted class
-    confidence: float  # its calibrated probability
-    probabilities: dict[str, float]  # calibrated, per class
-    refer: bool  # a person should look at this cell (low confidence or unlike the training images)
-    refer_reason: str | None  # decisions.LOW_CONFIDENCE, decisions.UNFAMILIAR, both joined by "; ", or None
-    familiar: bool | None  # like the training images; None for a model without the familiarity check
-    familiarity: float | None  # its score (higher: less familiar); flagged above the model's threshold
-    prediction_set: list[str] | None  # the classes that hold the true one with probability >= 1 - alpha
-    promise: str  # what the model promises for cells it calls this class (selective.PROMISE_*)
-    explanation: str | None = None  # the Grad-CAM overlay's path (with --explain)
-
-    def to_json(self) -> dict[str, Any]:
-        fields = asdict(self)
-        return {"path": fields.pop("path"), "class": fields.pop("label"), **fields}
-
-
-@dataclass
 class Classified:
     """A folder's or file list's answers, with the decisions behind them (for summaries and ``validate``)."""
 
-    predictions: list[Prediction]
+    predictions: list[decisions.Prediction]
     unreadable: list[dict[str, str]]
     rules: decisions.Rules
     outputs: decisions.Outputs  # of the readable images, in the order of ``predictions``
@@ -98,7 +77,7 @@ def classify(
     rules = decisions.Rules.of(model)
     scoring = decisions.scoring_model(model)
     first_prediction_seconds = None
-    predictions: list[Prediction] = []
+    predictions: list[decisions.Prediction] = []
     unreadable: list[dict[str, str]] = []
     parts: list[decisions.Outputs] = []
     batches = tqdm(range(0, len(files), BATCH), desc="predicting", unit="batch", disable=len(files) <= BATCH)
@@ -106,10 +85,9 @@ def classify(
         images, kept = read_images(files[start : start + BATCH], model.input_shape[1], unreadable)
         if not kept:
             continue
-        outputs = decisions.outputs_of(scoring, images, ensemble.inference_batch(model, BATCH))
+        outputs, batch = decisions.answer_images(scoring, rules, images, [str(path) for path in kept], classes)
         if first_prediction_seconds is None:
             first_prediction_seconds = round(time.perf_counter() - started, 2)  # loading included
-        batch = answers(kept, outputs, decisions.decide(rules, outputs), classes, rules)
         if explain_dir:
             write_explanations(model, images, outputs.probabilities.argmax(axis=1), batch, Path(explain_dir))
         predictions += batch
@@ -131,36 +109,6 @@ def joined(parts: list[decisions.Outputs], n_classes: int) -> decisions.Outputs:
         np.concatenate([p.probabilities for p in parts]),
         None if scores[0] is None else np.concatenate(scores),  # type: ignore[arg-type]
     )
-
-
-def answers(
-    paths: list[Path],
-    outputs: decisions.Outputs,
-    decided: decisions.Decisions,
-    classes: list[str],
-    rules: decisions.Rules,
-) -> list[Prediction]:
-    result = []
-    for i, path in enumerate(paths):
-        row = outputs.probabilities[i]
-        index = int(decided.predicted[i])
-        result.append(
-            Prediction(
-                path=str(path),
-                label=classes[index],
-                confidence=float(row[index]),
-                probabilities={c: round(float(p), 6) for c, p in zip(classes, row, strict=True)},
-                refer=bool(decided.refer[i]),
-                refer_reason=decided.reason(i),
-                familiar=None if decided.familiar is None else bool(decided.familiar[i]),
-                familiarity=None if outputs.familiarity is None else round(float(outputs.familiarity[i]), 6),
-                prediction_set=None
-                if decided.sets is None
-                else [c for c, inside in zip(classes, decided.sets[i], strict=True) if inside],
-                promise=rules.promise[index],
-            )
-        )
-    return result
 
 
 def main(
@@ -200,7 +148,7 @@ def read_images(files: list[Path], size: int, unreadable: list[dict[str, str]]) 
 
 
 def write_explanations(
-    model: keras.Model, images: np.ndarray, classes: np.ndarray, batch: list[Prediction], folder: Path
+    model: keras.Model, images: np.ndarray, classes: np.ndarray, batch: list[decisions.Prediction], folder: Path
 ) -> None:
     """A Grad-CAM overlay per image, ``<folder>/<image's folder>/<image name>.png``; its path in the prediction."""
     maps, _ = explain.gradcam(model, images, classes)
@@ -210,7 +158,7 @@ def write_explanations(
         item.explanation = str(explain.save_overlay(image, heatmap, target))
 
 
-def true_labels(predictions: list[Prediction], classes: list[str]) -> np.ndarray:
+def true_labels(predictions: list[decisions.Prediction], classes: list[str]) -> np.ndarray:
     """Each image's folder name as its true class index (-1 for a folder that names no class of the model)."""
     index = {c: i for i, c in enumerate(classes)}
     return np.array([index.get(Path(p.path).parent.name, -1) for p in predictions], dtype=int)
@@ -252,7 +200,9 @@ def summarize(result: Classified, classes: list[str], labels_from_folders: bool)
     return summary
 
 
-def print_table(predictions: list[Prediction], unreadable: list[dict[str, str]], summary: dict[str, Any]) -> None:
+def print_table(
+    predictions: list[decisions.Prediction], unreadable: list[dict[str, str]], summary: dict[str, Any]
+) -> None:
     show_sets = any(p.prediction_set is not None and len(p.prediction_set) > 1 for p in predictions)
     rows = [
         [

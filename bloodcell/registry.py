@@ -17,6 +17,7 @@ from mlflow.tracking import MlflowClient
 from bloodcell import storage, tracking
 from bloodcell.config import REGISTERED_MODEL, Profile
 from bloodcell.errors import BloodcellError
+from bloodcell.modelfile import KERAS_ARTIFACT
 
 CHAMPION = "champion"
 
@@ -181,23 +182,34 @@ def not_readable(what: str) -> BloodcellError:
 def keras_file_of(model_dir: Path, model_uri: str) -> Path:
     """The ``.keras`` file of the MLflow model in ``model_dir``, refusing every other flavor or format.
 
-    A model from a registry others can write to is code: other flavors unpickle Python, and a Keras
-    SavedModel export (``save_exported_model``) is a TensorFlow graph. A ``.keras`` file loaded in safe
-    mode runs no code from the file. (Our models: flavor ``keras``, ``data/model.keras``.)
+    A model from a registry others can write to is code: other flavors unpickle Python or run the model's
+    code, and a Keras SavedModel export (``save_exported_model``) is a TensorFlow graph. A ``.keras`` file
+    loaded in safe mode runs no code from the file. Our models: a pyfunc model whose artifact
+    ``keras_model`` is the file (:mod:`bloodcell.serving`; its code is never run here), or, logged before it,
+    flavor ``keras`` with ``data/model.keras``.
     """
     flavors = _mlmodel(model_dir, model_uri).flavors
+    ours = (flavors.get("python_function", {}).get("artifacts") or {}).get(KERAS_ARTIFACT)
+    if ours:
+        return checked_keras_file(model_dir, str(ours.get("path", "")), model_uri)
     keras_flavor = flavors.get("keras")
     if keras_flavor is None:
         raise BloodcellError(
-            f"model {model_uri} has the MLflow flavor(s) {', '.join(sorted(flavors)) or 'none'}, not keras: "
-            "refusing to load it (other flavors can run code when loaded). Pass a model logged by a bloodcell run."
+            f"model {model_uri} has the MLflow flavor(s) {', '.join(sorted(flavors)) or 'none'}, neither keras nor "
+            f"a bloodcell pyfunc model (artifact {KERAS_ARTIFACT}): refusing to load it (other flavors can run code "
+            "when loaded). Pass a model logged by a bloodcell run."
         )
     if keras_flavor.get("save_exported_model"):
         raise BloodcellError(
             f"model {model_uri} is a TensorFlow SavedModel export (a graph of operations), not a .keras file: "
             "refusing to load it. Pass a model logged by a bloodcell run."
         )
-    path = storage.local_path(model_dir, f"{keras_flavor.get('data', 'data')}/model.keras", f"model {model_uri}")
+    return checked_keras_file(model_dir, f"{keras_flavor.get('data', 'data')}/model.keras", model_uri)
+
+
+def checked_keras_file(model_dir: Path, relative: str, model_uri: str) -> Path:
+    """``model_dir/relative``, refused unless it is a file inside ``model_dir``."""
+    path = storage.local_path(model_dir, relative, f"model {model_uri}")
     if path.is_symlink() or not path.is_file():
         raise BloodcellError(f"model {model_uri} has no .keras file (expected {path}); refusing to load it.")
     return path

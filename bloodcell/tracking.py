@@ -217,12 +217,12 @@ def log_calibration(run_id: str, calibrated: dict, classes: list[str]) -> None:
     log_metrics(run_id, {k: v for k, v in calibrated.items() if k not in settings and isinstance(v, (int, float))})
 
 
-def log_keras_model(run_id: str, model: Any, classes: list[str], pip_requirements: list[str]) -> str:
-    """Log ``model`` to ``run_id``; return its logged-model URI (``models:/m-...``)."""
+def log_model(run_id: str, model: Any, classes: list[str], pip_requirements: list[str]) -> str:
+    """Log ``model`` to ``run_id`` as a pyfunc model (:mod:`bloodcell.serving`); its URI (``models:/m-...``)."""
+    from bloodcell import serving
+
     with mlflow.start_run(run_id=run_id):
-        return mlflow.keras.log_model(
-            model, name="model", metadata={"classes": classes}, pip_requirements=pip_requirements
-        ).model_uri
+        return serving.log_model(model, classes, pip_requirements)
 
 
 def wait_timeout() -> float:

@@ -218,9 +218,7 @@ def log_trained_model(
     tracker.await_server()
     epoch_logger.flush()  # epochs that ended during an outage
     tracker.attempt("log results", _log_results, run_id, record)
-    model_uri = tracker.call(
-        "log the model", tracking.log_keras_model, run_id, model, record.classes, pip_requirements()
-    )
+    model_uri = tracker.call("log the model", tracking.log_model, run_id, model, record.classes, pip_requirements())
     tracker.attempt("close the model run", tracking.finish, run_id)
     return replace(record, mlflow_model_uri=model_uri)
 

@@ -7,6 +7,7 @@ import contextlib
 import functools
 import http.server
 import io
+import json
 import os
 import re
 import shutil
@@ -328,3 +329,26 @@ def services(tmp_path_factory):
         else:
             os.environ[key] = value
     storage.client.cache_clear()
+
+
+@pytest.fixture(scope="session")
+def smoke_run(sample_dataset, tmp_path_factory):
+    """The smoke profile's pipeline on the sample, run once per session (its services stopped at the end)."""
+    state = tmp_path_factory.mktemp("pipeline-state")
+    summary_path = state / "summary.json"
+    env = {**os.environ, "BLOODCELL_CACHE": str(state / "cache"), "PYTHONUNBUFFERED": "1"}
+    env.pop("STORAGE_EMULATOR_HOST", None)
+    env.pop("MLFLOW_TRACKING_URI", None)
+    command = [sys.executable, "pipeline.py", "run", *smoke_args(sample_dataset, state, "--summary", str(summary_path))]
+    process = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    log = plain(process.stdout + process.stderr)
+    (state / "run.log").write_text(log)
+    summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
+    yield {"process": process, "log": log, "summary": summary, "state": state, "env": env}
+    subprocess.run(
+        [sys.executable, "pipeline.py", "stop", "--state-dir", str(state)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        timeout=120,
+    )

@@ -13,7 +13,19 @@ import numpy as np
 import pytest
 from mlflow.tracking import MlflowClient
 
-from bloodcell import arrays, calibration, ensemble, evaluate, layers, predict, registry, selection, storage, tracking
+from bloodcell import (
+    arrays,
+    calibration,
+    decisions,
+    ensemble,
+    evaluate,
+    layers,
+    predict,
+    registry,
+    selection,
+    storage,
+    tracking,
+)
 from bloodcell.arrays import decode_resized
 from bloodcell.runstore import ModelRecord, RunStore
 from conftest import SHARED_DATA
@@ -80,8 +92,8 @@ def test_combined_probabilities_are_the_mean_of_the_members_with_tta():
 
     expected = np.mean([member_probabilities(n) for n in members], axis=0)
     np.testing.assert_allclose(keras.ops.convert_to_numpy(model.predict_on_batch(images)), expected, atol=1e-6)
-    assert ensemble.inference_batch(model) == ensemble.BRANCH_IMAGES_PER_BATCH // 8
-    assert ensemble.inference_batch(ensemble.combined_model(members, dict.fromkeys(members, False), 24)) == 128
+    assert decisions.inference_batch(model) == decisions.IMAGES_PER_BATCH // 8
+    assert decisions.inference_batch(ensemble.combined_model(members, dict.fromkeys(members, False), 24)) == 128
 
 
 def test_tta_is_kept_only_where_it_raises_validation_accuracy():

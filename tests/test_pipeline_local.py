@@ -30,28 +30,6 @@ SUMMARY_KEYS = {
 }
 
 
-@pytest.fixture(scope="module")
-def smoke_run(sample_dataset, tmp_path_factory):
-    state = tmp_path_factory.mktemp("pipeline-state")
-    summary_path = state / "summary.json"
-    env = {**os.environ, "BLOODCELL_CACHE": str(state / "cache"), "PYTHONUNBUFFERED": "1"}
-    env.pop("STORAGE_EMULATOR_HOST", None)
-    env.pop("MLFLOW_TRACKING_URI", None)
-    command = [sys.executable, "pipeline.py", "run", *smoke_args(sample_dataset, state, "--summary", str(summary_path))]
-    process = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
-    log = plain(process.stdout + process.stderr)
-    (state / "run.log").write_text(log)
-    summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
-    yield {"process": process, "log": log, "summary": summary, "state": state, "env": env}
-    subprocess.run(
-        [sys.executable, "pipeline.py", "stop", "--state-dir", str(state)],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        timeout=120,
-    )
-
-
 @pytest.fixture()
 def clients(smoke_run, monkeypatch):
     summary = smoke_run["summary"]

@@ -168,8 +168,12 @@ def write_mlmodel(model_dir: Path, flavors: dict) -> Path:
 @pytest.mark.parametrize(
     "flavors, error",
     [
-        ({"python_function": {"loader_module": "mlflow.pyfunc.model"}}, r"flavor\(s\) python_function, not keras"),
-        ({"sklearn": {"pickled_model": "model.pkl"}}, r"flavor\(s\) sklearn, not keras"),
+        ({"python_function": {"loader_module": "mlflow.pyfunc.model"}}, r"flavor\(s\) python_function, neither keras"),
+        ({"sklearn": {"pickled_model": "model.pkl"}}, r"flavor\(s\) sklearn, neither keras nor a bloodcell pyfunc"),
+        (
+            {"python_function": {"artifacts": {"keras_model": {"path": "../../x/model.keras"}}}},
+            r"refusing model models:/m-1: its name '\.\./\.\./x/model\.keras'",
+        ),
         ({"keras": {"data": "data", "save_exported_model": True}}, r"TensorFlow SavedModel export"),
         ({"keras": {"data": "../../outside"}}, r"refusing model models:/m-1: its name '\.\./\.\./outside/model"),
         ({"keras": {"data": "data"}}, r"has no \.keras file"),
@@ -211,7 +215,7 @@ def test_predict_loads_our_logged_models_and_refuses_a_lambda_model_from_the_reg
 
     with mlflow.start_run(experiment_id=local_mlflow) as run:
         hostile = mlflow.keras.log_model(lambda_model(), name="model", pip_requirements=["keras"]).model_uri
-    ours = tracking.log_keras_model(run.info.run_id, small_model(), ["a", "b"], ["keras"])
+    ours = tracking.log_model(run.info.run_id, small_model(), ["a", "b"], ["keras"])
     assert hostile.startswith("models:/") and ours.startswith("models:/")
     with pytest.raises(BloodcellError, match=rf"model {hostile} holds Python code .*safe mode"):
         predict.load(hostile)
