@@ -1,6 +1,6 @@
 # Run bloodcell on a real cluster: local cluster (kind/minikube) with Kubeflow Pipelines
 # standalone (namespace kubeflow) + MLflow (namespace bloodcell), the images on its nodes,
-# MLflow's users, submission and UIs.
+# MLflow's users, submission and UIs, and the champion's scoring server (namespace bloodcell).
 # Included from the Makefile, or used alone (make -f cluster.mk ...); every variable can be
 # overridden on the command line, e.g. `make cluster-up CLUSTER=minikube` or
 # `make deploy OVERLAY=gke IMAGE=...`. Step by step: docs/cluster.md.
@@ -13,6 +13,8 @@ CLUSTER_NAME ?= bloodcell
 KFP_VERSION ?= 2.17.0
 KFP_UI_PORT ?= 8080
 MLFLOW_PORT ?= 5000
+# Local port of `make port-forward-serving` (the Service's port is 8080; KFP's UI has 8080 here).
+SERVING_PORT ?= 8081
 KFP_HOST ?= http://localhost:$(KFP_UI_PORT)
 OVERLAY ?= local
 # bloodcell.config profile: a quick `smoke` run on a local cluster, `gpu` on GKE.
@@ -25,7 +27,8 @@ MINIKUBE ?= minikube
 # Flags for `minikube start`, e.g. MINIKUBE_FLAGS="--cni=calico --gpus all". Calico: minikube's default
 # network plugin does not enforce our NetworkPolicies.
 MINIKUBE_FLAGS ?= --cni=calico --cpus 6 --memory 12g --disk-size 60g
-# How long `deploy` waits for MLflow and PostgreSQL to become ready.
+# How long `deploy` waits for MLflow and PostgreSQL to become ready (and `serve-cluster` for the
+# scoring server).
 ROLLOUT_TIMEOUT_S ?= 600
 
 # A local cluster is small and has no GKE GPU nodes: shrink the steps (read by
@@ -42,6 +45,10 @@ KFP_NAMESPACE := kubeflow
 # MLflow, PostgreSQL and their Secrets (manifests/base/namespace.yaml).
 MLFLOW_NAMESPACE := bloodcell
 SSA := --server-side --force-conflicts --field-manager=bloodcell
+# The champion's scoring server (manifests/base/serving.yaml): its objects carry this label, and
+# `deploy` applies everything else, `serve-cluster` these alone (kubectl apply -l).
+SERVING_SELECTOR := app.kubernetes.io/name=bloodcell-serving
+NOT_SERVING_SELECTOR := app.kubernetes.io/name!=bloodcell-serving
 # The top-level makefile (the Makefile that includes us, or cluster.mk with -f).
 CLUSTER_TOP := $(firstword $(MAKEFILE_LIST))
 ifeq ($(CLUSTER),kind)
@@ -51,7 +58,8 @@ KUBE_CONTEXT ?= $(CLUSTER_NAME)
 endif
 
 .PHONY: cluster-up cluster-down cluster-create kfp-install image-load mlflow-secret deploy \
-        mlflow-users render submit port-forward port-forward-kfp port-forward-mlflow
+        mlflow-users render submit port-forward port-forward-kfp port-forward-mlflow \
+        serve-cluster serve-cluster-restart port-forward-serving
 
 # kind (default) or minikube; then KFP, the images, the Secrets, our overlay and MLflow's users.
 cluster-up:
@@ -61,7 +69,8 @@ cluster-up:
 	$(MAKE) -f $(CLUSTER_TOP) mlflow-secret
 	$(MAKE) -f $(CLUSTER_TOP) deploy
 	$(MAKE) -f $(CLUSTER_TOP) mlflow-users
-	@echo "Ready: 'make port-forward' then KFP UI http://localhost:$(KFP_UI_PORT), MLflow http://localhost:$(MLFLOW_PORT)"
+	@echo "Ready: 'make port-forward' then KFP UI http://localhost:$(KFP_UI_PORT), MLflow http://localhost:$(MLFLOW_PORT);" \
+	  "once a run has made a champion, 'make serve-cluster' serves it"
 
 # Creates the cluster, or reuses it; either way kubectl's context is switched to it, so
 # that the commands after this one reach this cluster and no other.
@@ -144,13 +153,34 @@ render:
 	@manifests/render.sh "$(KUBECTL)" manifests/overlays/$(OVERLAY) "$(IMAGE)" "$(MLFLOW_IMAGE)"
 
 # Our objects (namespace bloodcell with MLflow and PostgreSQL; bloodcell-env and the pipeline's
-# ServiceAccount in kubeflow, ...); then wait for them, and stop within seconds, naming the fix,
-# if the nodes cannot pull an image.
+# ServiceAccount in kubeflow, ...) but the scoring server's (serve-cluster: it needs the reader's
+# Secret and a champion, which do not exist yet on a new cluster); then wait for them, and stop
+# within seconds, naming the fix, if the nodes cannot pull an image.
 deploy:
 	manifests/render.sh "$(KUBECTL)" manifests/overlays/$(OVERLAY) "$(IMAGE)" "$(MLFLOW_IMAGE)" \
-	  | $(KUBECTL) apply $(SSA) -f -
+	  | $(KUBECTL) apply $(SSA) -l '$(NOT_SERVING_SELECTOR)' -f -
 	KUBECTL="$(KUBECTL)" manifests/wait-ready.sh $(MLFLOW_NAMESPACE) $(ROLLOUT_TIMEOUT_S) \
 	  statefulset/mlflow-postgres deployment/mlflow
+
+# The champion's scoring server (MLflow's, in $(IMAGE)): models:/bloodcell-classifier@champion,
+# loaded at start through MLflow as `reader` (Secret mlflow-reader: make mlflow-users). Applies the
+# objects labelled $(SERVING_SELECTOR) of the overlay (Deployment, Service, ServiceAccount,
+# NetworkPolicies), then waits until the pod has loaded the model and answers /ping; stops with the
+# pod's last log lines if it keeps failing (no champion yet, a model that does not load).
+serve-cluster:
+	@$(KUBECTL) -n $(MLFLOW_NAMESPACE) get secret mlflow-reader >/dev/null 2>&1 || \
+	  { echo "error: no Secret $(MLFLOW_NAMESPACE)/mlflow-reader (the reader's MLflow login): run 'make mlflow-users' first" >&2; exit 2; }
+	manifests/render.sh "$(KUBECTL)" manifests/overlays/$(OVERLAY) "$(IMAGE)" "$(MLFLOW_IMAGE)" \
+	  | $(KUBECTL) apply $(SSA) -l '$(SERVING_SELECTOR)' -f -
+	KUBECTL="$(KUBECTL)" CRASH_SELECTOR=$(SERVING_SELECTOR) \
+	  manifests/wait-ready.sh $(MLFLOW_NAMESPACE) $(ROLLOUT_TIMEOUT_S) deployment/bloodcell-serving
+
+# A new champion (the alias moved in the registry): a new pod loads it, then replaces the old one,
+# which serves until then (and goes on serving if the new one fails).
+serve-cluster-restart:
+	$(KUBECTL) -n $(MLFLOW_NAMESPACE) rollout restart deployment/bloodcell-serving
+	KUBECTL="$(KUBECTL)" CRASH_SELECTOR=$(SERVING_SELECTOR) \
+	  manifests/wait-ready.sh $(MLFLOW_NAMESPACE) $(ROLLOUT_TIMEOUT_S) deployment/bloodcell-serving
 
 submit: setup
 	$(SUBMIT_ENV) $(PYTHON) pipeline.py submit --host $(KFP_HOST) --profile $(PROFILE) \
@@ -162,6 +192,10 @@ port-forward-kfp:
 # A port-forward goes through the kubelet: MLflow's NetworkPolicy does not apply to it.
 port-forward-mlflow:
 	$(KUBECTL) -n $(MLFLOW_NAMESPACE) port-forward svc/mlflow $(MLFLOW_PORT):5000
+
+# The scoring server on http://localhost:$(SERVING_PORT) (POST /invocations; docs/cluster.md).
+port-forward-serving:
+	$(KUBECTL) -n $(MLFLOW_NAMESPACE) port-forward svc/bloodcell-serving $(SERVING_PORT):8080
 
 # Both UIs until Ctrl-C.
 port-forward:

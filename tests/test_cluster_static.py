@@ -38,6 +38,10 @@ CUSTOM_RESOURCE_KINDS: set[str] = set()
 KFP_NAMESPACE = "kubeflow"
 NAMESPACE = "bloodcell"
 WORKLOAD_KINDS = {"Deployment", "StatefulSet", "DaemonSet", "Job"}
+# The champion's scoring server (manifests/base/serving.yaml): the name of its objects and of the label
+# `make serve-cluster` applies them by, and the label its clients wear (NetworkPolicy bloodcell-serving).
+SERVING = "bloodcell-serving"
+SERVING_CLIENT_LABEL = "bloodcell.io/serving-client"
 DOCKERFILES = ["docker/Dockerfile", "docker/mlflow.Dockerfile"]
 
 
@@ -221,7 +225,10 @@ def test_mlflow_postgres_and_the_emulator_live_in_their_own_namespace(path):
                     assert "valueFrom" in env, f"{env['name']} must come from a Secret"
                 reference = env.get("valueFrom", {}).get("secretKeyRef")
                 if reference:
-                    assert reference["name"] in {"mlflow-postgres", "mlflow-auth"}, reference
+                    # the scoring server gets the reader's login alone; nothing else gets it
+                    serving = doc["metadata"]["name"] == SERVING
+                    allowed = {"mlflow-reader"} if serving else {"mlflow-postgres", "mlflow-auth"}
+                    assert reference["name"] in allowed, reference
             for source in container.get("envFrom", []):
                 assert source.get("secretRef", {}).get("name", "mlflow-postgres") == "mlflow-postgres"
 
@@ -260,12 +267,15 @@ def test_every_namespace_we_create_denies_ingress_by_default(path):
 
 
 def allowed_flows(docs) -> set[tuple[str, str, int]]:
-    """``{(destination app, source, port)}`` that our NetworkPolicies allow; source is
-    ``pipeline-pods:NAMESPACE`` (KFP's task pods of a namespace chosen by its immutable name label) or
-    ``pod:NAMESPACE/APP``."""
+    """``{(destination app, source, port)}`` that our NetworkPolicies allow in; source is
+    ``pipeline-pods:NAMESPACE`` (KFP's task pods of a namespace chosen by its immutable name label),
+    ``pod:NAMESPACE/APP`` or ``clients:NAMESPACE`` (the pods there labelled as the scoring server's
+    clients). Egress policies: :func:`egress_rules`."""
     flows = set()
     for policy in network_policies(docs):
         spec, namespace = policy["spec"], policy["metadata"]["namespace"]
+        if spec["policyTypes"] == ["Egress"]:
+            continue
         assert spec["policyTypes"] == ["Ingress"], policy["metadata"]["name"]
         if spec["podSelector"] == {}:
             continue  # the default deny
@@ -286,7 +296,12 @@ def allowed_flows(docs) -> set[tuple[str, str, int]]:
                 else:
                     # Pods of the policy's own namespace, where only our manifests create pods.
                     assert namespace == NAMESPACE and set(peer["podSelector"]) == {"matchLabels"}
-                    source = f"pod:{namespace}/{peer['podSelector']['matchLabels']['app.kubernetes.io/name']}"
+                    labels = peer["podSelector"]["matchLabels"]
+                    if labels == {SERVING_CLIENT_LABEL: "true"}:
+                        source = f"clients:{namespace}"
+                    else:
+                        assert set(labels) == {"app.kubernetes.io/name"}, labels
+                        source = f"pod:{namespace}/{labels['app.kubernetes.io/name']}"
                 flows |= {(destination, source, port) for port in ports}
     return flows
 
@@ -296,7 +311,9 @@ def test_network_policies_allow_exactly_the_flows_we_need(path):
     docs = render(path)
     expected = {
         ("mlflow", "pipeline-pods:kubeflow", 5000),  # pipeline steps log to MLflow
+        ("mlflow", "pod:bloodcell/bloodcell-serving", 5000),  # the scoring server loads the champion
         ("mlflow-postgres", "pod:bloodcell/mlflow", 5432),  # MLflow's database, MLflow alone
+        ("bloodcell-serving", "clients:bloodcell", 8080),  # the labelled clients call the scoring server
     }
     if path.endswith("local"):
         expected |= {
@@ -314,6 +331,42 @@ def test_network_policies_allow_exactly_the_flows_we_need(path):
     assert destinations == set(pods)
     for destination, _source, port in expected:
         assert port in {p["containerPort"] for p in pods[destination]["ports"]}, destination
+    # No pod of ours is a client of the scoring server: only pods someone labels so may call it.
+    for pod_doc, _pod in workloads(docs):
+        assert SERVING_CLIENT_LABEL not in pod_doc["spec"]["template"]["metadata"]["labels"]
+
+
+def egress_rules(docs) -> dict[str, list[dict]]:
+    """``{app: [egress rule]}`` of our egress policies (each selects one app's pods by name)."""
+    rules: dict[str, list[dict]] = {}
+    for policy in network_policies(docs):
+        spec = policy["spec"]
+        if "Egress" in spec["policyTypes"]:
+            assert spec["policyTypes"] == ["Egress"], policy["metadata"]["name"]
+            app = spec["podSelector"]["matchLabels"]["app.kubernetes.io/name"]
+            assert spec["podSelector"] == {"matchLabels": {"app.kubernetes.io/name": app}}
+            rules.setdefault(app, []).extend(spec["egress"])
+    return rules
+
+
+@pytest.mark.parametrize("path", OVERLAYS)
+def test_the_scoring_server_reaches_only_dns_and_mlflow(path):
+    """Its pods' egress: MLflow's pods on the server's port (the registry and the artifact proxy the model
+    comes through) and DNS; no GCS, no metadata server, nothing outside. Other pods' egress stays open."""
+    docs = render(path)
+    rules = egress_rules(docs)
+    assert set(rules) == {SERVING}
+    mlflow_port = next(p for p in mlflow_container(docs)["ports"] if p["name"] == "http")["containerPort"]
+    assert sorted(rules[SERVING], key=lambda rule: "to" in rule) == [
+        # DNS names no destination: CoreDNS pods on kind, kube-dns or a node-local cache on GKE
+        {"ports": [{"protocol": "UDP", "port": 53}, {"protocol": "TCP", "port": 53}]},
+        {
+            "to": [{"podSelector": {"matchLabels": {"app.kubernetes.io/name": "mlflow"}}}],
+            "ports": [{"protocol": "TCP", "port": mlflow_port}],
+        },
+    ]
+    # MLflow serves the artifacts it stores (--serve-artifacts), so the model comes through it.
+    assert "--serve-artifacts" in mlflow_container(docs)["args"]
 
 
 @pytest.mark.parametrize("path", OVERLAYS)
@@ -380,7 +433,7 @@ def test_workloads_are_hardened_sized_and_probed(path):
             if "emptyDir" in volume:
                 assert volume["emptyDir"].get("sizeLimit"), f"{name}: emptyDir {volume['name']} needs a sizeLimit"
     # Slow starters get a startup probe, so that liveness does not kill them while they start.
-    for kind, name in (("StatefulSet", "mlflow-postgres"), ("Deployment", "mlflow")):
+    for kind, name in (("StatefulSet", "mlflow-postgres"), ("Deployment", "mlflow"), ("Deployment", SERVING)):
         container = find(render(path), kind, name)["spec"]["template"]["spec"]["containers"][0]
         assert "startupProbe" in container, f"{kind}/{name}"
         assert "initialDelaySeconds" not in container["livenessProbe"], "the startup probe does that"
@@ -490,6 +543,148 @@ def test_mlflow_requires_a_login_and_runs_only_the_web_server(path):
     assert auth["default_permission"] == "READ"
     assert auth["database_uri"] == env["MLFLOW_BACKEND_STORE_URI"]["value"]
     assert not [key for key in auth if re.search(r"password|secret", key)], "passwords come from Secret mlflow-auth"
+
+
+def serving_objects(docs) -> dict[str, dict]:
+    """``{kind: object}`` of the objects `make serve-cluster` applies (its label selector), NetworkPolicies
+    by ``NetworkPolicy/NAME``."""
+    selector = re.search(r"^SERVING_SELECTOR := (\S+)$", (ROOT / "cluster.mk").read_text(), re.M)
+    assert selector, "SERVING_SELECTOR := ... missing from cluster.mk"
+    key, value = selector.group(1).split("=")
+    found = {}
+    for doc in docs:
+        if doc["metadata"].get("labels", {}).get(key) == value:
+            kind = doc["kind"] + (f"/{doc['metadata']['name']}" if doc["kind"] == "NetworkPolicy" else "")
+            assert kind not in found, kind
+            found[kind] = doc
+    return found
+
+
+@pytest.mark.parametrize("path", OVERLAYS)
+def test_serving_runs_mlflows_scoring_server_on_the_champion_as_the_reader(path, monkeypatch):
+    from mlflow.cli import cli
+
+    from bloodcell.registry import CHAMPION
+
+    docs = render(path)
+    objects = serving_objects(docs)
+    assert set(objects) == {
+        "ServiceAccount",
+        "Service",
+        "Deployment",
+        f"NetworkPolicy/{SERVING}",
+        f"NetworkPolicy/{SERVING}-egress",
+    }, "what make serve-cluster applies, and nothing else carries its label"
+    for doc in objects.values():
+        assert doc["metadata"]["namespace"] == NAMESPACE
+        assert doc["metadata"]["name"] in (SERVING, f"{SERVING}-egress")
+    deployment = objects["Deployment"]
+    assert deployment["spec"]["replicas"] == 1
+    # A restart starts the new pod first: the old one serves until the new champion answers /ping.
+    assert deployment["spec"]["strategy"]["rollingUpdate"] == {"maxSurge": 1, "maxUnavailable": 0}
+    template = deployment["spec"]["template"]
+    pod = template["spec"]
+    assert deployment["spec"]["selector"]["matchLabels"] == {"app.kubernetes.io/name": SERVING}
+    assert template["metadata"]["labels"]["app.kubernetes.io/name"] == SERVING
+    (container,) = pod["containers"]
+    assert not pod.get("initContainers")
+    # The pipeline image: the model's code, Keras and TensorFlow (the MLflow image has none of them).
+    assert container["image"] == config.DEFAULT_IMAGE
+
+    # MLflow's own scoring server on the registry's champion, in the image's environment; the arguments
+    # parse as `mlflow models serve`'s options, the request timeout from the container's environment.
+    env = {e["name"]: e for e in container["env"]}
+    timeout = env["MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT"]["value"]
+    assert int(timeout) >= 60
+    monkeypatch.setenv("MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT", timeout)
+    monkeypatch.delenv("MLFLOW_MODELS_WORKERS", raising=False)
+    assert container["command"] == ["mlflow", "models", "serve"]
+    serve = cli.commands["models"].commands["serve"]
+    options = serve.make_context("serve", list(container["args"])).params
+    port = next(p for p in container["ports"] if p["name"] == "http")["containerPort"]
+    assert options["model_uri"] == f"models:/{config.REGISTERED_MODEL}@{CHAMPION}"
+    assert options["env_manager"] == "local" and options["host"] == "0.0.0.0" and options["port"] == port
+    assert options["workers"] == "1", "each worker loads its own TensorFlow and model"
+    assert options["timeout"] == int(timeout)
+    assert env["MLFLOW_DISABLE_TELEMETRY"]["value"] == "true", "its egress reaches MLflow and DNS only"
+
+    # The registry through MLflow's Service, under a host name MLflow accepts, as `reader`: the Secret and
+    # keys manifests/mlflow-users.sh writes in this namespace. No secret on the command line.
+    tracking = find(docs, "ConfigMap", "bloodcell-env")["data"]["MLFLOW_TRACKING_URI"]
+    assert env["MLFLOW_TRACKING_URI"] == {"name": "MLFLOW_TRACKING_URI", "value": tracking}
+    hosts = next(a for a in mlflow_container(docs)["args"] if a.startswith("--allowed-hosts="))
+    assert tracking.removeprefix("http://") in hosts.split("=", 1)[1].split(",")
+    for variable in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):
+        assert env[variable]["valueFrom"]["secretKeyRef"] == {"name": "mlflow-reader", "key": variable}
+    script = (ROOT / "manifests/mlflow-users.sh").read_text()
+    assert 'user_with_secret reader "$mlflow_ns" mlflow-reader' in script
+    assert f"mlflow_ns=${{MLFLOW_NAMESPACE:-{NAMESPACE}}}" in script
+    assert "MLFLOW_TRACKING_USERNAME=%s\\nMLFLOW_TRACKING_PASSWORD=%s" in script
+    for arg in container["command"] + container["args"]:
+        assert not re.search(r"password|secret|token|://[^/@]*@|\$\(", arg, re.I), arg
+
+    # Probes on the scoring server's /ping (200 once the model is loaded; nothing listens before), with
+    # a startup probe that waits for TensorFlow and the download.
+    routes = scoring_server_routes(monkeypatch)
+    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+        check = container[probe]["httpGet"]
+        assert check["path"] == "/ping" and ("GET", "/ping") in routes, probe
+        assert check["port"] in ("http", port), probe
+    assert ("POST", "/invocations") in routes
+    startup = container["startupProbe"]
+    assert startup["periodSeconds"] * startup["failureThreshold"] >= 300
+
+    # The image's user, with writable places on its read-only root: the download (TMPDIR) and HOME.
+    dockerfile = (ROOT / "docker/Dockerfile").read_text()
+    user = re.findall(r"^USER\s+(\d+):(\d+)$", dockerfile, re.M)[-1]
+    assert (str(pod["securityContext"]["runAsUser"]), str(pod["securityContext"]["runAsGroup"])) == user
+    home = re.findall(r"^WORKDIR\s+(\S+)$", dockerfile, re.M)[-1]
+    mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    for variable, folder in (("HOME", home), ("TMPDIR", "/tmp")):
+        assert env[variable]["value"] == folder
+        assert "emptyDir" in volumes[mounts[folder]], variable
+    assert re.search(r"MPLCONFIGDIR=/tmp/", dockerfile)
+
+    # Reached through its ClusterIP Service on the container's port; no API token, no Google identity.
+    service = objects["Service"]
+    assert service["spec"]["selector"] == {"app.kubernetes.io/name": SERVING}
+    (service_port,) = service["spec"]["ports"]
+    assert service_port["port"] == port and service_port["targetPort"] in ("http", port)
+    account = objects["ServiceAccount"]
+    assert pod["serviceAccountName"] == account["metadata"]["name"]
+    assert account.get("automountServiceAccountToken") is False and not account["metadata"].get("annotations")
+
+    # Its clients: pods of `bloodcell` with the label, as docs/cluster.md tells.
+    ingress = objects[f"NetworkPolicy/{SERVING}"]["spec"]
+    assert ingress["podSelector"] == {"matchLabels": {"app.kubernetes.io/name": SERVING}}
+    assert ingress["ingress"] == [
+        {
+            "from": [{"podSelector": {"matchLabels": {SERVING_CLIENT_LABEL: "true"}}}],
+            "ports": [{"protocol": "TCP", "port": port}],
+        }
+    ]
+    guide = (ROOT / "docs/cluster.md").read_text()
+    for needle in (
+        f"{SERVING_CLIENT_LABEL}=true",
+        "POST /invocations",
+        "make serve-cluster-restart",
+        "dataframe_split",
+    ):
+        assert needle in guide, f"docs/cluster.md: {needle}"
+
+
+def scoring_server_routes(monkeypatch) -> set[tuple[str, str]]:
+    """``{(method, path)}`` of MLflow's scoring server, as this MLflow builds it (a model stand-in)."""
+    from types import SimpleNamespace
+
+    from mlflow.environment_variables import _MLFLOW_IS_IN_SERVING_ENVIRONMENT
+    from mlflow.pyfunc import scoring_server
+
+    monkeypatch.delenv(_MLFLOW_IS_IN_SERVING_ENVIRONMENT.name, raising=False)  # init() sets it
+    model = SimpleNamespace(metadata=SimpleNamespace(get_input_schema=lambda: None))
+    app = scoring_server.init(model)
+    return {(method, route.path) for route in app.routes for method in getattr(route, "methods", ())}
 
 
 def test_kfp_launcher_pipeline_root_per_overlay():
@@ -612,6 +807,79 @@ def test_cluster_mk_targets_dry_run():
     assert "-n kubeflow port-forward svc/ml-pipeline-ui 8080:80" in forward
     assert "-n bloodcell port-forward svc/mlflow 5000:5000" in forward
     assert "-n bloodcell port-forward svc/mlflow 5000:5000" in dry("port-forward-mlflow")
+    # The scoring server: `deploy` applies all but its objects, `serve-cluster` those alone (it needs the
+    # reader's Secret and a champion), then waits for it and stops at a pod that keeps failing.
+    apply = "kubectl apply --server-side --force-conflicts --field-manager=bloodcell"
+    assert f"{apply} -l 'app.kubernetes.io/name!=bloodcell-serving' -f -" in dry("deploy")
+    serve = dry("serve-cluster", "IMAGE=registry.example/b:1")
+    for needle in (
+        "-n bloodcell get secret mlflow-reader",
+        "make mlflow-users",
+        'manifests/render.sh "kubectl" manifests/overlays/local "registry.example/b:1" "registry.example/b-mlflow:1"',
+        f"{apply} -l 'app.kubernetes.io/name=bloodcell-serving' -f -",
+        "CRASH_SELECTOR=app.kubernetes.io/name=bloodcell-serving",
+        "manifests/wait-ready.sh bloodcell 600 deployment/bloodcell-serving",
+    ):
+        assert needle in serve, needle
+    restart = dry("serve-cluster-restart")
+    assert "kubectl -n bloodcell rollout restart deployment/bloodcell-serving" in restart
+    assert "manifests/wait-ready.sh bloodcell 600 deployment/bloodcell-serving" in restart
+    assert "-n bloodcell port-forward svc/bloodcell-serving 8081:8080" in dry("port-forward-serving")
+    assert "svc/bloodcell-serving 9000:8080" in dry("port-forward-serving", "SERVING_PORT=9000")
+
+
+FAKE_KUBECTL = """#!/usr/bin/env bash
+# kubectl as manifests/wait-ready.sh calls it: a rollout that never finishes, no image problems, and
+# pods with the CRASH_SELECTOR labels as $STATE lists them ($FIRST_STATE on the first such call).
+case "$*" in
+  *"rollout status"*) exit 1 ;;
+  *"get pods -l"*)
+    if [ -e "$CALLS" ]; then cat "$STATE"; else touch "$CALLS"; cat "$FIRST_STATE"; fi ;;
+  *"get pods"*) printf 'bloodcell:0.1.0 \\n' ;;
+  *"logs"*"--previous"*) echo "INVALID_PARAMETER_VALUE: Registered model alias champion not found." ;;
+  *) echo "unexpected: $*" >&2; exit 3 ;;
+esac
+"""
+
+
+@pytest.mark.parametrize(
+    ("first", "later", "stops"),
+    [
+        ("", "bloodcell-serving-7d9-new CrashLoopBackOff\n", True),  # a pod fails while we wait
+        ("bloodcell-serving-5c4-old CrashLoopBackOff\n", "bloodcell-serving-5c4-old CrashLoopBackOff\n", False),
+    ],
+)
+def test_wait_ready_stops_at_a_scoring_server_that_keeps_failing(tmp_path, first, later, stops):
+    """Without a champion the scoring server exits at start: `make serve-cluster` says so within seconds,
+    with the pod's last lines, instead of waiting out ROLLOUT_TIMEOUT_S. A pod that was failing before
+    (an earlier rollout's, which may recover) is left to the timeout."""
+    kubectl = tmp_path / "kubectl"
+    kubectl.write_text(FAKE_KUBECTL)
+    kubectl.chmod(0o755)
+    (tmp_path / "first").write_text(first)
+    (tmp_path / "later").write_text(later)
+    env = {
+        **os.environ,
+        "KUBECTL": str(kubectl),
+        "CRASH_SELECTOR": "app.kubernetes.io/name=bloodcell-serving",
+        "STATE": str(tmp_path / "later"),
+        "FIRST_STATE": str(tmp_path / "first"),
+        "CALLS": str(tmp_path / "calls"),
+    }
+    proc = subprocess.run(
+        ["manifests/wait-ready.sh", NAMESPACE, "0" if not stops else "60", f"deployment/{SERVING}"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env=env,
+    )
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    if stops:
+        assert "pod bloodcell-serving-7d9-new keeps failing (CrashLoopBackOff)" in proc.stderr
+        assert "alias champion not found" in proc.stderr
+    else:
+        assert "keeps failing" not in proc.stderr and "not ready after 0 s" in proc.stderr
 
 
 @pytest.mark.parametrize(
@@ -712,13 +980,14 @@ def test_one_image_name_reaches_make_the_manifests_and_the_compiled_pipeline(tmp
     other_mlflow = mlflow_image_of(other)
     deploy = make("-f", "cluster.mk", "deploy", "OVERLAY=gke", f"IMAGE={other}")
     assert f'manifests/overlays/gke "{other}" "{other_mlflow}"' in deploy
-    # MLflow runs its own image; the pipeline image runs in KFP's pods (the compiled pipeline, below).
-    rendered = [
-        c["image"]
+    # MLflow runs its own image; the pipeline image runs in KFP's pods (the compiled pipeline, below) and
+    # in the champion's scoring server, which needs the model's code and TensorFlow.
+    rendered = {
+        d["metadata"]["name"]: {c["image"] for c in pod.get("initContainers", []) + pod["containers"]}
         for d, pod in workloads(render("manifests/overlays/gke", other, other_mlflow))
-        for c in pod["containers"]
-    ]
-    assert other_mlflow in rendered and other not in rendered
+    }
+    assert rendered["mlflow"] == {other_mlflow} and rendered[SERVING] == {other}
+    assert [name for name, images in rendered.items() if other in images] == [SERVING]
     compiled = tmp_path / "pipeline.yaml"
     subprocess.run(
         [sys.executable, "pipeline.py", "compile", "--output", str(compiled)],
