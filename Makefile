@@ -10,13 +10,14 @@ PYTEST_ARGS ?=
 # subprocess (default): each step a local process; docker: each step in a container of $(IMAGE) (make image)
 RUNNER ?=
 
-.PHONY: help run stop compile test test-data test-faults test-containers lint lock clean scan-venv
+.PHONY: help run stop serve compile test test-data test-faults test-containers lint lock clean scan-venv
 
 help:
 	@echo "make run      install (.venv) and run the pipeline locally, laptop profile"
 	@echo "              DATA=folder|zip|URL|gs:// (default: the official PBC zip)  PROFILE=smoke|laptop|gpu"
 	@echo "              VGG16_WEIGHTS=imagenet|none|FILE"
 	@echo "              RUNNER=docker: each step in a container of IMAGE=$(IMAGE) (build it: make image)"
+	@echo "make serve    serve the champion (MODEL=models:/...) on 127.0.0.1:5024 (POST /invocations)"
 	@echo "make setup    install only;  make test  run the tests;  make lint  ruff + mypy;  make stop  stop local services"
 	@echo "make test-data  the official images for the tests (or BLOODCELL_TEST_DATA=folder; ../shared/datasets if present)"
 	@echo "make image    build the CPU image (image-gpu: GPU; base-image: a base from Debian packages)"
@@ -29,6 +30,12 @@ run: setup
 
 stop: setup
 	$(PYTHON) pipeline.py stop --state-dir $(STATE_DIR)
+
+# The champion (or MODEL=models:/...) behind MLflow's scoring server on 127.0.0.1:$(SERVE_PORT), from the local registry.
+MODEL ?= models:/bloodcell-classifier@champion
+SERVE_PORT ?= 5024
+serve: setup
+	$(PYTHON) -m bloodcell.cli serve --model "$(MODEL)" --port $(SERVE_PORT) --state-dir $(STATE_DIR)
 
 compile: setup
 	$(PYTHON) pipeline.py compile --output pipeline.yaml

@@ -20,6 +20,7 @@ from bloodcell.errors import BloodcellError
 
 # predict and compare answer a person: a service that does not answer is reported within seconds.
 INTERACTIVE_STORAGE_WAIT_S = 8
+SERVED_MODEL = "models:/bloodcell-classifier@champion"
 INTERACTIVE_MLFLOW_SETTINGS = {
     "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0",
     "MLFLOW_HTTP_REQUEST_TIMEOUT": "8",
@@ -159,6 +160,15 @@ def _add_tool_commands(commands: argparse._SubParsersAction) -> None:
     _local_services_option(p)
     p.set_defaults(handler=_interactive(_validate))
 
+    p = commands.add_parser(
+        "serve", help="serve a registered model with MLflow's scoring server (POST /invocations, base64 images)"
+    )
+    p.add_argument("--model", default=SERVED_MODEL, help=f"an MLflow model URI (default {SERVED_MODEL})")
+    p.add_argument("--host", default="127.0.0.1", help="where to listen (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=5024)
+    _local_services_option(p)
+    p.set_defaults(handler=_interactive(_serve))
+
 
 def _local_services_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
@@ -176,7 +186,7 @@ def _interactive(handler: Callable[[argparse.Namespace], Any]) -> Callable[[argp
         from bloodcell import storage
 
         _use_local_services(Path(args.state_dir))
-        with_model = handler in (_predict, _validate)
+        with_model = handler in (_predict, _validate, _serve)
         _check_services_answer(
             check_mlflow=not with_model or args.model.startswith(("models:/", "runs:/")),
             check_storage=with_model and not Path(args.model).is_file(),
@@ -284,6 +294,25 @@ def _predict(args: argparse.Namespace) -> None:
     from bloodcell import predict
 
     predict.main(args.model, args.paths, args.labels_from_folders, args.json, args.explain)
+
+
+def _serve(args: argparse.Namespace) -> None:
+    """Replace this process by ``mlflow models serve`` of ``args.model`` (in this environment: its requirements
+    are this package's)."""
+    from bloodcell import serving
+
+    command = [sys.executable, "-m", "mlflow", "models", "serve", "-m", args.model, "--env-manager", "local"]
+    command += ["--host", args.host, "--port", str(args.port)]
+    # MLflow starts its server as `uvicorn` from PATH: this interpreter's.
+    os.environ["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
+    print(
+        f"serving {args.model} at http://{args.host}:{args.port}/invocations: POST "
+        f'{{"dataframe_split": {{"columns": ["{serving.INPUT_COLUMN}"], "data": [["<base64 image file>"], ...]}}}} '
+        f"(at most {serving.MAX_IMAGES_PER_REQUEST} images a request)",
+        file=sys.stderr,
+        flush=True,
+    )
+    os.execv(sys.executable, command)  # nosec B606 - our own interpreter and arguments
 
 
 def _validate(args: argparse.Namespace) -> dict | None:

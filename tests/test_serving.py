@@ -1,6 +1,6 @@
-"""The registered model served by MLflow's own scoring server (``mlflow models serve``), for real: the smoke
-run's registered version, served against the local registry, answers as ``bloodcell predict`` does, and
-refuses bad requests with a 400 that says what to send while it keeps serving."""
+"""The registered model served by MLflow's own scoring server (``bloodcell serve``, which runs ``mlflow models
+serve``), for real: the smoke run's registered version, served against the local registry, answers as
+``bloodcell predict`` does, and refuses bad requests with a 400 that says what to send, then keeps serving."""
 
 from __future__ import annotations
 
@@ -53,21 +53,15 @@ def served(smoke_run) -> Iterator[dict]:
     assert smoke_run["process"].returncode == 0, smoke_run["log"][-3000:]
     state, summary = smoke_run["state"], smoke_run["summary"]
     model_uri = f"models:/bloodcell-classifier/{summary['registry']['version']}"
-    env = {
-        **smoke_run["env"],
-        "MLFLOW_TRACKING_URI": summary["mlflow_tracking_uri"],
-        **mlflow_login(state, "reader"),
-        **store_login(state),
-        # MLflow starts its server as `uvicorn` from PATH: this interpreter's
-        "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]),
-    }
+    env = {**smoke_run["env"], **mlflow_login(state, "reader"), **store_login(state)}
+    env["MLFLOW_TRACKING_URI"] = summary["mlflow_tracking_uri"]  # for bloodcell predict, as `serve` finds it
     port = free_port()
-    command = [sys.executable, "-m", "mlflow", "models", "serve", "-m", model_uri, "--env-manager", "local"]
     log = (state / "serve.log").open("w")
-    process = subprocess.Popen(
-        [*command, "--host", "127.0.0.1", "--port", str(port)],
+    process = subprocess.Popen(  # `bloodcell serve` (make serve): the local services found from --state-dir
+        [sys.executable, "-m", "bloodcell.cli", "serve", "--model", model_uri, "--port", str(port)]
+        + ["--state-dir", str(state)],
         cwd=ROOT,
-        env=env,
+        env=smoke_run["env"],
         stdout=log,
         stderr=subprocess.STDOUT,
         start_new_session=True,
