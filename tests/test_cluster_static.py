@@ -599,7 +599,7 @@ def test_serving_runs_mlflows_scoring_server_on_the_champion_as_the_reader(path,
     monkeypatch.setenv("MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT", timeout)
     monkeypatch.delenv("MLFLOW_MODELS_WORKERS", raising=False)
     assert container["command"] == ["mlflow", "models", "serve"]
-    serve = cli.commands["models"].commands["serve"]
+    serve = cli.commands["models"].commands["serve"]  # type: ignore[attr-defined]
     options = serve.make_context("serve", list(container["args"])).params
     port = next(p for p in container["ports"] if p["name"] == "http")["containerPort"]
     assert options["model_uri"] == f"models:/{config.REGISTERED_MODEL}@{CHAMPION}"
@@ -683,7 +683,7 @@ def scoring_server_routes(monkeypatch) -> set[tuple[str, str]]:
 
     monkeypatch.delenv(_MLFLOW_IS_IN_SERVING_ENVIRONMENT.name, raising=False)  # init() sets it
     model = SimpleNamespace(metadata=SimpleNamespace(get_input_schema=lambda: None))
-    app = scoring_server.init(model)
+    app = scoring_server.init(model)  # type: ignore[arg-type]
     return {(method, route.path) for route in app.routes for method in getattr(route, "methods", ())}
 
 
