@@ -22,7 +22,8 @@ import pytest
 import requests
 
 from bloodcell import serving
-from conftest import ROOT, SHARED_DATA, free_port, mlflow_login, store_login
+from bloodcell.local.services import LocalServices, client_env
+from conftest import ROOT, SHARED_DATA, free_port
 
 LIMIT = serving.MAX_IMAGES_PER_REQUEST
 IMAGES = sorted(SHARED_DATA.glob("*/*.jpg"))[::1500][:6]  # a few real cells of different classes
@@ -53,8 +54,9 @@ def served(smoke_run) -> Iterator[dict]:
     assert smoke_run["process"].returncode == 0, smoke_run["log"][-3000:]
     state, summary = smoke_run["state"], smoke_run["summary"]
     model_uri = f"models:/bloodcell-classifier/{summary['registry']['version']}"
-    env = {**smoke_run["env"], **mlflow_login(state, "reader"), **store_login(state)}
-    env["MLFLOW_TRACKING_URI"] = summary["mlflow_tracking_uri"]  # for bloodcell predict, as `serve` finds it
+    # The run's services again, if a test stopped them (test_pipeline_local's `stop`): its registry persists.
+    LocalServices(state, summary["bucket"], free_port(), free_port()).start()
+    env = {**smoke_run["env"], **client_env(state)}  # for bloodcell predict: what `serve` finds, as reader
     port = free_port()
     log = (state / "serve.log").open("w")
     process = subprocess.Popen(  # `bloodcell serve` (make serve): the local services found from --state-dir
