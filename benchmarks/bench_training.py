@@ -59,6 +59,7 @@ from bloodcell import (  # noqa: E402
     recipes,
     split,
     tracking,
+    train,
 )
 from bloodcell.config import ModelConfig  # noqa: E402
 from bloodcell.runstore import RunStore  # noqa: E402
@@ -192,7 +193,7 @@ def our_recipe(
     timer = EpochTimer()
     with mlflow.start_run() as run:
         store = RunStore(bucket, f"bench-{name}-{time.time_ns()}")
-        epoch_logger = tracking.EpochMetricsLogger(tracking.Tracker(store, name), run.info.run_id)
+        epoch_logger = train.EpochMetricsLogger(tracking.Tracker(store, name), run.info.run_id)
         fitting.fit(model, train_data, val_data, cfg, epochs, store.checkpoints(name), callbacks=(timer, epoch_logger))
     return images_per_second(len(train_data[0]), batch, timer), policy
 

@@ -15,14 +15,13 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-import keras
 import mlflow
 import requests
 from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from bloodcell import config, fitting, storage
+from bloodcell import config, storage
 from bloodcell.runstore import RunStore
 
 # A down tracking server must cost seconds per call, not MLflow's default of minutes of retries
@@ -344,31 +343,3 @@ def describe_failures(failures: dict[str, list[dict[str, Any]]]) -> list[str]:
         ]
         lines.append(f"{step}: " + "; ".join(parts))
     return lines
-
-
-class EpochMetricsLogger(fitting.PhaseCallback):
-    """Log each epoch's metrics (and learning rate) to an MLflow run.
-
-    Epochs that cannot be logged (server down) are kept and sent with the next epoch that can,
-    so a short outage leaves no gap in the run's metric history.
-    """
-
-    def __init__(self, tracker: Tracker, run_id: str | None, step_offset: int = 0):
-        super().__init__()
-        self.tracker, self.run_id, self.step_offset = tracker, run_id, step_offset
-        self.pending: list[tuple[dict[str, float], int]] = []
-
-    def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
-        if not self.run_id:
-            return
-        metrics = {k: float(v) for k, v in (logs or {}).items()}
-        metrics["learning_rate"] = float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate))
-        self.pending.append((metrics, self.step_offset + epoch))
-        self.flush()
-
-    def on_train_end(self, logs: dict[str, Any] | None = None) -> None:
-        self.flush()
-
-    def flush(self) -> None:
-        if self.pending and self.tracker.attempt("log per-epoch metrics", log_metric_steps, self.run_id, self.pending):
-            self.pending = []

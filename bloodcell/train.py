@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import asdict, dataclass, replace
+from typing import Any
 
 import keras
 import numpy as np
@@ -76,7 +77,7 @@ def train(
     if mlflow_run_id:
         params = training_params(recipe, profile, precision, arrays_uri, data, weights)
         tracker.attempt("log params", tracking.log_params, mlflow_run_id, params)
-    epoch_logger = tracking.EpochMetricsLogger(tracker, mlflow_run_id)
+    epoch_logger = EpochMetricsLogger(tracker, mlflow_run_id)
     checkpoints = store.checkpoints(model_name)
     model, history, seconds = _fit_timed(recipe, data, checkpoints, weights, epoch_logger, tracker)
     model, calibrated = calibrate(model, data, recipe.batch_size, profile)
@@ -104,7 +105,7 @@ def _fit_timed(
     data: TrainingData,
     checkpoints: fitting.Checkpoints,
     weights: Weights,
-    epoch_logger: tracking.EpochMetricsLogger,
+    epoch_logger: EpochMetricsLogger,
     tracker: tracking.Tracker,
 ) -> tuple[keras.Model, dict, float]:
     """The fitted model, its history and the seconds fitting took; its MLflow run is marked failed if it fails."""
@@ -126,7 +127,7 @@ def _log_and_store(
     model: keras.Model,
     history: dict,
     tracker: tracking.Tracker,
-    epoch_logger: tracking.EpochMetricsLogger,
+    epoch_logger: EpochMetricsLogger,
     store: RunStore,
     loading: float,
 ) -> ModelRecord:
@@ -211,7 +212,7 @@ def open_model_run(
 
 
 def log_trained_model(
-    record: ModelRecord, model: keras.Model, tracker: tracking.Tracker, epoch_logger: tracking.EpochMetricsLogger
+    record: ModelRecord, model: keras.Model, tracker: tracking.Tracker, epoch_logger: EpochMetricsLogger
 ) -> ModelRecord:
     """Log the results and the model to the model's MLflow run; ``record`` with the logged model's URI."""
     run_id = record.mlflow_run_id
@@ -291,3 +292,33 @@ def pip_requirements() -> list[str]:
         except importlib.metadata.PackageNotFoundError:
             continue
     return requirements
+
+
+class EpochMetricsLogger(fitting.PhaseCallback):
+    """Log each epoch's metrics (and learning rate) to an MLflow run.
+
+    Epochs that cannot be logged (server down) are kept and sent with the next epoch that can,
+    so a short outage leaves no gap in the run's metric history.
+    """
+
+    def __init__(self, tracker: tracking.Tracker, run_id: str | None, step_offset: int = 0):
+        super().__init__()
+        self.tracker, self.run_id, self.step_offset = tracker, run_id, step_offset
+        self.pending: list[tuple[dict[str, float], int]] = []
+
+    def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
+        if not self.run_id:
+            return
+        metrics = {k: float(v) for k, v in (logs or {}).items()}
+        metrics["learning_rate"] = float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate))
+        self.pending.append((metrics, self.step_offset + epoch))
+        self.flush()
+
+    def on_train_end(self, logs: dict[str, Any] | None = None) -> None:
+        self.flush()
+
+    def flush(self) -> None:
+        if self.pending and self.tracker.attempt(
+            "log per-epoch metrics", tracking.log_metric_steps, self.run_id, self.pending
+        ):
+            self.pending = []
