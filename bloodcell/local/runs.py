@@ -20,6 +20,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TextIO
 
+from tqdm import tqdm
+
 from bloodcell import compat
 from bloodcell.errors import BloodcellError
 from bloodcell.local.services import command_line, process_start_time
@@ -192,10 +194,16 @@ SHOWN = re.compile(r"^(warning|note): ")  # our own (absl's and Python's warning
 
 
 class TaskConsole:
-    """What a person watching a run sees: tasks starting and ending, training epochs, warnings and errors."""
+    """What a person watching a run sees: tasks starting and ending, training epochs, warnings and errors.
 
-    def __init__(self, out: TextIO):
+    On a terminal (``live``) the running task's epochs are a progress bar (tqdm) redrawn in place, with the
+    last epoch's metrics and an ETA; elsewhere (a log, CI) each epoch is a line.
+    """
+
+    def __init__(self, out: TextIO, live: bool | None = None):
         self.out = out
+        self.live = out.isatty() if live is None else live
+        self.bar: tqdm | None = None
         self.started_at: dict[str, float] = {}
         self.result: dict[str, str] = {}
         self.epoch: tuple[int, int] | None = None
@@ -205,8 +213,13 @@ class TaskConsole:
         self.started_at[task] = time.monotonic()
         self.epoch, self.epoch_seconds = None, []
         self._print(f"start {task}")
+        if self.live:
+            self.bar = tqdm(desc=f"  {task}", unit="epoch", file=self.out, leave=False, dynamic_ncols=True)
 
     def ended(self, task: str, status: str) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
         seconds = time.monotonic() - self.started_at.get(task, time.monotonic())
         outcome = "done" if status == "SUCCESS" else status.lower()
         result = self.result.get(task, "")
@@ -217,6 +230,9 @@ class TaskConsole:
             self.result[task] = text.removeprefix(RESULT_PREFIX)
         elif match := EPOCH_START.match(text):
             self.epoch = (int(match.group(1)), int(match.group(2)))
+            if self.bar is not None:
+                self.bar.total = self.epoch[1]
+                self.bar.refresh()
         elif (match := EPOCH_END.match(text)) and task:
             self._epoch_done(task, float(match.group(1)), match.group(2))
         elif SHOWN.match(text) or text.startswith("error in step"):
@@ -228,10 +244,18 @@ class TaskConsole:
         self.epoch_seconds.append(seconds)
         named = dict(part.split(": ", 1) for part in metrics.split(" - ") if ": " in part)
         shown = "  ".join(f"{k} {named[k]}" for k in ("loss", "accuracy", "val_accuracy") if k in named)
+        if self.bar is not None:  # tqdm's own rate and ETA; a trainer's phases restart the count
+            self.bar.total, self.bar.n = total, done
+            self.bar.set_postfix_str(shown, refresh=False)
+            self.bar.refresh()
+            return
         left = (total - done) * sum(self.epoch_seconds) / len(self.epoch_seconds)
         eta = f"  ETA {left / 60:.0f} min" if left >= 60 else (f"  ETA {left:.0f} s" if left else "")
         self._print(f"  {task} epoch {done}/{total}  {shown}  {seconds:.0f} s{eta}")
 
     def _print(self, text: str) -> None:
+        if self.bar is not None:
+            tqdm.write(text, file=self.out)  # above the bar, which is redrawn below
+            return
         self.out.write(text + "\n")
         self.out.flush()
