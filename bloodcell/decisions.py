@@ -19,6 +19,7 @@ from bloodcell import calibration, familiarity, feeding, selective
 from bloodcell.layers import SYMMETRIES, DihedralImages
 
 IMAGES_PER_BATCH = 128  # images a model sees per forward pass (the combined model: 16 inputs x 8 symmetries)
+ANSWER_BATCH = 64  # images per forward pass when answering (predict, the served model): a smaller peak memory
 
 LOW_CONFIDENCE = "low confidence"
 UNFAMILIAR = "unlike the training images"
@@ -221,7 +222,7 @@ def answer_images(
 ) -> tuple[Outputs, list[Prediction]]:
     """The outputs of the model behind ``scoring`` (:func:`scoring_model`) for ``images`` and each
     image's answer under its ``rules``."""
-    outputs = outputs_of(scoring, images, inference_batch(scoring))
+    outputs = outputs_of(scoring, images, inference_batch(scoring, ANSWER_BATCH))
     return outputs, answers(names, outputs, decide(rules, outputs), classes, rules)
 
 

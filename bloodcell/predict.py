@@ -22,7 +22,7 @@ from bloodcell.errors import BloodcellError
 from bloodcell.ingest import IMAGE_SUFFIXES
 from bloodcell.runstore import RECORD_FILE, RunStore
 
-BATCH = 64
+BATCH = decisions.ANSWER_BATCH  # files read and answered together
 
 
 def load(model_uri: str) -> tuple[keras.Model, list[str]]:

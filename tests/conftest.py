@@ -54,6 +54,7 @@ def find_test_data() -> tuple[Path | None, str]:
     return None, "no PBC images found"
 
 
+SMOKE_MODELS = config.PROFILES["smoke"].model_names  # the smoke profile's trainer tasks, in order
 SHARED_DATA = find_test_data()[0] or BESIDE_THE_CHECKOUT
 
 

@@ -27,9 +27,7 @@ import yaml
 
 from bloodcell import config, storage
 from bloodcell.local import containers
-from conftest import ROOT, UNDECODABLE, PipelineRun, mlflow_login, plain, smoke_args, store_login
-
-SMOKE_MODELS = config.PROFILES["smoke"].model_names
+from conftest import ROOT, SMOKE_MODELS, UNDECODABLE, PipelineRun, mlflow_login, plain, smoke_args, store_login
 
 pytestmark = pytest.mark.containers
 IMAGE = os.environ.get("BLOODCELL_TEST_IMAGE") or config.DEFAULT_IMAGE

@@ -25,9 +25,7 @@ from mlflow.tracking import MlflowClient
 
 from bloodcell import config, ingest, split, storage
 from bloodcell.local.services import LocalServices, free_port
-from conftest import ROOT, PipelineRun, found, mlflow_login, smoke_args, store_login, train_command
-
-SMOKE_MODELS = config.PROFILES["smoke"].model_names
+from conftest import ROOT, SMOKE_MODELS, PipelineRun, found, mlflow_login, smoke_args, store_login, train_command
 
 pytestmark = pytest.mark.faults
 IMMUTABLE = ("datasets/", "sources/", "splits/", "arrays/")  # content-addressed: written once, never changed
