@@ -745,7 +745,8 @@ def test_kind_config_matches_validated_kubernetes():
     assert config["kind"] == "Cluster" and config["apiVersion"] == "kind.x-k8s.io/v1alpha4"
     images = {node["image"] for node in config["nodes"]}
     minor = ".".join(KUBERNETES_VERSIONS[0].split(".")[:2])
-    assert all(re.fullmatch(rf"kindest/node:v{re.escape(minor)}\.\d+", i) for i in images)
+    # kind's docs ask for the digest (tests/test_cluster_pins.py checks it is there and sourced).
+    assert all(re.fullmatch(rf"kindest/node:v{re.escape(minor)}\.\d+(@sha256:[0-9a-f]{{64}})?", i) for i in images)
     for node in config["nodes"]:  # the runtime's seccomp profile for pods that ask for none (KFP's own)
         patches = [yaml.safe_load(patch) for patch in node.get("kubeadmConfigPatches", [])]
         assert {"kind": "KubeletConfiguration", "seccompDefault": True} in patches
