@@ -11,6 +11,8 @@ CLUSTER_NAME ?= bloodcell
 # KFP backend release installed by manifests/kfp (the ?ref= there must match: a static test checks).
 # Backend and SDK releases match at major.minor only; 2.17.0 is the newest 2.17 backend tag.
 KFP_VERSION ?= 2.17.0
+# KFP's kustomizations (tests point this at a copy whose remote base is a rendered fixture).
+KFP_MANIFESTS ?= manifests/kfp
 KFP_UI_PORT ?= 8080
 MLFLOW_PORT ?= 5000
 # Local port of `make port-forward-serving` (the Service's port is 8080; KFP's UI has 8080 here).
@@ -27,6 +29,9 @@ MINIKUBE ?= minikube
 # Flags for `minikube start`, e.g. MINIKUBE_FLAGS="--cni=calico --gpus all". Calico: minikube's default
 # network plugin does not enforce our NetworkPolicies.
 MINIKUBE_FLAGS ?= --cni=calico --cpus 6 --memory 12g --disk-size 60g
+# `submit` first checks that the cluster can schedule the steps (bloodcell/cluster_capacity.py); `no`
+# skips that, e.g. when kubectl cannot reach the cluster KFP_HOST leads to.
+CAPACITY_CHECK ?= yes
 # How long `deploy` waits for MLflow and PostgreSQL to become ready (and `serve-cluster` for the
 # scoring server).
 ROLLOUT_TIMEOUT_S ?= 600
@@ -36,7 +41,7 @@ ROLLOUT_TIMEOUT_S ?= 600
 # artifacts in its bundled store (SeaweedFS, addressed as minio://). On GKE the
 # defaults of config.py apply.
 ifeq ($(OVERLAY),local)
-SUBMIT_ENV ?= BLOODCELL_TRAINER_CPU=2 BLOODCELL_TRAINER_MEMORY=6Gi BLOODCELL_DATA_CPU=1 \
+SUBMIT_ENV ?= BLOODCELL_TRAINER_CPU=2 BLOODCELL_TRAINER_MEMORY=4Gi BLOODCELL_DATA_CPU=1 \
   BLOODCELL_DATA_MEMORY=3Gi BLOODCELL_GPU_RESOURCE= BLOODCELL_GPU_NODE_SELECTOR=
 PIPELINE_ROOT ?= minio://mlpipeline/v2/artifacts
 endif
@@ -49,6 +54,11 @@ SSA := --server-side --force-conflicts --field-manager=bloodcell
 # `deploy` applies everything else, `serve-cluster` these alone (kubectl apply -l).
 SERVING_SELECTOR := app.kubernetes.io/name=bloodcell-serving
 NOT_SERVING_SELECTOR := app.kubernetes.io/name!=bloodcell-serving
+# Our settings on objects KFP owns (ConfigMap kfp-launcher; on GKE the UI's ServiceAccount) carry this
+# label: `kfp-install` applies them again after KFP's own (client-side) apply, `undeploy` leaves them.
+KFP_SETTINGS_SELECTOR := bloodcell.io/adjusts=kubeflow-pipelines
+NOT_KFP_SETTINGS_SELECTOR := bloodcell.io/adjusts!=kubeflow-pipelines
+RENDER := manifests/render.sh "$(KUBECTL)" manifests/overlays/$(OVERLAY) "$(IMAGE)" "$(MLFLOW_IMAGE)"
 # The top-level makefile (the Makefile that includes us, or cluster.mk with -f).
 CLUSTER_TOP := $(firstword $(MAKEFILE_LIST))
 ifeq ($(CLUSTER),kind)
@@ -57,13 +67,15 @@ else
 KUBE_CONTEXT ?= $(CLUSTER_NAME)
 endif
 
-.PHONY: cluster-up cluster-down cluster-create kfp-install image-load mlflow-secret deploy \
-        mlflow-users render submit port-forward port-forward-kfp port-forward-mlflow \
+.PHONY: cluster-up cluster-down cluster-create capacity-check kfp-install image-load mlflow-secret deploy \
+        undeploy mlflow-users render submit port-forward port-forward-kfp port-forward-mlflow \
         serve-cluster serve-cluster-restart port-forward-serving
 
-# kind (default) or minikube; then KFP, the images, the Secrets, our overlay and MLflow's users.
+# kind (default) or minikube; then, if its nodes can hold it all, KFP, the images, the Secrets, our
+# overlay and MLflow's users.
 cluster-up:
 	$(MAKE) -f $(CLUSTER_TOP) cluster-create
+	$(MAKE) -f $(CLUSTER_TOP) capacity-check CAPACITY_STAGE=cluster-up
 	$(MAKE) -f $(CLUSTER_TOP) kfp-install
 	$(MAKE) -f $(CLUSTER_TOP) image-load
 	$(MAKE) -f $(CLUSTER_TOP) mlflow-secret
@@ -97,11 +109,20 @@ else
 	$(error CLUSTER must be kind or minikube, got '$(CLUSTER)')
 endif
 
-# Kubeflow Pipelines standalone $(KFP_VERSION) (manifests/kfp, fetched from GitHub).
+# Whether the nodes can schedule what comes (CAPACITY_STAGE=cluster-up: KFP, MLflow's stack, the scoring
+# server and a trainer; submit: the run's steps now): stops when they never could, with what to change.
+# The steps' requests are those `submit` compiles with (SUBMIT_ENV).
+CAPACITY_STAGE ?= submit
+capacity-check: setup
+	$(SUBMIT_ENV) KUBECTL="$(KUBECTL)" $(PYTHON) -m bloodcell.cluster_capacity $(CAPACITY_STAGE) manifests/overlays/$(OVERLAY)
+
+# Kubeflow Pipelines standalone $(KFP_VERSION) (manifests/kfp, fetched from GitHub); then our settings on
+# KFP's objects again, which KFP's client-side apply resets (idempotent, in any order with deploy).
 kfp-install:
-	$(KUBECTL) apply -k manifests/kfp/cluster-scoped
+	$(KUBECTL) apply -k $(KFP_MANIFESTS)/cluster-scoped
 	$(KUBECTL) wait --for condition=established --timeout=120s crd --all
-	$(KUBECTL) apply -k manifests/kfp
+	$(KUBECTL) apply -k $(KFP_MANIFESTS)
+	$(RENDER) | $(KUBECTL) apply $(SSA) -l '$(KFP_SETTINGS_SELECTOR)' -f -
 	$(KUBECTL) -n $(KFP_NAMESPACE) wait --for=condition=Available --timeout=20m deployment --all
 
 # Put the locally built $(IMAGE) and $(MLFLOW_IMAGE) on the nodes (no registry needed). `docker save`
@@ -150,17 +171,24 @@ mlflow-users: setup
 # The overlay with its images `bloodcell` and `bloodcell-mlflow` set to $(IMAGE) and
 # $(MLFLOW_IMAGE) (kustomize images:), on stdout.
 render:
-	@manifests/render.sh "$(KUBECTL)" manifests/overlays/$(OVERLAY) "$(IMAGE)" "$(MLFLOW_IMAGE)"
+	@$(RENDER)
 
 # Our objects (namespace bloodcell with MLflow and PostgreSQL; bloodcell-env and the pipeline's
 # ServiceAccount in kubeflow, ...) but the scoring server's (serve-cluster: it needs the reader's
 # Secret and a champion, which do not exist yet on a new cluster); then wait for them, and stop
 # within seconds, naming the fix, if the nodes cannot pull an image.
 deploy:
-	manifests/render.sh "$(KUBECTL)" manifests/overlays/$(OVERLAY) "$(IMAGE)" "$(MLFLOW_IMAGE)" \
-	  | $(KUBECTL) apply $(SSA) -l '$(NOT_SERVING_SELECTOR)' -f -
+	$(RENDER) | $(KUBECTL) apply $(SSA) -l '$(NOT_SERVING_SELECTOR)' -f -
 	KUBECTL="$(KUBECTL)" manifests/wait-ready.sh $(MLFLOW_NAMESPACE) $(ROLLOUT_TIMEOUT_S) \
 	  statefulset/mlflow-postgres deployment/mlflow
+
+# Removes what deploy, serve-cluster and mlflow-users created: namespace $(MLFLOW_NAMESPACE) with everything
+# in it (the database's volume too), and ours in $(KFP_NAMESPACE). KFP's own objects stay, with our
+# settings on them (the pipeline root, the UI's Google identity): `kubectl delete -k` of the overlay
+# would delete them, and KFP's UI could not start again.
+undeploy:
+	$(RENDER) | $(KUBECTL) delete --ignore-not-found -l '$(NOT_KFP_SETTINGS_SELECTOR)' -f -
+	$(KUBECTL) -n $(KFP_NAMESPACE) delete secret bloodcell-mlflow --ignore-not-found
 
 # The champion's scoring server (MLflow's, in $(IMAGE)): models:/bloodcell-classifier@champion,
 # loaded at start through MLflow as `reader` (Secret mlflow-reader: make mlflow-users). Applies the
@@ -170,8 +198,7 @@ deploy:
 serve-cluster:
 	@$(KUBECTL) -n $(MLFLOW_NAMESPACE) get secret mlflow-reader >/dev/null 2>&1 || \
 	  { echo "error: no Secret $(MLFLOW_NAMESPACE)/mlflow-reader (the reader's MLflow login): run 'make mlflow-users' first" >&2; exit 2; }
-	manifests/render.sh "$(KUBECTL)" manifests/overlays/$(OVERLAY) "$(IMAGE)" "$(MLFLOW_IMAGE)" \
-	  | $(KUBECTL) apply $(SSA) -l '$(SERVING_SELECTOR)' -f -
+	$(RENDER) | $(KUBECTL) apply $(SSA) -l '$(SERVING_SELECTOR)' -f -
 	KUBECTL="$(KUBECTL)" CRASH_SELECTOR=$(SERVING_SELECTOR) \
 	  manifests/wait-ready.sh $(MLFLOW_NAMESPACE) $(ROLLOUT_TIMEOUT_S) deployment/bloodcell-serving
 
@@ -183,6 +210,7 @@ serve-cluster-restart:
 	  manifests/wait-ready.sh $(MLFLOW_NAMESPACE) $(ROLLOUT_TIMEOUT_S) deployment/bloodcell-serving
 
 submit: setup
+	$(if $(filter yes,$(CAPACITY_CHECK)),$(MAKE) -f $(CLUSTER_TOP) capacity-check CAPACITY_STAGE=submit)
 	$(SUBMIT_ENV) $(PYTHON) pipeline.py submit --host $(KFP_HOST) --profile $(PROFILE) \
 	  $(if $(PIPELINE_ROOT),--pipeline-root $(PIPELINE_ROOT)) $(if $(BUCKET),--bucket $(BUCKET))
 

@@ -42,7 +42,7 @@ def place_on_cluster(
         task.set_cpu_request(settings.data_cpu).set_cpu_limit(settings.data_cpu)
         task.set_memory_request(settings.data_memory).set_memory_limit(settings.data_memory)
     for task in trainers:
-        # A preempted GPU node is worth a retry; a data step's error is the data's and would only repeat.
+        # What is retried is the cluster's rule (manifests/kfp/patches/workflow-defaults.yaml); this sets how often.
         task.set_retry(num_retries=settings.trainer_retries, backoff_duration="60s", backoff_factor=2)
         if settings.gpu_resource:  # "" runs the trainers on CPU nodes (e.g. a kind cluster)
             task.set_accelerator_type(settings.gpu_resource).set_accelerator_limit(1)

@@ -344,7 +344,10 @@ class ClusterSettings:
     trainer_memory: str = "24Gi"
     data_cpu: str = "2"
     data_memory: str = "8Gi"
-    trainer_retries: int = 3  # a preempted GPU node; the data steps' errors are the data's, so no retries
+    # Attempts after the first on what the cluster retries (manifests/kfp/patches/workflow-defaults.yaml:
+    # a lost, shut down or evicted node, a failed GPU; never OOMKilled nor the step's own errors). Other
+    # steps get the cluster's default, 2.
+    trainer_retries: int = 3
 
     @classmethod
     def from_env(cls) -> ClusterSettings:

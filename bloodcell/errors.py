@@ -14,6 +14,12 @@ from collections.abc import Iterator
 from pathlib import Path
 
 USER_ERROR_EXIT = 2
+# Kubernetes makes this file's text the container's termination message, which Argo's retry rule reads
+# (manifests/kfp/patches/workflow-defaults.yaml): a step whose accelerator failed starts with this mark.
+TERMINATION_LOG = Path("/dev/termination-log")
+RETRYABLE_FAILURE = "bloodcell: retryable failure"
+# Words of a CUDA/XLA runtime failure in an error of the framework (not of our code or data).
+_DEVICE_FAILURE_WORDS = ("CUDA", "cuDNN", "cuBLAS", "NCCL", "GPU", "device")
 DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
 LOCAL_STORE_ENV = "BLOODCELL_LOCAL_STORE"  # the local emulator's data folder (set by `pipeline.py run`)
 
@@ -58,6 +64,32 @@ def exits_on_user_error(prefix: str = "error") -> Iterator[None]:
             raise
         print(f"{prefix}: {message}", file=sys.stderr, flush=True)
         raise SystemExit(USER_ERROR_EXIT) from None
+
+
+def is_device_failure(exc: BaseException) -> bool:
+    """The accelerator (or its driver) failed rather than the step: worth another try on a healthy one. An
+    out-of-memory error is not (the same batch fails again)."""
+    tf = sys.modules.get("tensorflow")  # only a step that loaded TensorFlow can have had its GPU fail
+    if tf is None or not isinstance(exc, tf.errors.OpError) or isinstance(exc, tf.errors.ResourceExhaustedError):
+        return False
+    if isinstance(exc, (tf.errors.InternalError, tf.errors.UnavailableError)):
+        return True
+    return any(word in str(exc) for word in _DEVICE_FAILURE_WORDS)
+
+
+@contextlib.contextmanager
+def retryable_on_device_failure(log: Path | None = None) -> Iterator[None]:
+    """A device failure is marked retryable in the pod's termination message (where there is one: in a
+    Kubernetes container), then raised as it was."""
+    log = log or TERMINATION_LOG
+    try:
+        yield
+    except Exception as exc:
+        if is_device_failure(exc) and log.exists():
+            first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            with contextlib.suppress(OSError):
+                log.write_text(f"{RETRYABLE_FAILURE}: {type(exc).__name__}: {first_line}"[:1024])
+        raise
 
 
 def disk_full_error(path: str | Path | None, what: str = "") -> DiskFullError:

