@@ -106,8 +106,13 @@ def blob(uri: str) -> storage.Blob:
 
 def ensure_bucket(name: str) -> None:
     """Create ``name`` if it does not exist (the emulator starts empty)."""
-    with contextlib.suppress(gexc.Conflict):
-        client().create_bucket(name)
+
+    def create() -> None:
+        # ingest's first storage call: RETRY, the steps' budget, so a new pod's dropped first packets are retried.
+        with contextlib.suppress(gexc.Conflict):
+            client().create_bucket(name, retry=RETRY)
+
+    _call(f"gs://{name}", create)
 
 
 def exists(uri: str) -> bool:
