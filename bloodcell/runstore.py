@@ -136,7 +136,8 @@ class RunStore:
     def record(self, name: str) -> ModelRecord | None:
         """The record of model ``name``, if the run has it complete (the record is written last)."""
         uri = self._at("models", name, RECORD_FILE)
-        return ModelRecord.from_json(storage.read_json(uri)) if storage.exists(uri) else None
+        data = storage.read_json_if_present(uri)
+        return None if data is None else ModelRecord.from_json(data)
 
     def trained_names(self) -> list[str]:
         """The models this run trained (complete records), in name order; not the combined model."""
@@ -173,8 +174,7 @@ class RunStore:
         storage.write_json(history, self._at("models", name, HISTORY_FILE))
 
     def history(self, name: str) -> dict | None:
-        uri = self._at("models", name, HISTORY_FILE)
-        return storage.read_json(uri) if storage.exists(uri) else None
+        return storage.read_json_if_present(self._at("models", name, HISTORY_FILE))
 
     def write_predictions(self, name: str, data: bytes) -> str:
         return storage.upload_bytes(data, self._at("models", name, PREDICTIONS_FILE))
@@ -208,8 +208,8 @@ class RunStore:
     # MLflow.
     def parent_run_id(self) -> str | None:
         """The MLflow parent run a step of this run claimed, if any."""
-        claim = self._at("mlflow_parent_run_id")
-        return storage.read_bytes(claim).decode() if storage.exists(claim) else None
+        claim = storage.read_bytes_if_present(self._at("mlflow_parent_run_id"))
+        return None if claim is None else claim.decode()
 
     def claim_parent_run(self, candidate: str) -> str:
         """``candidate`` as the run's MLflow parent run unless another step claimed one first; the winner."""
@@ -241,8 +241,7 @@ class BucketCheckpoints:
         return BucketCheckpoints(storage.join(self.uri, name))
 
     def read_state(self) -> dict | None:
-        state = storage.join(self.uri, "state.json")
-        return storage.read_json(state) if storage.exists(state) else None
+        return storage.read_json_if_present(storage.join(self.uri, "state.json"))
 
     def read_model(self, folder: Path) -> Path:
         return storage.download_file(storage.join(self.uri, "last.keras"), folder / "last.keras")

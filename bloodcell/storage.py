@@ -165,6 +165,23 @@ def read_json(uri: str) -> Any:
     return json.loads(read_bytes(uri))
 
 
+def read_bytes_if_present(uri: str) -> bytes | None:
+    """``uri``'s bytes, or None when there is no such object: one request, where exists-then-read is two."""
+
+    def read() -> bytes | None:
+        try:
+            return blob(uri).download_as_bytes(retry=RETRY)
+        except gexc.NotFound:
+            return None
+
+    return _call(uri, read)
+
+
+def read_json_if_present(uri: str) -> Any | None:
+    data = read_bytes_if_present(uri)
+    return None if data is None else json.loads(data)
+
+
 def download_file(uri: str, path: str | Path) -> Path:
     """Download ``uri`` to ``path`` atomically (a partial download never sits at ``path``)."""
     path = Path(path)
