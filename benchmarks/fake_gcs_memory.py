@@ -44,7 +44,7 @@ import numpy as np
 from bloodcell import arrays, compat, ingest, split, storage
 from bloodcell.config import PROFILES, SUBSETS
 
-DATA = Path("/work/shared/datasets/PBC_dataset_normal_DIB")
+DATA = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "PBC_dataset_normal_DIB"
 IMAGE = "bloodcell-bench/fake-gcs-server:wrapper"
 PORT = 4443
 MiB = 2**20

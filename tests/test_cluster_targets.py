@@ -113,7 +113,7 @@ def test_cluster_up_stops_before_kfp_when_the_node_cannot_hold_a_trainer(cluster
 
 
 @needs_make
-@pytest.mark.parametrize(("memory_gib", "at_once"), [(12, 1), (16, 2), (20, 3)])
+@pytest.mark.parametrize(("memory_gib", "at_once"), [(11.6, 1), (15.6, 2), (19.6, 3)])
 def test_cluster_up_check_says_how_many_trainers_run_at_once(cluster, memory_gib, at_once):
     done = cluster(
         "capacity-check",
