@@ -39,7 +39,9 @@ KFP_REQUESTS_MEMORY = 3_328_180_224
 PARALLEL_TRAINERS = 3
 # Pods of pipeline runs (KFP labels every task pod of a v2 run so): what a busy cluster is busy with.
 PIPELINE_POD_LABEL = "pipelines.kubeflow.org/v2_component"
-SYSTEM_NAMESPACES_OF_OURS = {"kubeflow": "KFP", "bloodcell": "MLflow's stack"}
+# Where KFP and our stack run: a namespace with pods means that part is installed (its requests counted).
+KFP_NAMESPACE = "kubeflow"
+STACK_NAMESPACE = "bloodcell"
 
 
 def quantity(text: str | int | float) -> float:
@@ -195,8 +197,13 @@ def check_before_install(cluster: Cluster, stack: Resources, settings: config.Cl
     if not cluster.nodes:
         raise errors.BloodcellError("the cluster has no node that takes pods (all are cordoned or tainted)")
     trainer, data_step = task_requests(settings)
-    to_come = [("KFP", KFP_REQUESTS), ("MLflow's stack and the scoring server", stack)]
-    to_come = [(what, need) for what, need in to_come if not _installed(what, cluster)]
+    parts_to_install = [
+        ("KFP", KFP_NAMESPACE, KFP_REQUESTS),
+        ("MLflow's stack and the scoring server", STACK_NAMESPACE, stack),
+    ]
+    to_come = [
+        (what, need) for what, namespace, need in parts_to_install if namespace not in cluster.namespaces_with_pods
+    ]
     node = max(cluster.nodes, key=lambda n: (n.free.memory, n.free.cpu))
     left = node.free - sum((need for _, need in to_come), Resources())
     parts = [f"{what} {need}" for what, need in to_come]
@@ -251,11 +258,6 @@ def check_before_submit(cluster: Cluster, settings: config.ClusterSettings) -> l
                 "the run's pods wait (Pending) until those finish"
             )
     return lines or [f"capacity: a trainer ({trainer}) and a data step ({data_step}) fit now"]
-
-
-def _installed(what: str, cluster: Cluster) -> bool:
-    namespace = "kubeflow" if what == "KFP" else "bloodcell"
-    return namespace in cluster.namespaces_with_pods
 
 
 def _clamped(resources: Resources) -> Resources:
