@@ -139,12 +139,13 @@ def hash_of(dataset_uri: str) -> str:
 
 def _known_dataset(pointer_uri: str, pin: dict[str, str]) -> IngestResult | None:
     """The stored dataset these exact files produced before, if its manifest is complete."""
-    if not storage.exists(pointer_uri):
+    pointer = storage.read_json_if_present(pointer_uri)
+    if pointer is None:
         return None
-    dataset_uri = storage.read_json(pointer_uri)["dataset_uri"]
-    if not storage.exists(manifest_uri(dataset_uri)):
+    dataset_uri = pointer["dataset_uri"]
+    stored = storage.read_json_if_present(manifest_uri(dataset_uri))
+    if stored is None:
         return None
-    stored = read_manifest(dataset_uri)
     _print_left_out(stored["quarantined"], stored["duplicates"])
     print(f"cache hit: these files were ingested before as dataset {stored['dataset_hash']} ({dataset_uri})")
     return IngestResult(

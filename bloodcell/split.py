@@ -42,9 +42,9 @@ def split(dataset_uri: str, bucket: str, profile: Profile, sizes: list[int] | No
     key = split_key(manifest["dataset_hash"], profile)
     split_uri = f"gs://{bucket}/splits/{key}"
     split_json = storage.join(split_uri, "split.json")
-    if storage.exists(split_json):
+    assignment = storage.read_json_if_present(split_json)
+    if assignment is not None:
         print(f"cache hit: split {key} is already in {split_uri}")
-        assignment = storage.read_json(split_json)
     else:
         images = sample(manifest["images"], profile.max_images_per_class, profile.seed)
         assignment = assign(images, profile.split_ratio, profile.seed)
